@@ -1,0 +1,562 @@
+#!/usr/bin/env python
+"""Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA), on
+a Hub data set, a local image folder, or the built-in captioned shapes.
+
+    accelerate launch examples/train_transfusion.py --dataset_name shapes --model_config small \
+        --output_dir outputs/shapes --max_train_steps 3000
+
+The paper's recipe is the default (section 4.1): DDPM with 1000 cosine steps and epsilon prediction, lambda = 5,
+80/20 caption-first/image-first pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay
+0.1, gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf.data.image_text import encode_latents, load_image_text_dataset
+from transfusion_hf.noising import TransfusionNoiser
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
+from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
+from transfusion_hf.training_utils import (
+    check_finite,
+    checkpoint_step,
+    resolve_checkpoint,
+    save_checkpoint,
+    warmup_cosine_schedule,
+)
+from transfusion_hf.visualization import make_grid
+
+logger = logging.getLogger("train_transfusion")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+INFERENCE_SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
+}
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None, help="Hub data set id, or 'shapes' for the built-in data.")
+    data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name (e.g. --dataset shapes).")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl (file_name, text).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--resolution", type=int, default=32)
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--shapes_num_samples", type=int, default=20000)
+    data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_config",
+        default="small",
+        help="Preset name in examples/configs (tiny, small, "
+        "paper_0.16b) or a json path: backbone text_config and image fields.",
+    )
+    model.add_argument("--text_model_name_or_path", default=None, help="Start from a pretrained decoder LLM.")
+    model.add_argument("--tokenizer_name_or_path", default=None)
+    model.add_argument("--tokenizer_vocab_size", type=int, default=512, help="BPE size when training a tokenizer.")
+    model.add_argument("--vae_name_or_path", default=None, help="Frozen AutoencoderKL; pixel space without one.")
+    model.add_argument("--patch_size", type=int, default=None)
+    model.add_argument("--patch_encoder", choices=["linear", "unet"], default=None)
+    model.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "flow_prediction"], default=None)
+    model.add_argument("--lora_rank", type=int, default=0, help="Train the backbone through LoRA of this rank.")
+    model.add_argument("--lora_alpha", type=int, default=None)
+    model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--diffusion_loss_weight", type=float, default=5.0)
+    recipe.add_argument("--image_first_probability", type=float, default=0.2)
+    recipe.add_argument("--image_first_max_timestep", type=int, default=500)
+    recipe.add_argument("--caption_dropout_probability", type=float, default=0.1)
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--train_batch_size", type=int, default=32)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=2000)
+    optim.add_argument("--max_train_time_minutes", type=float, default=None, help="Stop early after this wall time.")
+    optim.add_argument("--learning_rate", type=float, default=3e-4)
+    optim.add_argument("--min_lr_ratio", type=float, default=0.05)
+    optim.add_argument("--lr_warmup_steps", type=int, default=100)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.95)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.1)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument("--ema_decay", type=float, default=0.999)
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("checkpoints, validation and logging")
+    run.add_argument("--output_dir", default="outputs/transfusion")
+    run.add_argument("--checkpointing_steps", type=int, default=500)
+    run.add_argument("--checkpoints_total_limit", type=int, default=2)
+    run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    run.add_argument("--validation_steps", type=int, default=0, help="0 disables validation during training.")
+    run.add_argument("--validation_prompts", nargs="*", default=None)
+    run.add_argument("--num_validation_captions", type=int, default=4)
+    run.add_argument("--inference_scheduler", choices=sorted(INFERENCE_SCHEDULERS), default=None)
+    run.add_argument("--num_inference_steps", type=int, default=25)
+    run.add_argument("--guidance_scale", type=float, default=3.0)
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--report_to", default="tensorboard", help="Accelerate trackers, or 'none'.")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", default=None)
+    run.add_argument("--hub_token", default=None)
+    run.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    return check_args(args)
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise ValueError("Give exactly one data source: --dataset_name (or --dataset shapes) or --train_data_dir.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ components
+def load_model_preset(name_or_path: str) -> dict:
+    """A preset name of examples/configs (`model_{name}.json`) or a json path -> dict (keys starting with `_`
+    are comments)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"model_{name_or_path}.json"
+    if not path.is_file():
+        presets = sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.json"))
+        raise ValueError(f"--model_config={name_or_path!r} is neither a json file nor a preset {presets}.")
+    preset = json.loads(path.read_text())
+    return {key: value for key, value in preset.items() if not key.startswith("_")}
+
+
+def build_vae(args: argparse.Namespace) -> tuple[AutoencoderKL | None, int, int]:
+    """The frozen VAE (or None for pixel space), its downsampling factor and latent channels."""
+    if args.vae_name_or_path is None:
+        return None, 1, 3
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
+    vae.requires_grad_(False).eval()
+    return vae, 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
+
+
+def build_tokenizer(args: argparse.Namespace, captions: list[str]):
+    source = args.tokenizer_name_or_path or args.text_model_name_or_path
+    if source is None:
+        # No pretrained tokenizer: a byte-level BPE learned from the captions (never meets an unknown character).
+        return train_bpe_tokenizer(captions, vocab_size=args.tokenizer_vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    add_special_tokens(tokenizer, ("<boi>", "<eoi>", "<image>"))
+    return tokenizer
+
+
+def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, latent_size: int):
+    """From scratch (a preset) or from a pretrained LLM; returns the model and the base model id (for the card)."""
+    preset = load_model_preset(args.model_config)
+    text_config = preset.pop("text_config")
+    image_fields = {
+        **preset,
+        "latent_channels": latent_channels,
+        "latent_size": latent_size,
+        "boi_token_id": tokenizer.convert_tokens_to_ids("<boi>"),
+        "eoi_token_id": tokenizer.convert_tokens_to_ids("<eoi>"),
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+        "diffusion_loss_weight": args.diffusion_loss_weight,
+    }
+    for name in ("patch_size", "patch_encoder", "prediction_type"):
+        if getattr(args, name) is not None:
+            image_fields[name] = getattr(args, name)
+    if args.text_model_name_or_path is None:
+        text_config["vocab_size"] = len(tokenizer)
+        config = TransfusionConfig(text_config=text_config, **image_fields)
+        config._attn_implementation = args.attn_implementation
+        return TransfusionForMixedModal(config), None
+    language_model = AutoModelForCausalLM.from_pretrained(
+        args.text_model_name_or_path, attn_implementation=args.attn_implementation
+    )
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer))
+    return TransfusionForMixedModal.from_text_model(language_model, **image_fields), args.text_model_name_or_path
+
+
+def apply_lora(args: argparse.Namespace, model: TransfusionForMixedModal, new_token_ids: list[int]):
+    """Wrap the backbone in LoRA adapters; image layers and the new special-token rows train fully."""
+    from peft import LoraConfig, get_peft_model
+
+    image_modules = ["image_encoder", "image_decoder"]
+    if model.patch_position_embedding is not None:
+        image_modules.append("patch_position_embedding")
+    lora_config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha or args.lora_rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=image_modules,
+        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def training_scheduler(prediction_type: str):
+    """The paper's DDPM (1000 steps, cosine schedule) or rectified flow."""
+    if prediction_type == "flow_prediction":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def inference_scheduler(args: argparse.Namespace, train_scheduler):
+    name = args.inference_scheduler or (
+        "flow_euler" if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler) else "dpm"
+    )
+    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler.config)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def prepare_examples(args: argparse.Namespace, vae: AutoencoderKL | None, image_size: int, accelerator) -> list[dict]:
+    """Load the data set and encode every image once (the VAE is frozen)."""
+    dataset = load_image_text_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        split=args.dataset_split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        cache_dir=args.cache_dir,
+        shapes_num_samples=args.shapes_num_samples,
+        seed=args.seed,
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        if vae is None:
+            return pixel_values
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    examples, skipped = encode_latents(
+        dataset, encode, image_size, args.center_crop, args.random_flip, strict=args.strict_data
+    )
+    accelerator.print(
+        f"Encoded {len(examples)} images ({skipped} unreadable images skipped) from {len(dataset)} rows."
+    )
+    if not examples:
+        raise ValueError("No readable image-caption pair in the data set.")
+    return examples
+
+
+# ------------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def run_validation(args, accelerator, model, components, examples, step: int) -> None:
+    """Images for the validation prompts and captions for a few training images, as a PNG grid and in the trackers."""
+    pipeline = make_pipeline(accelerator.unwrap_model(model), components, args)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = args.validation_prompts or [example["text"] for example in examples[:4]]
+    generator = torch.Generator().manual_seed(args.seed)
+    was_training = model.training
+    model.eval()
+    images = pipeline(
+        prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, generator=generator
+    ).images
+    reference = [
+        pipeline.decode_latents(example["latents"][None].to(pipeline.transformer.dtype))[0]
+        for example in examples[: args.num_validation_captions]
+    ]
+    captions = pipeline.caption(reference, max_new_tokens=24) if reference else []
+    model.train(was_training)
+    grid = make_grid(images + reference, [f"prompt: {p}" for p in prompts] + [f"caption: {c}" for c in captions])
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.add_text("validation/captions", "\n".join(captions), step)
+
+
+def make_pipeline(model, components: dict, args) -> TransfusionPipeline:
+    return TransfusionPipeline(
+        transformer=model,
+        scheduler=components["inference_scheduler"],
+        vae=components["vae"],
+        tokenizer=components["tokenizer"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state: dict, components: dict) -> int:
+    """Run until `max_train_steps` (or the time budget). Returns the last global step."""
+    global_step = state["global_step"]
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
+    )
+    log_path = Path(args.output_dir) / "logs" / "train_log.jsonl"
+    started, window_tokens, window_start = time.time(), 0, time.time()
+    ema = components["ema"]
+    while global_step < args.max_train_steps:
+        epoch_loader = dataloader
+        if state["skip_batches"]:
+            epoch_loader = accelerator.skip_first_batches(dataloader, state["skip_batches"])
+            state["skip_batches"] = 0
+        dataloader.set_epoch(state["epoch"])
+        epoch_loader.set_epoch(state["epoch"])
+        for batch in epoch_loader:
+            state["micro_batches"] += 1
+            state["batches_in_epoch"] += 1
+            with accelerator.accumulate(model):
+                output = model(**batch)
+                check_finite(output.loss.detach(), global_step + 1, state["last_checkpoint"])
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            state["global_step"] = global_step
+            if ema is not None:
+                ema.step(trainable_parameters(model))
+            progress.update(1)
+            losses = {
+                "loss": output.loss.item(),
+                "lm_loss": output.lm_loss.item(),
+                "diffusion_loss": output.diffusion_loss.item(),
+            }
+            progress.set_postfix({key: f"{value:.4f}" for key, value in losses.items()})
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                elapsed = time.time() - window_start
+                record = {
+                    "step": global_step,
+                    **losses,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                }
+                accelerator.log(record, step=global_step)
+                if accelerator.is_main_process:
+                    with log_path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                window_tokens, window_start = 0, time.time()
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                state["last_checkpoint"] = save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                )
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                run_validation(args, accelerator, model, components, components["examples"], global_step)
+            out_of_time = args.max_train_time_minutes and time.time() - started > 60 * args.max_train_time_minutes
+            if global_step >= args.max_train_steps or out_of_time:
+                if out_of_time:
+                    accelerator.print(
+                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step}."
+                    )
+                progress.close()
+                return global_step
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+    progress.close()
+    return global_step
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+class LoopState:
+    """Epoch and position inside it, saved with every checkpoint so a resumed run skips the batches already seen."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return {key: self.state[key] for key in ("global_step", "epoch", "batches_in_epoch", "micro_batches")}
+
+    def load_state_dict(self, loaded: dict) -> None:
+        self.state.update(loaded)
+
+
+def save_final(args, accelerator, model, components: dict, base_model: str | None, global_step: int) -> None:
+    """Save the whole pipeline (model, VAE, scheduler, tokenizer) to `output_dir`, EMA weights when used."""
+    unwrapped = accelerator.unwrap_model(model)
+    ema = components["ema"]
+    if ema is not None:
+        ema.copy_to(trainable_parameters(unwrapped))
+    if args.lora_rank:
+        unwrapped = unwrapped.merge_and_unload()
+    pipeline = make_pipeline(unwrapped, components, args)
+    pipeline.save_pretrained(args.output_dir)
+    summary = {
+        "global_step": global_step,
+        "dataset": args.dataset_name or args.train_data_dir,
+        "base_model": base_model,
+        "num_parameters": unwrapped.num_parameters(),
+        "train_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "learning_rate": args.learning_rate,
+        "resolution": args.resolution,
+    }
+    (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    if args.push_to_hub:
+        from transfusion_hf.hub import push_pipeline_to_hub
+
+        push_pipeline_to_hub(
+            pipeline,
+            args.hub_model_id,
+            output_dir=args.output_dir,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+        )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    Path(args.output_dir, "logs").mkdir(parents=True, exist_ok=True)
+
+    vae, vae_scale, latent_channels = build_vae(args)
+    if args.resolution % vae_scale:
+        raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    examples = prepare_examples(args, vae, args.resolution, accelerator)
+    tokenizer = build_tokenizer(args, [example["text"] for example in examples])
+    model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<boi>", "<eoi>", "<image>")]
+    if args.lora_rank:
+        model = apply_lora(args, model, new_token_ids if base_model else [])
+    accelerator.print(
+        f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+        f"({sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f}M trainable)."
+    )
+
+    train_scheduler = training_scheduler(model.config.prediction_type)
+    processor = TransfusionProcessor(tokenizer, image_size=args.resolution, num_image_tokens=model.config.num_patches)
+    noiser = TransfusionNoiser(
+        train_scheduler,
+        model.config.prediction_type,
+        args.image_first_probability,
+        args.image_first_max_timestep,
+        args.caption_dropout_probability,
+    )
+    # Latents are in memory and collation is cheap: no worker processes, so the collator's batch counter is exact.
+    collator = TransfusionDataCollator(
+        processor,
+        noiser,
+        seed=args.seed * 1000 + accelerator.process_index,
+        max_length=model.config.text_config.max_position_embeddings,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        examples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
+    )
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = warmup_cosine_schedule(
+        optimizer,
+        args.lr_warmup_steps * accelerator.num_processes,
+        args.max_train_steps * accelerator.num_processes,
+        args.min_lr_ratio,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    ema = EMAModel(trainable_parameters(model), decay=args.ema_decay) if args.use_ema else None
+    state = {
+        "global_step": 0,
+        "epoch": 0,
+        "batches_in_epoch": 0,
+        "micro_batches": 0,
+        "skip_batches": 0,
+        "last_checkpoint": None,
+    }
+    accelerator.register_for_checkpointing(LoopState(state))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state["skip_batches"] = state["batches_in_epoch"]
+        collator.num_batches = state["micro_batches"]
+        state["last_checkpoint"] = checkpoint
+        accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(
+            "transfusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+    components = {
+        "vae": vae,
+        "tokenizer": tokenizer,
+        "ema": ema,
+        "examples": examples,
+        "inference_scheduler": inference_scheduler(args, train_scheduler),
+    }
+    global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(args, accelerator, model, components, base_model, global_step)
+    accelerator.end_training()
+    return Path(args.output_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

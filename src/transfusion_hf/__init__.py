@@ -1,0 +1,20 @@
+"""transfusion_hf: Transfusion (one transformer for next-token prediction and image diffusion), native to
+transformers and diffusers."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_transfusion import TransfusionConfig
+from .modeling_transfusion import TransfusionForMixedModal, TransfusionOutput, TransfusionPreTrainedModel
+
+# Registration makes `AutoConfig` / `AutoModel.from_pretrained` resolve `model_type="transfusion"` once imported.
+AutoConfig.register("transfusion", TransfusionConfig, exist_ok=True)
+AutoModel.register(TransfusionConfig, TransfusionForMixedModal, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TransfusionConfig",
+    "TransfusionForMixedModal",
+    "TransfusionOutput",
+    "TransfusionPreTrainedModel",
+]

@@ -1,0 +1,163 @@
+"""Configuration of a Transfusion model: any decoder LLM backbone plus the image (diffusion) fields."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+PATCH_ENCODERS = ("linear", "unet")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction")
+
+
+class TransfusionConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`TransfusionForMixedModal`]: one decoder transformer that predicts the next text token and
+    denoises image latents (Zhou et al., 2024, "Transfusion").
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The backbone: any transformers decoder config (Llama by default; Qwen2, Mistral, ... work the same).
+            A dict is resolved through `AutoConfig` by its `model_type`.
+        latent_channels (`int`, defaults to 4):
+            Channels of the image latents (of the VAE, or 3 in pixel space).
+        latent_size (`int`, defaults to 8):
+            Side of the square latent grid.
+        patch_size (`int`, defaults to 2):
+            Side of the square latent window that becomes one sequence position. An image takes
+            `(latent_size // patch_size) ** 2` positions between its `<boi>` and `<eoi>` tokens.
+        patch_encoder (`str`, defaults to `"linear"`):
+            `"linear"`: the timestep embedding is added to every patch before one linear layer, and one linear
+            layer maps back (paper, section 3). `"unet"`: U-Net down blocks before the transformer and up blocks
+            after it, with skip connections and the timestep fed into every block; plain GroupNorm instead of
+            adaptive norms (paper, section 4.3 / Table 6).
+        unet_block_out_channels (`list[int]`, *optional*):
+            Channels of the U-Net levels, one more than the number of 2x downsamplings (`log2(patch_size)`).
+            Defaults to doubling from 64 and capping at 256.
+        unet_layers_per_block (`int`, defaults to 1):
+            Residual blocks per U-Net level.
+        patch_position_embedding (`bool`, defaults to `True`):
+            Add a learned embedding of each patch's 2D grid position to its input. The paper only uses the
+            backbone's 1D RoPE; the 2D embedding makes spatial layout much easier to learn for small models.
+        boi_token_id, eoi_token_id, image_token_id (`int`):
+            Begin-of-image, end-of-image and the image placeholder repeated once per patch.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the image head predicts, with diffusers' names: `"epsilon"` (paper), `"v_prediction"` or
+            `"flow_prediction"` (rectified flow, target `noise - x0`).
+        diffusion_loss_weight (`float`, defaults to 5.0):
+            The paper's lambda in `loss = lm_loss + lambda * diffusion_loss`.
+        num_train_timesteps (`int`, defaults to 1000):
+            Timestep range the model is conditioned on (flow matching times are `sigma * num_train_timesteps`).
+        timestep_embedding_dim (`int`, defaults to 256):
+            Width of the sinusoidal timestep features before the timestep MLP.
+
+    Example:
+
+    ```python
+    >>> from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+    >>> config = TransfusionConfig(text_config={"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32,
+    ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    ...     boi_token_id=61, eoi_token_id=62, image_token_id=63, latent_size=4)
+    >>> model = TransfusionForMixedModal(config)
+    ```
+    """
+
+    model_type = "transfusion"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    latent_channels: int = 4
+    latent_size: int = 8
+    patch_size: int = 2
+    patch_encoder: str = "linear"
+    unet_block_out_channels: list[int] | None = None
+    unet_layers_per_block: int = 1
+    patch_position_embedding: bool = True
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    image_token_id: int | None = None
+    prediction_type: str = "epsilon"
+    diffusion_loss_weight: float = 5.0
+    num_train_timesteps: int = 1000
+    timestep_embedding_dim: int = 256
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        vocab_size = self.text_config.vocab_size
+        # Default the special tokens to the last three rows of the vocabulary, so a bare config is usable.
+        if self.image_token_id is None:
+            self.image_token_id = vocab_size - 1
+        if self.eoi_token_id is None:
+            self.eoi_token_id = vocab_size - 2
+        if self.boi_token_id is None:
+            self.boi_token_id = vocab_size - 3
+        if self.unet_block_out_channels is None and self.patch_encoder == "unet" and self.patch_size >= 1:
+            levels = max(self.patch_size.bit_length() - 1, 0) + 1
+            self.unet_block_out_channels = [min(64 * 2**level, 256) for level in range(levels)]
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.check_transfusion_fields()
+
+    def check_transfusion_fields(self) -> None:
+        """Raise `ValueError` naming the field and the value for every inconsistent image/diffusion field."""
+        for name in ("latent_channels", "latent_size", "patch_size", "num_train_timesteps", "timestep_embedding_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.latent_size % self.patch_size != 0:
+            raise ValueError(
+                f"`patch_size`={self.patch_size} must divide `latent_size`={self.latent_size} "
+                "(an image is a whole number of patches)."
+            )
+        if self.patch_encoder not in PATCH_ENCODERS:
+            raise ValueError(f"`patch_encoder` must be one of {PATCH_ENCODERS}, got {self.patch_encoder!r}.")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+        if self.patch_encoder == "unet":
+            if self.patch_size & (self.patch_size - 1):
+                raise ValueError(
+                    f"`patch_size`={self.patch_size} must be a power of two with `patch_encoder='unet'` "
+                    "(each U-Net level halves the latent side)."
+                )
+            levels = self.patch_size.bit_length()
+            if len(self.unet_block_out_channels) != levels:
+                raise ValueError(
+                    f"`unet_block_out_channels`={self.unet_block_out_channels} must have log2(patch_size) + 1 = "
+                    f"{levels} entries for `patch_size`={self.patch_size}."
+                )
+            if any(channels % 8 != 0 or channels <= 0 for channels in self.unet_block_out_channels):
+                raise ValueError(
+                    f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of 8 "
+                    "(GroupNorm with 8 groups)."
+                )
+        if self.diffusion_loss_weight < 0:
+            raise ValueError(f"`diffusion_loss_weight` must be >= 0, got {self.diffusion_loss_weight!r}.")
+        vocab_size = self.text_config.vocab_size
+        special = {"boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id}
+        special["image_token_id"] = self.image_token_id
+        for name, value in special.items():
+            if not isinstance(value, int) or not 0 <= value < vocab_size:
+                raise ValueError(
+                    f"`{name}`={value!r} is outside the vocabulary of the backbone (vocab_size={vocab_size})."
+                )
+        if len(set(special.values())) != len(special):
+            raise ValueError(f"The special tokens must have distinct ids, got {special}.")
+
+    @property
+    def num_patches(self) -> int:
+        """Sequence positions one image takes between `<boi>` and `<eoi>`."""
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+
+__all__ = ["TransfusionConfig"]

@@ -1,0 +1,145 @@
+"""Image-caption data for training: load from the Hub, a local image folder, or the built-in shapes, then encode every
+image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+
+import datasets
+import PIL.Image
+import torch
+
+from ..processing_transfusion import images_to_pixel_values
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(ValueError):
+    """An image of the data set cannot be decoded (raised with `strict=True`)."""
+
+
+def load_image_text_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: str | None = None,
+    shapes_num_samples: int = 20000,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """Load an image-caption data set with `datasets`.
+
+    Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), another `dataset_name` (a Hub data
+    set, e.g. `"lambdalabs/naruto-blip-captions"`), or `train_data_dir` (a folder of images with a `metadata.jsonl`
+    holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder).
+
+    Images are left undecoded (`Image(decode=False)`), so that a corrupt file can be counted and skipped later
+    instead of crashing the data loader.
+
+    Returns:
+        `datasets.Dataset` with the columns `image` and `text`.
+
+    Raises:
+        ValueError: a missing column, naming it and listing the available ones.
+    """
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError(
+            f"Give exactly one of `dataset_name`={dataset_name!r} and `train_data_dir`={train_data_dir!r}."
+        )
+    if dataset_name == "shapes":
+        from .shapes import load_shapes_dataset
+
+        dataset = load_shapes_dataset(split="train", num_samples=shapes_num_samples, seed=seed)
+        image_column, caption_column = "image", "text"
+    elif dataset_name is not None:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    else:
+        dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"`{role}`={column!r} is not a column of the data set; available columns: {dataset.column_names}."
+            )
+    dataset = dataset.select_columns([image_column, caption_column])
+    dataset = dataset.rename_columns({image_column: "image", caption_column: "text"})
+    if isinstance(dataset.features["image"], datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
+
+
+def decode_image(value) -> PIL.Image.Image:
+    """Decode one `image` cell (a PIL image, or the `{"bytes", "path"}` dict of an undecoded `datasets.Image`)."""
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, dict):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        image = PIL.Image.open(source)
+        image.load()  # force the decode now, so a truncated file fails here
+        return image
+    raise TypeError(f"unsupported image cell of type {type(value).__name__}")
+
+
+@torch.no_grad()
+def encode_latents(
+    dataset: datasets.Dataset,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    batch_size: int = 64,
+    strict: bool = False,
+    caption_prefix: str = "",
+) -> tuple[list[dict], int]:
+    """Decode, resize and encode every image once.
+
+    Args:
+        dataset (`datasets.Dataset`): with `image` and `text` columns (from [`load_image_text_dataset`]).
+        encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`
+            (the VAE, or the identity in pixel space).
+        image_size (`int`): pixel side given to `encode`.
+        center_crop (`bool`): keep the aspect ratio and center-crop (else stretch).
+        random_flip (`bool`): also store the latents of the mirrored image; the collator picks one at random.
+        strict (`bool`): raise [`CorruptImageError`] on the first unreadable image instead of skipping it.
+
+    Returns:
+        The examples (`{"text": str, "latents": Tensor(C, h, w)}`, plus `"flipped_latents"` with `random_flip`) and
+        the number of skipped images.
+    """
+    examples: list[dict] = []
+    skipped = 0
+    resize_mode = "crop" if center_crop else "default"
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        images, captions = [], []
+        for offset, (cell, caption) in enumerate(zip(rows["image"], rows["text"])):
+            try:
+                images.append(decode_image(cell))
+            except Exception as error:  # noqa: BLE001 - any decoder failure means the same: a bad file
+                where = cell.get("path") if isinstance(cell, dict) else None
+                message = f"unreadable image at row {start + offset} ({where or 'in memory'}): {error}"
+                if strict:
+                    raise CorruptImageError(message) from error
+                logger.warning("skipping %s", message)
+                skipped += 1
+                continue
+            captions.append(caption if isinstance(caption, str) else str(caption))
+        if not images:
+            continue
+        pixel_values = images_to_pixel_values(images, image_size, resize_mode)
+        latents = encode(pixel_values).float().cpu()
+        flipped = encode(torch.flip(pixel_values, dims=[-1])).float().cpu() if random_flip else None
+        for index, caption in enumerate(captions):
+            example = {"text": caption_prefix + caption, "latents": latents[index]}
+            if flipped is not None:
+                example["flipped_latents"] = flipped[index]
+            examples.append(example)
+    if skipped:
+        logger.warning("skipped %d unreadable images of %d", skipped, len(dataset))
+    return examples, skipped
+
+
+__all__ = ["CorruptImageError", "load_image_text_dataset", "decode_image", "encode_latents"]

@@ -1,0 +1,275 @@
+"""Image layers around the backbone: patchify/unpatchify, timestep embedding, linear and U-Net patch encoders.
+
+An encoder maps noisy latents `(num_images, C, H, W)` and their timesteps to `(num_images, num_patches, hidden_size)`
+embeddings placed at the image positions of the sequence; a decoder maps the backbone's hidden states at those
+positions back to `(num_images, C, H, W)` predictions (paper, section 3 and 4.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_transfusion import TransfusionConfig
+
+
+def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut latents into non-overlapping `patch_size` windows in raster order (left to right, top to bottom).
+
+    Args:
+        latents (`torch.Tensor` of shape `(num_images, channels, height, width)`).
+        patch_size (`int`).
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, (height // p) * (width // p), channels * p * p)`.
+    """
+    num_images, channels, height, width = latents.shape
+    p = patch_size
+    # (n, C, h, p, w, p) -> (n, h, w, C, p, p): one row per window, rows in raster order.
+    patches = latents.reshape(num_images, channels, height // p, p, width // p, p)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(num_images, (height // p) * (width // p), channels * p * p)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, size: int) -> torch.Tensor:
+    """Inverse of [`patchify`] for square latents.
+
+    Args:
+        patches (`torch.Tensor` of shape `(num_images, (size // p) ** 2, channels * p * p)`).
+        patch_size (`int`), channels (`int`), size (`int`): the latent geometry.
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, channels, size, size)`.
+    """
+    num_images = patches.shape[0]
+    p, grid = patch_size, size // patch_size
+    latents = patches.reshape(num_images, grid, grid, channels, p, p)
+    latents = latents.permute(0, 3, 1, 4, 2, 5)  # (n, C, h, p, w, p)
+    return latents.reshape(num_images, channels, size, size)
+
+
+def sinusoidal_timestep_features(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, as in DDPM/DiT.
+
+    Args:
+        timesteps (`torch.Tensor` of shape `(num_images,)`): values in `[0, num_train_timesteps]`.
+        dim (`int`): feature width (even).
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, dim)` in float32.
+    """
+    half = dim // 2
+    frequencies = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    angles = timesteps.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TransfusionTimestepEmbedding(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP.
+
+    Args:
+        feature_dim (`int`): width of the sinusoidal features.
+        out_dim (`int`): width of the embedding.
+    """
+
+    def __init__(self, feature_dim: int, out_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.linear_1 = nn.Linear(feature_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        features = sinusoidal_timestep_features(timesteps, self.feature_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+def mark_zero_init(module: nn.Module) -> nn.Module:
+    """Flag a leaf layer to be zero-initialised by `_init_weights` (DiT: output layers start at zero)."""
+    module._transfusion_zero_init = True
+    return module
+
+
+class TransfusionLinearPatchEncoder(nn.Module):
+    """Linear patch encoder: the timestep embedding is added to every patch vector before one linear layer
+    (paper, section 3, footnote on the linear encoder)."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        patch_dim = config.latent_channels * config.patch_size**2
+        self.timestep_embedding = TransfusionTimestepEmbedding(config.timestep_embedding_dim, patch_dim)
+        self.proj = nn.Linear(patch_dim, config.hidden_size)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """
+        Args:
+            latents (`torch.Tensor` of shape `(num_images, C, H, W)`), timesteps (`(num_images,)`).
+
+        Returns:
+            Embeddings of shape `(num_images, num_patches, hidden_size)` and no skip features.
+        """
+        patches = patchify(latents.to(self.proj.weight.dtype), self.patch_size)
+        patches = patches + self.timestep_embedding(timesteps)[:, None, :]
+        return self.proj(patches), None
+
+
+class TransfusionLinearPatchDecoder(nn.Module):
+    """Linear patch decoder: one linear layer from hidden states back to patch vectors."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.latent_channels = config.latent_channels
+        self.latent_size = config.latent_size
+        self.proj = mark_zero_init(nn.Linear(config.hidden_size, config.latent_channels * config.patch_size**2))
+
+    def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: None = None) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(num_images, num_patches, hidden_size)`).
+
+        Returns:
+            `torch.Tensor` of shape `(num_images, C, H, W)`.
+        """
+        patches = self.proj(hidden_states)
+        return unpatchify(patches, self.patch_size, self.latent_channels, self.latent_size)
+
+
+class TransfusionResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between (plain norms: the paper
+    replaces the U-Net's adaptive norms by plain ones)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int = 8):
+        super().__init__()
+        self.norm_1 = nn.GroupNorm(groups, in_channels)
+        self.conv_1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(temb_channels, out_channels)
+        self.norm_2 = nn.GroupNorm(groups, out_channels)
+        self.conv_2 = mark_zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv_1(F.silu(self.norm_1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv_2(F.silu(self.norm_2(h)))
+        return self.shortcut(x) + h
+
+
+class TransfusionUNetPatchEncoder(nn.Module):
+    """U-Net down path: `log2(patch_size)` stride-2 stages take the latent to the patch grid, then a 1x1 conv to the
+    transformer width. Feature maps of every level are kept as skips for the up path."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        channels = config.unet_block_out_channels
+        temb_channels = 4 * channels[0]
+        self.timestep_embedding = TransfusionTimestepEmbedding(config.timestep_embedding_dim, temb_channels)
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        in_channels = channels[0]
+        for level, out_channels in enumerate(channels):
+            blocks = []
+            for _ in range(config.unet_layers_per_block):
+                blocks.append(TransfusionResnetBlock(in_channels, out_channels, temb_channels))
+                in_channels = out_channels
+            self.levels.append(nn.ModuleList(blocks))
+            is_last = level == len(channels) - 1
+            self.downsamplers.append(
+                nn.Identity() if is_last else nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+            )
+        self.norm_out = nn.GroupNorm(8, channels[-1])
+        self.proj = nn.Conv2d(channels[-1], config.hidden_size, 1)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """
+        Args:
+            latents (`torch.Tensor` of shape `(num_images, C, H, W)`), timesteps (`(num_images,)`).
+
+        Returns:
+            Embeddings `(num_images, num_patches, hidden_size)` and the skips: one `(num_images, c_l, H_l, W_l)` map
+            per level, finest first.
+        """
+        temb = self.timestep_embedding(timesteps)
+        x = self.conv_in(latents.to(self.conv_in.weight.dtype))
+        skips = []
+        for blocks, downsample in zip(self.levels, self.downsamplers):
+            for block in blocks:
+                x = block(x, temb)
+            skips.append(x)
+            x = downsample(x)
+        x = self.proj(F.silu(self.norm_out(x)))  # (n, hidden, H/p, W/p)
+        return x.flatten(2).transpose(1, 2), skips  # raster order, (n, N, hidden)
+
+
+class TransfusionUNetPatchDecoder(nn.Module):
+    """U-Net up path: from the transformer's hidden states on the patch grid back to the latent, concatenating the
+    down path's skips at every level and feeding the timestep into every block."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        channels = config.unet_block_out_channels
+        temb_channels = 4 * channels[0]
+        self.grid = config.latent_size // config.patch_size
+        self.timestep_embedding = TransfusionTimestepEmbedding(config.timestep_embedding_dim, temb_channels)
+        self.proj = nn.Conv2d(config.hidden_size, channels[-1], 1)
+        self.levels = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        in_channels = channels[-1]
+        for level in reversed(range(len(channels))):
+            out_channels = channels[level]
+            blocks = [TransfusionResnetBlock(in_channels + channels[level], out_channels, temb_channels)]
+            for _ in range(config.unet_layers_per_block - 1):
+                blocks.append(TransfusionResnetBlock(out_channels, out_channels, temb_channels))
+            self.levels.append(nn.ModuleList(blocks))
+            self.upsamplers.append(nn.Conv2d(out_channels, out_channels, 3, padding=1) if level > 0 else nn.Identity())
+            in_channels = out_channels
+        self.norm_out = nn.GroupNorm(8, channels[0])
+        self.conv_out = mark_zero_init(nn.Conv2d(channels[0], config.latent_channels, 3, padding=1))
+
+    def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(num_images, num_patches, hidden_size)`).
+            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            skips (`list[torch.Tensor]`): the encoder's skips, finest first.
+
+        Returns:
+            `torch.Tensor` of shape `(num_images, C, H, W)`.
+        """
+        temb = self.timestep_embedding(timesteps)
+        num_images = hidden_states.shape[0]
+        x = hidden_states.transpose(1, 2).reshape(num_images, -1, self.grid, self.grid)
+        x = self.proj(x)
+        for blocks, upsample, skip in zip(self.levels, self.upsamplers, reversed(skips)):
+            x = torch.cat([x, skip.to(x.dtype)], dim=1)
+            for block in blocks:
+                x = block(x, temb)
+            if not isinstance(upsample, nn.Identity):
+                x = upsample(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def build_patch_layers(config: TransfusionConfig) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair selected by `config.patch_encoder`."""
+    if config.patch_encoder == "unet":
+        return TransfusionUNetPatchEncoder(config), TransfusionUNetPatchDecoder(config)
+    return TransfusionLinearPatchEncoder(config), TransfusionLinearPatchDecoder(config)
+
+
+__all__ = [
+    "patchify",
+    "unpatchify",
+    "sinusoidal_timestep_features",
+    "TransfusionTimestepEmbedding",
+    "TransfusionLinearPatchEncoder",
+    "TransfusionLinearPatchDecoder",
+    "TransfusionUNetPatchEncoder",
+    "TransfusionUNetPatchDecoder",
+    "build_patch_layers",
+]

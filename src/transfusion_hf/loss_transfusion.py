@@ -1,0 +1,68 @@
+"""The two Transfusion losses (paper, section 3.3): next-token cross-entropy on text and per-image diffusion MSE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def language_modeling_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    input_ids: torch.LongTensor,
+    no_loss_input_ids: tuple[int, ...],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy over text positions only.
+
+    Position `i` predicts `labels[i + 1]`. No loss where the input at `i` is an image placeholder (image positions
+    are trained by diffusion) or `<boi>` (the first patch is not a token; paper footnote), where the input is
+    padding, nor where the label is `-100`. The token before `<boi>` does learn to emit `<boi>`.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): usually `input_ids`, `-100` to ignore.
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+        no_loss_input_ids (`tuple[int, ...]`): input ids whose position gets no loss (`<boi>`, `<image>`).
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 0 at padding.
+
+    Returns:
+        Scalar mean over the counted positions (0 when there are none, so image-only batches still train).
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:].clone()
+    position_inputs = input_ids[:, :-1]
+    ignored = torch.isin(position_inputs, torch.tensor(no_loss_input_ids, device=input_ids.device))
+    if attention_mask is not None:
+        ignored |= attention_mask[:, :-1] == 0
+        ignored |= attention_mask[:, 1:] == 0
+    shift_labels[ignored] = -100
+    if not (shift_labels != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1), ignore_index=-100
+    )
+
+
+def diffusion_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image (mean over its channels and pixels), then averaged over images.
+
+    Averaging per image first keeps every image's weight equal whatever the batch layout (paper, section 3.3).
+
+    Args:
+        predictions (`torch.Tensor` of shape `(num_images, C, H, W)`).
+        targets (`torch.Tensor` of shape `(num_images, C, H, W)`).
+
+    Returns:
+        Scalar tensor.
+    """
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"`diffusion_targets` has shape {tuple(targets.shape)}, expected {tuple(predictions.shape)} "
+            "(one target per image, like `latents`)."
+        )
+    per_image = (predictions.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
+    return per_image.mean()
+
+
+__all__ = ["language_modeling_loss", "diffusion_loss"]

@@ -1,0 +1,334 @@
+"""TransfusionProcessor (tokenizer + image layout) and the training collator.
+
+One processor serves training and inference, so a sequence is laid out the same way everywhere:
+`[bos] text <boi> <image>*N <eoi> text ... [eos]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from transformers import BatchFeature, ProcessorMixin
+
+from .noising import TransfusionNoiser
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class TransfusionProcessor(ProcessorMixin):
+    """Tokenizer plus image handling for Transfusion.
+
+    Text may hold the `image_token` string (default `"<image>"`) once per image; each is expanded into
+    `<boi> <image>*num_image_tokens <eoi>`. Images (PIL of any mode, numpy `(H, W, C)` in [0, 1] or uint8, tensors
+    `(C, H, W)` in [-1, 1]/[0, 1]) are converted to RGB, resized (and center-cropped) to `image_size` and returned as
+    `pixel_values` in [-1, 1].
+
+    Args:
+        tokenizer: any transformers tokenizer; the three special tokens (and a pad token) are added when missing.
+        image_size (`int`, defaults to 32): pixel side of the images fed to the VAE (or the model, in pixel space).
+        num_image_tokens (`int`, defaults to 16): placeholders per image, `config.num_patches` of the model.
+        resize_mode (`str`, defaults to `"crop"`): diffusers' `VaeImageProcessor` mode: `"crop"` keeps the aspect
+            ratio and center-crops, `"default"` stretches, `"fill"` pads.
+        boi_token, eoi_token, image_token (`str`): the special token strings.
+    """
+
+    attributes = ["tokenizer"]
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        tokenizer=None,
+        image_size: int = 32,
+        num_image_tokens: int = 16,
+        resize_mode: str = "crop",
+        boi_token: str = "<boi>",
+        eoi_token: str = "<eoi>",
+        image_token: str = "<image>",
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        if resize_mode not in ("default", "fill", "crop"):
+            raise ValueError(f"`resize_mode` must be 'default', 'fill' or 'crop', got {resize_mode!r}.")
+        for name, value in (("image_size", image_size), ("num_image_tokens", num_image_tokens)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        self.resize_mode = resize_mode
+        self.boi_token, self.eoi_token, self.image_token = boi_token, eoi_token, image_token
+        super().__init__(tokenizer, chat_template=chat_template)
+        add_special_tokens(tokenizer, (boi_token, eoi_token, image_token))
+
+    # ----------------------------------------------------------------------------------------------- tokens
+    @property
+    def boi_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.boi_token)
+
+    @property
+    def eoi_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.eoi_token)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def image_block(self) -> list[int]:
+        """`<boi> <image>*N <eoi>` ids of one image."""
+        return [self.boi_token_id] + [self.image_token_id] * self.num_image_tokens + [self.eoi_token_id]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text (no special tokens added)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode_parts(self, parts: Sequence[str | None], add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """Lay out a sequence of text parts and images.
+
+        Args:
+            parts (`Sequence[str | None]`): text strings, and `None` where an image goes.
+            add_bos (`bool`): start with the tokenizer's BOS token, when it has one.
+            add_eos (`bool`): end with its EOS token (training sequences end there).
+
+        Returns:
+            `list[int]`: the ids.
+        """
+        ids: list[int] = []
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if add_bos and bos is not None:
+            ids.append(bos)
+        for part in parts:
+            ids.extend(self.image_block() if part is None else self.encode_text(part))
+        if add_eos and eos is not None:
+            ids.append(eos)
+        return ids
+
+    def split_text(self, text: str) -> list[str | None]:
+        """Split text at its image markers into the parts [`encode_parts`] takes."""
+        pieces = text.split(self.image_token)
+        parts: list[str | None] = []
+        for index, piece in enumerate(pieces):
+            if index:
+                parts.append(None)
+            if piece.strip():
+                parts.append(piece.strip())
+        return parts
+
+    # ----------------------------------------------------------------------------------------------- images
+    def preprocess_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Convert images to `pixel_values` of shape `(num_images, 3, image_size, image_size)` in [-1, 1]."""
+        return images_to_pixel_values(images, self.image_size, self.resize_mode)
+
+    # ------------------------------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        padding_side: str = "right",
+        add_eos: bool = False,
+        return_tensors: str = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenize a batch of texts with image markers and preprocess its images.
+
+        Args:
+            text (`str` or `list[str]`): each `image_token` marks where an image goes.
+            images: one image per marker, flat in reading order or one list per text.
+            padding_side (`str`): `"right"` for training, `"left"` for generation.
+            add_eos (`bool`): end every sequence with EOS.
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)`, and `pixel_values`
+            `(num_images, 3, image_size, image_size)` when there are images.
+        """
+        texts = [text] if isinstance(text, str) else list(text or [""])
+        flat_images = flatten_images(images)
+        markers = sum(item.count(self.image_token) for item in texts)
+        if markers != len(flat_images):
+            raise ValueError(
+                f"`text` holds {markers} image markers ({self.image_token!r}) but {len(flat_images)} images were "
+                "given: put one marker where each image goes."
+            )
+        sequences = [self.encode_parts(self.split_text(item)) for item in texts]
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if flat_images:
+            data["pixel_values"] = self.preprocess_images(flat_images)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decode generated ids; image blocks and special tokens are dropped by default."""
+        return [
+            text.strip()
+            for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        ]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+
+def images_to_pixel_values(
+    images: ImageInput | Sequence[ImageInput], image_size: int, resize_mode: str = "crop"
+) -> torch.Tensor:
+    """Convert images to `(num_images, 3, image_size, image_size)` pixel values in [-1, 1].
+
+    Args:
+        images: PIL images of any mode, numpy arrays `(H, W)` or `(H, W, C)` (uint8, or floats in [0, 1]), or tensors
+            `(C, H, W)` in [-1, 1] or [0, 1].
+        image_size (`int`): output side.
+        resize_mode (`str`): diffusers' `VaeImageProcessor` resize mode (`"crop"` keeps the aspect ratio).
+    """
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    converted = []
+    for index, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3:
+                raise ValueError(f"images[{index}] is a tensor of shape {tuple(image.shape)}, expected (C, H, W).")
+            image = image.detach().float().cpu()
+            image = (image + 1) / 2 if image.min() < 0 else image  # [-1, 1] -> [0, 1]
+            image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+            image = image.permute(1, 2, 0).clamp(0, 1).numpy()
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=-1)
+            if image.dtype != np.uint8:
+                image = (image.clip(0, 1) * 255).round().astype(np.uint8)
+            image = PIL.Image.fromarray(image)
+        if not isinstance(image, PIL.Image.Image):
+            raise ValueError(f"images[{index}] has type {type(image).__name__}; expected PIL, numpy or torch.")
+        converted.append(image.convert("RGB"))
+    processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True)
+    return processor.preprocess(converted, height=image_size, width=image_size, resize_mode=resize_mode)
+
+
+def add_special_tokens(tokenizer, tokens: Sequence[str]) -> int:
+    """Add the image special tokens, and a pad token, to a tokenizer that lacks them; returns how many were added.
+
+    Resize the model's embeddings to `len(tokenizer)` afterwards.
+    """
+    missing = [token for token in tokens if token not in tokenizer.get_vocab()]
+    added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
+    if tokenizer.pad_token is None:
+        added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return added
+
+
+def flatten_images(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into `(batch_size, max_length)` ids and attention mask."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(length - len(sequence), length) if padding_side == "left" else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
+class TransfusionDataCollator:
+    """Collate (caption, clean latents) pairs into a training batch for [`TransfusionForMixedModal`].
+
+    Each pair is laid out caption -> image or image -> caption, its caption is sometimes dropped (classifier-free
+    guidance), and its image is noised, all by the [`TransfusionNoiser`] from one generator per batch, seeded from
+    `(seed, num_batches)`. The draws of batch n are thus a pure function of n: a resumed run sets `num_batches` to the
+    batches already trained and draws exactly what the uninterrupted run drew, even though data loaders collate one
+    batch ahead.
+
+    Args:
+        processor (`TransfusionProcessor`).
+        noiser (`TransfusionNoiser`).
+        seed (`int`): base seed (add the process index in multi-process training).
+        text_column (`str`): key of the caption in each example.
+        latents_column (`str`): key of the clean latents `(C, H, W)` in each example.
+        flipped_latents_column (`str`): key of the mirrored image's latents, when the data has them (random flip):
+            each example uses one of the two with probability 1/2.
+        max_length (`int`, *optional*): longer sequences raise a ValueError naming the caption.
+    """
+
+    def __init__(
+        self,
+        processor: TransfusionProcessor,
+        noiser: TransfusionNoiser,
+        seed: int = 0,
+        text_column: str = "text",
+        latents_column: str = "latents",
+        flipped_latents_column: str = "flipped_latents",
+        max_length: int | None = None,
+    ):
+        self.processor = processor
+        self.noiser = noiser
+        self.seed = seed
+        self.num_batches = 0
+        self.text_column = text_column
+        self.latents_column = latents_column
+        self.flipped_latents_column = flipped_latents_column
+        self.max_length = max_length
+
+    def batch_generator(self, batch_index: int) -> torch.Generator:
+        """The generator of batch `batch_index` (a pure function of the seed and the index)."""
+        return torch.Generator().manual_seed(hash((self.seed, batch_index)) & 0x7FFF_FFFF_FFFF)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        generator = self.batch_generator(self.num_batches)
+        self.num_batches += 1
+        image_first, drop_caption = self.noiser.sample_layout(len(examples), generator)
+        sequences = []
+        for index, example in enumerate(examples):
+            caption = "" if drop_caption[index] else example[self.text_column]
+            parts = [None, caption] if image_first[index] else [caption, None]
+            ids = self.processor.encode_parts(parts, add_bos=True, add_eos=True)
+            if self.max_length is not None and len(ids) > self.max_length:
+                raise ValueError(
+                    f"The sequence of caption {caption!r} has {len(ids)} tokens, more than max_length={self.max_length}."
+                )
+            sequences.append(ids)
+        input_ids, attention_mask = pad_sequences(sequences, self.processor.tokenizer.pad_token_id, "right")
+        flip = torch.rand(len(examples), generator=generator) < 0.5
+        clean = torch.stack(
+            [
+                torch.as_tensor(
+                    example[self.flipped_latents_column]
+                    if flip[index] and self.flipped_latents_column in example
+                    else example[self.latents_column]
+                )
+                for index, example in enumerate(examples)
+            ]
+        ).float()
+        noised = self.noiser(clean, image_first, generator)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "latents": noised.latents,
+            "timesteps": noised.timesteps,
+            "diffusion_targets": noised.targets,
+        }
+
+
+__all__ = [
+    "TransfusionProcessor",
+    "TransfusionDataCollator",
+    "add_special_tokens",
+    "images_to_pixel_values",
+    "pad_sequences",
+]
