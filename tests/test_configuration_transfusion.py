@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
 from tiny_configs import (
     BOI_TOKEN_ID,
     EOI_TOKEN_ID,
@@ -15,8 +17,6 @@ from tiny_configs import (
     tiny_config,
     tiny_qwen2_config,
 )
-from transformers import AutoConfig, LlamaConfig, Qwen2Config
-
 from transfusion_hf import TransfusionConfig
 
 

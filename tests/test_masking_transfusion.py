@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, TEXT_LOW, llama_text_config, tiny_config
 from transformers import DynamicCache
 
+from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, TEXT_LOW, llama_text_config, tiny_config
 from transfusion_hf.masking_transfusion import build_transfusion_mask, image_block_ids, naive_transfusion_mask
 
 HIDDEN = 32

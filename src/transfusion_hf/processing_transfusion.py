@@ -193,6 +193,8 @@ def images_to_pixel_values(
             image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
             image = image.permute(1, 2, 0).clamp(0, 1).numpy()
         if isinstance(image, np.ndarray):
+            if image.ndim == 3 and image.shape[-1] == 1:
+                image = image[..., 0]  # Fix: PIL cannot build an image from (H, W, 1); treat it as grayscale.
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=-1)
             if image.dtype != np.uint8:
