@@ -41,6 +41,7 @@ from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
+    NonFiniteLossError,
     check_finite,
     checkpoint_step,
     resolve_checkpoint,
@@ -223,12 +224,19 @@ def apply_lora(args: argparse.Namespace, model: TransfusionForMixedModal, new_to
     image_modules = ["image_encoder", "image_decoder"]
     if model.patch_position_embedding is not None:
         image_modules.append("patch_position_embedding")
+    trainable_tokens = None
+    if new_token_ids:
+        trainable_tokens = {"embed_tokens": new_token_ids}
+        # Fix: with untied output embeddings (Llama's default) the LM-head rows of the new tokens stayed frozen at their
+        # resize-time init, so the model could not learn to predict <boi>/<eoi>. Tied heads follow embed_tokens (peft).
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            trainable_tokens["lm_head"] = new_token_ids
     lora_config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha or args.lora_rank,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         modules_to_save=image_modules,
-        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+        trainable_token_indices=trainable_tokens,
     )
     return get_peft_model(model, lora_config)
 
@@ -349,7 +357,12 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
                 output = model(**batch)
-                check_finite(output.loss.detach(), global_step + 1, state["last_checkpoint"])
+                loss_to_check = output.loss.detach()
+                if accelerator.num_processes > 1:
+                    # Fix: all processes must stop together; one that raised alone left the others hanging in the
+                    # next gradient all-reduce.
+                    loss_to_check = accelerator.gather(loss_to_check[None])
+                check_finite(loss_to_check, global_step + 1, state["last_checkpoint"])
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -420,6 +433,15 @@ class LoopState:
         self.state.update(loaded)
 
 
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after the checkpoint it resumes from, so each step is logged once."""
+    if not log_path.is_file():
+        return
+    records = [line for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in records if json.loads(line).get("step", 0) <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
 def save_final(args, accelerator, model, components: dict, base_model: str | None, global_step: int) -> None:
     """Save the whole pipeline (model, VAE, scheduler, tokenizer) to `output_dir`, EMA weights when used."""
     unwrapped = accelerator.unwrap_model(model)
@@ -466,6 +488,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     set_seed(args.seed)
     Path(args.output_dir, "logs").mkdir(parents=True, exist_ok=True)
+    accelerator.print(
+        f"Distributed: num_processes={accelerator.num_processes} ({accelerator.distributed_type}), "
+        f"device={accelerator.device}, mixed_precision={accelerator.mixed_precision}."
+    )
 
     vae, vae_scale, latent_channels = build_vae(args)
     if args.resolution % vae_scale:
@@ -474,7 +500,8 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = build_tokenizer(args, [example["text"] for example in examples])
     model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Fix: `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
+        model.activation_checkpointing_enable()
     new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<boi>", "<eoi>", "<image>")]
     if args.lora_rank:
         model = apply_lora(args, model, new_token_ids if base_model else [])
@@ -534,7 +561,11 @@ def main(argv: list[str] | None = None) -> Path:
         state["skip_batches"] = state["batches_in_epoch"]
         collator.num_batches = state["micro_batches"]
         state["last_checkpoint"] = checkpoint
+        if accelerator.is_main_process:
+            truncate_log(Path(args.output_dir) / "logs" / "train_log.jsonl", checkpoint_step(checkpoint))
         accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"No checkpoint in {args.output_dir}: starting from scratch.")
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(
             "transfusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -560,3 +591,6 @@ if __name__ == "__main__":
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as error:  # a diverged run: the message names the step and the checkpoint, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)

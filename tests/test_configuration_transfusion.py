@@ -140,6 +140,8 @@ INVALID_CASES = {
     "zero_latent_size": ({"latent_size": 0}, r"`latent_size`.*0"),
     "non_integer_patch_size": ({"patch_size": 1.5}, r"`patch_size`.*1\.5"),
     "zero_timesteps": ({"num_train_timesteps": 0}, r"`num_train_timesteps`.*0"),
+    "unet_non_integer_patch_size": ({"patch_encoder": "unet", "patch_size": 1.5}, r"`patch_size`.*1\.5"),
+    "missing_loss_weight": ({"diffusion_loss_weight": None}, r"`diffusion_loss_weight`.*None"),
 }
 
 

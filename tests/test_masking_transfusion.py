@@ -1,5 +1,5 @@
-"""The Transfusion mask: `build_transfusion_mask` (transformers' `create_causal_mask` with per-image blocks) against the
-paper's per-pair definition (`naive_transfusion_mask`), for sdpa, eager and cached calls."""
+"""The Transfusion mask: `build_transfusion_mask` (transformers' `create_causal_mask` with per-image blocks) against
+the paper's per-pair definition (`naive_transfusion_mask`), for sdpa, eager and cached calls."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def expected_pattern(input_ids: torch.LongTensor, attention_mask: torch.LongTens
     return allowed
 
 
-# A row: 1 to 4 text segments with 0 to 3 images in between (images of 1 to 5 placeholders), first segment may be empty.
+# A row: a first text segment, then 0 to 3 images (1 to 5 placeholders each), each followed by 0 to 3 text tokens.
 segment_lengths = st.integers(min_value=0, max_value=4)
 image_sizes = st.integers(min_value=1, max_value=5)
 row_strategy = st.tuples(
@@ -216,3 +216,49 @@ def test_sliding_window_backbone_gets_dict_of_masks():
     # Image positions 7..10 still see each other inside the window.
     assert sliding[7:11, 7:11].all()
     assert not sliding[12, 0]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_mistral_style_sliding_window_backbone(attn_implementation):
+    """Backbones without `layer_types` (Mistral, Mixtral, Phi3, ...) slide on every layer when `sliding_window` is set:
+    the mixed mask must keep the window (and the bidirectional image blocks), like the backbone's own text mask."""
+    window = 3
+    text_config = copy.deepcopy(
+        tiny_config(text_config=llama_text_config(model_type="mistral", sliding_window=window, head_dim=8)).text_config
+    )
+    text_config._attn_implementation = attn_implementation
+    assert getattr(text_config, "layer_types", None) is None
+    input_ids = torch.tensor([build_row([("text", 5), ("image", 4), ("text", 4)])])
+    mask = build_transfusion_mask(text_config, torch.zeros(1, input_ids.shape[1], HIDDEN), input_ids, IMAGE_TOKEN_ID)
+    length = input_ids.shape[1]
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    ids = image_block_ids(input_ids, IMAGE_TOKEN_ID)[0]
+    same_image = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+    expected = ((key <= query) & (query - key < window)) | same_image
+    assert torch.equal(allowed_pattern(mask, attn_implementation)[0], expected)
+
+
+@pytest.mark.slow
+def test_flex_attention_block_mask_matches_oracle():
+    """flex_attention gets a BlockMask; its `mask_mod`, evaluated on every pair, is the paper's mask. Slow on CPU
+    (building the BlockMask compiles for about 30 s): run with `-m slow`."""
+    input_ids, attention_mask = right_pad(
+        [build_row([("text", 2), ("image", 4), ("text", 1), ("image", 3)]), build_row([("text", 5)])]
+    )
+    block_mask = build_transfusion_mask(
+        text_config_for("flex_attention"),
+        torch.zeros(*input_ids.shape, HIDDEN),
+        input_ids,
+        IMAGE_TOKEN_ID,
+        attention_mask=attention_mask,
+    )
+    assert type(block_mask).__name__ == "BlockMask"
+    batch_size, length = input_ids.shape
+    mask_mod = block_mask.mask_mod
+    over_kv = torch.vmap(mask_mod, in_dims=(None, None, None, 0))
+    over_q = torch.vmap(over_kv, in_dims=(None, None, 0, None))
+    over_batch = torch.vmap(over_q, in_dims=(0, None, None, None))
+    dense = over_batch(torch.arange(batch_size), torch.tensor(0), torch.arange(length), torch.arange(length))
+    expected = expected_pattern(input_ids, attention_mask)
+    real = attention_mask.bool()
+    assert torch.equal(dense[real], expected[real])

@@ -10,7 +10,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline_components import CAPTIONS  # noqa: E402
-
 from transfusion_hf.tokenization_transfusion import SPECIAL_TOKENS, train_bpe_tokenizer  # noqa: E402
 
 

@@ -55,9 +55,10 @@ def tiny_config(text_config: dict | None = None, **overrides) -> TransfusionConf
         "image_token_id": IMAGE_TOKEN_ID,
         "timestep_embedding_dim": 32,
     }
+    patch_size = overrides.get("patch_size", fields["patch_size"])
     if overrides.get("patch_encoder") == "unet" and "unet_block_out_channels" not in overrides:
-        levels = overrides.get("patch_size", fields["patch_size"]).bit_length()
-        fields["unet_block_out_channels"] = [16] * levels
+        if isinstance(patch_size, int) and patch_size > 0:  # narrow U-Net: 16 channels at every level
+            fields["unet_block_out_channels"] = [16] * patch_size.bit_length()
     fields.update(overrides)
     return TransfusionConfig(text_config=text_config if text_config is not None else llama_text_config(), **fields)
 

@@ -5,6 +5,10 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_transfusion import TransfusionConfig
 from .modeling_transfusion import TransfusionForMixedModal, TransfusionOutput, TransfusionPreTrainedModel
+from .noising import TransfusionNoiser
+from .pipeline_transfusion import TransfusionPipeline, TransfusionPipelineOutput
+from .processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from .tokenization_transfusion import train_bpe_tokenizer
 
 # Registration makes `AutoConfig` / `AutoModel.from_pretrained` resolve `model_type="transfusion"` once imported.
 AutoConfig.register("transfusion", TransfusionConfig, exist_ok=True)
@@ -14,7 +18,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TransfusionConfig",
+    "TransfusionDataCollator",
     "TransfusionForMixedModal",
+    "TransfusionNoiser",
     "TransfusionOutput",
+    "TransfusionPipeline",
+    "TransfusionPipelineOutput",
     "TransfusionPreTrainedModel",
+    "TransfusionProcessor",
+    "train_bpe_tokenizer",
 ]

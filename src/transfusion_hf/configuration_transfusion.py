@@ -95,7 +95,14 @@ class TransfusionConfig(PreTrainedConfig):
             self.eoi_token_id = vocab_size - 2
         if self.boi_token_id is None:
             self.boi_token_id = vocab_size - 3
-        if self.unet_block_out_channels is None and self.patch_encoder == "unet" and self.patch_size >= 1:
+        # [tests fix] `isinstance` first: a non-integer `patch_size` must reach the ValueError of
+        # `check_transfusion_fields`, not fail here on `.bit_length()` with an AttributeError.
+        if (
+            self.unet_block_out_channels is None
+            and self.patch_encoder == "unet"
+            and isinstance(self.patch_size, int)
+            and self.patch_size >= 1
+        ):
             levels = max(self.patch_size.bit_length() - 1, 0) + 1
             self.unet_block_out_channels = [min(64 * 2**level, 256) for level in range(levels)]
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
@@ -133,7 +140,8 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of 8 "
                     "(GroupNorm with 8 groups)."
                 )
-        if self.diffusion_loss_weight < 0:
+        # [tests fix] a non-number (e.g. None) raised a bare TypeError from the comparison.
+        if not isinstance(self.diffusion_loss_weight, (int, float)) or self.diffusion_loss_weight < 0:
             raise ValueError(f"`diffusion_loss_weight` must be >= 0, got {self.diffusion_loss_weight!r}.")
         vocab_size = self.text_config.vocab_size
         special = {"boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id}

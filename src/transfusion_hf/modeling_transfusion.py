@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_transfusion import TransfusionConfig
 from .image_layers import build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
-from .masking_transfusion import build_transfusion_mask
+from .masking_transfusion import build_transfusion_mask, image_block_ids
 
 
 @dataclass
@@ -126,6 +126,39 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        **card_kwargs,
+    ) -> str:
+        """transformers' `push_to_hub` (same arguments and behaviour), writing the Transfusion model card on every
+        push. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir`, `base_model`, `datasets`, ...).
+        """
+        from .hub import push_model_to_hub
+
+        return push_model_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+            **card_kwargs,
+        )
 
     @classmethod
     def from_text_model(cls, text_model: PreTrainedModel | str, **config_kwargs) -> TransfusionForMixedModal:
@@ -321,6 +354,36 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         return total, lm_loss, diff_loss
 
     # --------------------------------------------------------------------------------------------- generation
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # [tests fix] `generate` (num_return_sequences > 1, beams) repeat_interleaves every tensor kwarg on dim 0,
+        # but `latents` / `timesteps` are per image, not per row: a row with images (a, b) expanded twice got (a, a)
+        # and (b, b). Repeat each row's own images as a block instead, matching the expanded rows' reading order.
+        latents = model_kwargs.pop("latents", None)
+        timesteps = model_kwargs.pop("timesteps", None)
+        if expand_size > 1 and latents is not None and input_ids is not None:
+            images_per_row = (image_block_ids(input_ids, self.config.image_token_id).amax(dim=1) + 1).tolist()
+            starts = [0]
+            for count in images_per_row:
+                starts.append(starts[-1] + count)
+            index = [
+                image
+                for row, count in enumerate(images_per_row)
+                for _ in range(expand_size)
+                for image in range(starts[row], starts[row] + count)
+            ]
+            index = torch.tensor(index, dtype=torch.long, device=latents.device)
+            latents = latents.index_select(0, index)
+            if timesteps is not None and timesteps.shape[:1] == (starts[-1],):
+                timesteps = timesteps.index_select(0, index.to(timesteps.device))
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if latents is not None:
+            model_kwargs["latents"] = latents
+        if timesteps is not None:
+            model_kwargs["timesteps"] = timesteps
+        return input_ids, model_kwargs
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
         latents = kwargs.pop("latents", None)
         timesteps = kwargs.pop("timesteps", None)

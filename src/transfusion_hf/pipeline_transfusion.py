@@ -24,6 +24,7 @@ from .modeling_transfusion import TransfusionForMixedModal
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
 
 logger = logging.get_logger(__name__)
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 
 
 @dataclass
@@ -101,6 +102,14 @@ class TransfusionPipeline(DiffusionPipeline):
                 f"{type(scheduler).__name__} has clip_sample=True, which is wrong for latents: setting it to False."
             )
             scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
+        if scheduler_type == "flow_prediction" and scheduler.config.get("use_flow_sigmas") is False:
+            # Fix: multistep solvers (DPMSolver, UniPC, DEIS) with prediction_type="flow_prediction" keep VP sigmas
+            # and timesteps unless use_flow_sigmas=True: a perfect flow model then lands hundreds off x0.
+            logger.warning(
+                f"{type(scheduler).__name__} has prediction_type='flow_prediction' but use_flow_sigmas=False, "
+                "which does not follow the flow-matching path: setting use_flow_sigmas=True."
+            )
+            scheduler = type(scheduler).from_config(scheduler.config, use_flow_sigmas=True)
         return scheduler
 
     def _require_processor(self, what: str) -> TransfusionProcessor:
@@ -116,6 +125,8 @@ class TransfusionPipeline(DiffusionPipeline):
             )
 
     # ----------------------------------------------------------------------------------------------- latents
+    # Fix: public helpers run without autograd (decoding to numpy/PIL failed on tensors that require grad).
+    @torch.no_grad()
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Images -> clean latents `(num_images, C, h, w)` scaled like the training data."""
         pixel_values = images_to_pixel_values(images, self.image_size).to(self.device)
@@ -125,6 +136,8 @@ class TransfusionPipeline(DiffusionPipeline):
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).to(self.transformer.dtype)
 
+    # Fix: public helpers run without autograd (decoding to numpy/PIL failed on tensors that require grad).
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents -> images of `output_type` ("pil", "np", "pt", or "latent" to return them as they are)."""
         if output_type == "latent":
@@ -231,10 +244,11 @@ class TransfusionPipeline(DiffusionPipeline):
         shape = (num_images, config.latent_channels, config.latent_size, config.latent_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-            latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}.")
-        latents = latents.to(self.device, torch.float32)
+        # Fix: given latents are unit noise too and get the scheduler's scale like drawn ones (as in diffusers'
+        # pipelines); before, Euler-type schedulers started from unscaled user latents.
+        latents = latents.to(self.device, torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self._check_length(max(len(prefix) for prefix in prefixes) + config.num_patches + 1, "The prompt")
         if use_kv_cache:
             cache, prefix_ids, prefix_mask = self._prefill(prefixes, prefix_latents)
@@ -284,7 +298,7 @@ class TransfusionPipeline(DiffusionPipeline):
             num_images_per_prompt (`int`): images per prompt.
             generator (`torch.Generator`, *optional*): for reproducible sampling.
             latents (`torch.Tensor` of shape `(batch_size * num_images_per_prompt, C, h, w)`, *optional*): the
-                starting noise.
+                starting noise, standard normal (scaled by the scheduler's `init_noise_sigma` like drawn noise).
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`): return a [`TransfusionPipelineOutput`] instead of a tuple.
             use_kv_cache (`bool`): prefill the prompt once and reuse it at every step (same result, faster).
@@ -345,7 +359,9 @@ class TransfusionPipeline(DiffusionPipeline):
             `list[str]`: one caption per image.
         """
         processor = self._require_processor("caption")
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        # Fix: a batch `(B, C, H, W)` tensor or `(B, H, W, C)` array (this pipeline's own "pt"/"np" output) is B images.
+        batched = isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4
+        images = list(images) if isinstance(images, (list, tuple)) or batched else [images]
         latents = self.encode_images(images)
         sequences = [processor.encode_parts([None, prompt or ""]) for _ in images]
         self._check_length(len(sequences[0]) + max_new_tokens, "Captioning")
@@ -512,8 +528,47 @@ class TransfusionPipeline(DiffusionPipeline):
 
             download_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
             download_kwargs = {key: kwargs.pop(key) for key in download_keys if key in kwargs}
-            path = snapshot_download(path, **download_kwargs)
+            # Weights travel as safetensors only: pickled files are never fetched, so never unpickled.
+            path = snapshot_download(path, ignore_patterns=PICKLE_PATTERNS, **download_kwargs)
+        kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(path, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+        *,
+        revision: str | None = None,
+        commit_description: str | None = None,
+        **card_kwargs,
+    ) -> str:
+        """diffusers' `push_to_hub`, plus transformers' `revision` (branch, created if new) and `commit_description`,
+        and the Transfusion model card. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir` of
+        the run for metrics and samples, `base_model`, `datasets`, `license`, `tags`). Weights are safetensors only.
+        """
+        from .hub import push_pipeline_to_hub
+
+        if not safe_serialization:
+            raise ValueError("TransfusionPipeline.push_to_hub only pushes safetensors (safe_serialization=True).")
+        return push_pipeline_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            variant=variant,
+            subfolder=subfolder,
+            **card_kwargs,
+        )
 
 
 __all__ = ["TransfusionPipeline", "TransfusionPipelineOutput"]

@@ -152,7 +152,8 @@ class TransfusionProcessor(ProcessorMixin):
                 f"`text` holds {markers} image markers ({self.image_token!r}) but {len(flat_images)} images were "
                 "given: put one marker where each image goes."
             )
-        sequences = [self.encode_parts(self.split_text(item)) for item in texts]
+        # Fix: `add_eos` was accepted but never applied.
+        sequences = [self.encode_parts(self.split_text(item), add_eos=add_eos) for item in texts]
         input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat_images:
@@ -181,6 +182,8 @@ def images_to_pixel_values(
         image_size (`int`): output side.
         resize_mode (`str`): diffusers' `VaeImageProcessor` resize mode (`"crop"` keeps the aspect ratio).
     """
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        images = list(images)  # Fix: a batch (B, C, H, W) tensor / (B, H, W, C) array is B images, not one.
     if not isinstance(images, (list, tuple)):
         images = [images]
     converted = []
@@ -222,6 +225,8 @@ def add_special_tokens(tokenizer, tokens: Sequence[str]) -> int:
 def flatten_images(images) -> list:
     if images is None:
         return []
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return list(images)  # Fix: a batch tensor/array holds one image per marker.
     if not isinstance(images, (list, tuple)):
         return [images]
     flat = []

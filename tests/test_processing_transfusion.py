@@ -1,0 +1,339 @@
+"""TransfusionProcessor (text + image layout, pixel values) and TransfusionDataCollator (training batches)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline_components import CAPTIONS, get_tokenizer  # noqa: E402
+from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
+from transfusion_hf.processing_transfusion import (  # noqa: E402
+    TransfusionDataCollator,
+    TransfusionProcessor,
+    images_to_pixel_values,
+    pad_sequences,
+)
+
+NUM_IMAGE_TOKENS = 4
+IMAGE_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return TransfusionProcessor(get_tokenizer(), image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS)
+
+
+def text_ids(processor, text):
+    return processor.tokenizer(text, add_special_tokens=False).input_ids
+
+
+# ------------------------------------------------------------------------------------------------- layout
+def test_markers_become_image_blocks_in_place(processor):
+    tok = processor.tokenizer
+    block = [processor.boi_token_id] + [processor.image_token_id] * NUM_IMAGE_TOKENS + [processor.eoi_token_id]
+    assert processor.image_block() == block
+    image = PIL.Image.new("RGB", (8, 8))
+    out = processor("a red <image> circle then <image>", images=[image, image])
+    expected = [tok.bos_token_id, *text_ids(processor, "a red"), *block, *text_ids(processor, "circle then"), *block]
+    assert out["input_ids"].tolist() == [expected]
+    assert out["attention_mask"].tolist() == [[1] * len(expected)]
+    assert out["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # Image first, and no text at all.
+    out = processor("<image> after", images=image, add_eos=False)
+    assert out["input_ids"][0].tolist() == [tok.bos_token_id, *block, *text_ids(processor, "after")]
+    assert processor("plain text")["input_ids"][0].tolist() == [tok.bos_token_id, *text_ids(processor, "plain text")]
+    assert "pixel_values" not in processor("plain text")
+
+
+def test_encode_parts_with_eos(processor):
+    tok = processor.tokenizer
+    ids = processor.encode_parts(["a cat", None], add_bos=True, add_eos=True)
+    assert ids == [tok.bos_token_id, *text_ids(processor, "a cat"), *processor.image_block(), tok.eos_token_id]
+    assert processor.encode_parts([None], add_bos=False) == processor.image_block()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padding_and_attention_mask(processor, padding_side):
+    image = PIL.Image.new("RGB", (8, 8))
+    texts = ["a small red circle in the top left <image>", "<image>"]
+    out = processor(texts, images=[[image], [image]], padding_side=padding_side)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    long_row = processor.encode_parts(processor.split_text(texts[0]))
+    short_row = processor.encode_parts([None])
+    assert ids.shape == (2, len(long_row)) and mask.shape == ids.shape
+    pad = len(long_row) - len(short_row)
+    assert ids[0].tolist() == long_row and mask[0].tolist() == [1] * len(long_row)
+    pad_id = processor.tokenizer.pad_token_id
+    if padding_side == "left":
+        assert ids[1].tolist() == [pad_id] * pad + short_row
+        assert mask[1].tolist() == [0] * pad + [1] * len(short_row)
+    else:
+        assert ids[1].tolist() == short_row + [pad_id] * pad
+        assert mask[1].tolist() == [1] * len(short_row) + [0] * pad
+    with pytest.raises(ValueError, match="padding_side"):
+        processor(texts, images=[image, image], padding_side="middle")
+
+
+def test_pad_sequences():
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_token_id=0, padding_side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_token_id=0, padding_side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_marker_image_count_mismatch_names_counts(processor):
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match=r"2 image markers.*1 images"):
+        processor("<image> and <image>", images=[image])
+    with pytest.raises(ValueError, match=r"0 image markers.*1 images"):
+        processor("no marker", images=image)
+    with pytest.raises(ValueError, match=r"1 image markers.*0 images"):
+        processor("<image>")
+
+
+def test_decode_drops_special_tokens(processor):
+    image = PIL.Image.new("RGB", (8, 8))
+    ids = processor(["a red <image> circle", "blue"], images=[image], add_eos=True)["input_ids"]
+    eos = processor.tokenizer.eos_token_id
+    assert ids[0, -1] == eos and (ids[1] == eos).sum() == 1
+    assert eos not in processor("blue")["input_ids"][0].tolist()
+    assert processor.decode(ids[0]) == "a red circle"
+    assert processor.batch_decode(ids) == ["a red circle", "blue"]
+    assert "<boi>" in processor.decode(ids[0], skip_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------------------------- images
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "1", "CMYK"])
+@pytest.mark.parametrize("size", [(8, 8), (13, 7), (5, 11)])
+def test_pil_images_of_any_mode_and_size(processor, mode, size):
+    image = PIL.Image.new("RGB", size, (200, 30, 90)).convert(mode)
+    pixels = processor.preprocess_images(image)
+    assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_pixel_values_are_exact_for_uint8_and_center_cropped():
+    array = np.random.RandomState(0).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+    pixels = images_to_pixel_values(array, 8)
+    torch.testing.assert_close(pixels[0], torch.from_numpy(array / 127.5 - 1).permute(2, 0, 1).float())
+    # "crop" keeps the aspect ratio: a white stripe on the far left of a wide image is cut off.
+    wide = np.zeros((8, 16, 3), np.uint8)
+    wide[:, :3] = 255
+    assert images_to_pixel_values(wide, 8).max() == -1
+    assert images_to_pixel_values(wide, 8, resize_mode="default").max() > 0
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((9, 6, 3), np.uint8),
+        np.full((6, 6), 255, np.uint8),
+        np.zeros((6, 9, 1), np.uint8),
+        np.zeros((6, 6, 4), np.uint8),
+        np.random.RandomState(0).rand(10, 10, 3),
+        np.random.RandomState(0).rand(10, 10).astype(np.float32),
+    ],
+    ids=["uint8-hwc", "uint8-hw", "uint8-hw1", "uint8-rgba", "float64", "float32-hw"],
+)
+def test_numpy_images(array):
+    pixels = images_to_pixel_values([array, array], IMAGE_SIZE)
+    assert pixels.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    if array.dtype != np.uint8:
+        assert pixels.mean().item() == pytest.approx(array.mean() * 2 - 1, abs=0.05)
+
+
+def test_tensor_images_in_both_ranges():
+    signed = torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8)
+    torch.testing.assert_close(images_to_pixel_values(signed, 8)[0], signed, atol=1 / 255 + 1e-6, rtol=0)
+    unit = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images_to_pixel_values(unit, 8)[0], unit * 2 - 1, atol=1 / 255 + 1e-6, rtol=0)
+    gray = images_to_pixel_values(torch.rand(1, 5, 7), 8)
+    assert gray.shape == (1, 3, 8, 8) and torch.equal(gray[0, 0], gray[0, 1])
+    assert images_to_pixel_values(torch.rand(4, 8, 8), 8).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="expected \\(C, H, W\\)"):
+        images_to_pixel_values([torch.rand(1, 3, 8, 8)], 8)
+    with pytest.raises(ValueError, match="expected \\(C, H, W\\)"):
+        images_to_pixel_values(torch.rand(8, 8), 8)
+    with pytest.raises(ValueError, match="images\\[0\\] has type"):
+        images_to_pixel_values(["not an image"], 8)
+
+
+def test_batched_tensors_and_arrays_are_several_images(processor):
+    batch = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = images_to_pixel_values(batch, 8)
+    assert pixels.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(pixels, batch * 2 - 1, atol=1 / 255 + 1e-6, rtol=0)
+    arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    torch.testing.assert_close(images_to_pixel_values(arrays, 8), pixels, atol=1 / 255 + 1e-6, rtol=0)
+    out = processor(["<image> <image>", "<image>"], images=batch)
+    assert out["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+# ---------------------------------------------------------------------------------------- save / tokenizer
+def test_save_and_load_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = TransfusionProcessor.from_pretrained(tmp_path)
+    assert (loaded.image_size, loaded.num_image_tokens, loaded.resize_mode) == (IMAGE_SIZE, NUM_IMAGE_TOKENS, "crop")
+    for name in ("boi_token_id", "eoi_token_id", "image_token_id"):
+        assert getattr(loaded, name) == getattr(processor, name)
+    assert loaded.tokenizer.pad_token_id == processor.tokenizer.pad_token_id
+    image = PIL.Image.new("RGB", (8, 8))
+    a = processor(["a cat <image>", "dog"], images=[image], padding_side="left")
+    b = loaded(["a cat <image>", "dog"], images=[image], padding_side="left")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+
+
+def test_special_tokens_and_pad_are_added_to_a_bare_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(CAPTIONS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    size = len(tokenizer)
+    assert tokenizer.pad_token is None and "<boi>" not in tokenizer.get_vocab()
+
+    processor = TransfusionProcessor(tokenizer, num_image_tokens=2)
+    assert len(tokenizer) == size + 4
+    ids = {processor.boi_token_id, processor.eoi_token_id, processor.image_token_id, tokenizer.pad_token_id}
+    assert len(ids) == 4 and min(ids) >= size
+    assert tokenizer.pad_token is not None
+    out = processor("hi <image> there", images=np.zeros((4, 4, 3), np.uint8))
+    assert out["input_ids"][0].tolist().count(processor.image_token_id) == 2
+    # Each special token is one id, and they vanish on decode.
+    assert processor.decode(out["input_ids"][0]) == "hi there"
+    # A second processor on the same tokenizer adds nothing.
+    TransfusionProcessor(tokenizer, num_image_tokens=2)
+    assert len(tokenizer) == size + 4
+
+
+def test_invalid_arguments():
+    tokenizer = get_tokenizer()
+    with pytest.raises(ValueError, match="resize_mode"):
+        TransfusionProcessor(tokenizer, resize_mode="zoom")
+    with pytest.raises(ValueError, match="num_image_tokens"):
+        TransfusionProcessor(tokenizer, num_image_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------------ collator
+LATENT_SHAPE = (4, 2, 2)
+
+
+def make_collator(processor, seed=0, **noiser_kwargs):
+    noiser = TransfusionNoiser(DDPMScheduler(clip_sample=False), **noiser_kwargs)
+    return TransfusionDataCollator(processor, noiser, seed=seed)
+
+
+def make_examples(count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {"text": CAPTIONS[index % len(CAPTIONS)], "latents": torch.randn(LATENT_SHAPE, generator=generator)}
+        for index in range(count)
+    ]
+
+
+def classify(processor, row_ids, row_mask):
+    """'image_first', 'caption_first' or 'dropped' (caption-first with an empty caption) from the ids alone."""
+    ids = row_ids[row_mask.bool()].tolist()
+    block = processor.image_block()
+    assert ids[0] == processor.tokenizer.bos_token_id and ids[-1] == processor.tokenizer.eos_token_id
+    if ids[1 : 1 + len(block)] == block:
+        return "dropped" if len(ids) == len(block) + 2 else "image_first"
+    assert ids[-1 - len(block) : -1] == block
+    return "caption_first"
+
+
+def test_collator_keys_and_shapes(processor):
+    batch = make_collator(processor)(make_examples(6))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "latents", "timesteps", "diffusion_targets"}
+    batch_size, length = batch["input_ids"].shape
+    assert batch_size == 6 and batch["attention_mask"].shape == (6, length) and batch["labels"].shape == (6, length)
+    assert batch["latents"].shape == (6, *LATENT_SHAPE) and batch["diffusion_targets"].shape == (6, *LATENT_SHAPE)
+    assert batch["timesteps"].shape == (6,) and batch["timesteps"].dtype == torch.long
+    assert (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [NUM_IMAGE_TOKENS] * 6
+    # Labels: the ids, and -100 exactly at padding.
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    assert (batch["labels"][padding] == -100).all()
+    assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])
+    # Right padding for training.
+    assert (batch["attention_mask"][:, 0] == 1).all()
+
+
+def test_collator_layout_statistics_and_timestep_limit(processor):
+    collator = make_collator(processor)
+    examples = make_examples(100)
+    counts = {"image_first": 0, "caption_first": 0, "dropped": 0}
+    image_first_t, caption_first_t = [], []
+    for _ in range(20):  # 2000 pairs (fixed seed: the test is deterministic, the bounds are ~4.5 sigma)
+        batch = collator(examples)
+        for row in range(len(examples)):
+            kind = classify(processor, batch["input_ids"][row], batch["attention_mask"][row])
+            counts[kind] += 1
+            (image_first_t if kind == "image_first" else caption_first_t).append(int(batch["timesteps"][row]))
+    total = sum(counts.values())
+    # Image-first p=0.2 (sigma ~0.009), dropout p=0.1 of ~1600 caption-first pairs (sigma ~0.0075).
+    assert abs(counts["image_first"] / total - 0.2) < 0.04
+    caption_first = counts["caption_first"] + counts["dropped"]
+    assert abs(counts["dropped"] / caption_first - 0.1) < 0.034
+    assert max(image_first_t) <= 500 and min(image_first_t) >= 0
+    assert max(caption_first_t) > 900 and max(caption_first_t) <= 999
+    # Image-first pairs are never caption-dropped: every image-first row had text after the image (checked in
+    # `classify`), and the noiser's draw agrees.
+    image_first, dropped = collator.noiser.sample_layout(10000, torch.Generator().manual_seed(1))
+    assert not (image_first & dropped).any()
+    assert abs(dropped.float().mean().item() - 0.1 * 0.8) < 0.015
+
+
+def test_collator_is_deterministic_for_a_seed(processor):
+    examples = make_examples(8)
+    first = make_collator(processor, seed=3)
+    batches = [first(examples) for _ in range(3)]
+    second = make_collator(processor, seed=3)
+    for batch in batches:
+        again = second(examples)
+        for key in batch:
+            assert torch.equal(batch[key], again[key]), key
+    # Batches differ from one another, and from another seed.
+    assert not torch.equal(batches[0]["timesteps"], batches[1]["timesteps"])
+    assert not torch.equal(batches[0]["timesteps"], make_collator(processor, seed=4)(examples)["timesteps"])
+    # A resumed run (num_batches set to the batches already drawn) draws what the uninterrupted run drew.
+    resumed = make_collator(processor, seed=3)
+    resumed.num_batches = 2
+    assert torch.equal(resumed(examples)["latents"], batches[2]["latents"])
+
+
+def test_collator_targets_match_the_noiser(processor):
+    collator = make_collator(processor, seed=5, image_first_probability=0.0, caption_dropout_probability=0.0)
+    examples = make_examples(4)
+    batch = collator(examples)
+    clean = torch.stack([example["latents"] for example in examples])
+    # epsilon: x_t = sqrt(a) x0 + sqrt(1 - a) eps with the target eps.
+    alphas = collator.noiser.scheduler.alphas_cumprod[batch["timesteps"]][:, None, None, None]
+    torch.testing.assert_close(
+        batch["latents"], alphas.sqrt() * clean + (1 - alphas).sqrt() * batch["diffusion_targets"]
+    )
+    assert all(
+        classify(processor, i, m) == "caption_first" for i, m in zip(batch["input_ids"], batch["attention_mask"])
+    )
+
+
+def test_collator_max_length(processor):
+    noiser = TransfusionNoiser(DDPMScheduler(clip_sample=False))
+    collator = TransfusionDataCollator(processor, noiser, max_length=NUM_IMAGE_TOKENS + 4)
+    with pytest.raises(ValueError, match="max_length"):
+        collator(make_examples(2))

@@ -1,0 +1,505 @@
+"""examples/train_transfusion.py end to end on tiny settings: every data source, a pretrained LLM with LoRA, exact resume
+after SIGKILL, crash-safe checkpoints, the NaN stop, corrupt data, two processes, validation, EMA, accumulation.
+
+Most runs call the script's `main(argv)` in this process (the imports cost more than the training); the ones that need
+a real process (SIGKILL, exit codes, `accelerate launch`) start it with `sys.executable`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from transfusion_hf.data.image_text import CorruptImageError
+from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.training_utils import NonFiniteLossError, check_finite, list_checkpoints, resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_transfusion.py"
+VAE_SCRIPT = ROOT / "examples" / "train_vae.py"
+CONFIGS = ROOT / "examples" / "configs"
+# Tiny model, tiny data, no trackers: a step takes tens of milliseconds.
+TINY = ["--model_config", "tiny", "--train_batch_size", "4", "--report_to", "none", "--num_inference_steps", "2"]
+SHAPES = ["--dataset_name", "shapes", "--shapes_num_samples", "64"]
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_transfusion = load_script(SCRIPT)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    """Tiny models run fastest on one thread (the CPUs are shared). Accelerate keeps its state in process-wide
+    singletons: reset them after each in-process run so that the next `Accelerator` starts clean."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(output_dir: Path, *args: str) -> Path:
+    try:
+        return train_transfusion.main([*TINY, "--output_dir", str(output_dir), *args])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "logs" / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    """The last record of each step (a resumed run appends to the log of the run it continues)."""
+    return {record["step"]: record["loss"] for record in read_log(output_dir)}
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shape_rows(num: int, seed: int = 0) -> list[tuple[PIL.Image.Image, str]]:
+    return [(draw_shape(spec, jitter), spec.caption) for spec, jitter in sample_specs("train", num, seed)]
+
+
+def write_image_folder(folder: Path, num: int = 16, corrupt: bool = False, caption_key: str = "text") -> Path:
+    """The diffusers image-folder layout: PNG files and a metadata.jsonl with `file_name` and the caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (image, caption) in enumerate(shape_rows(num)):
+        name = f"{index:03d}.png"
+        image.save(folder / name)
+        lines.append({"file_name": name, caption_key: caption})
+    if corrupt:
+        good = png_bytes(shape_rows(1, seed=1)[0][0])
+        (folder / "truncated.png").write_bytes(good[: len(good) // 2])  # a download cut off half-way
+        (folder / "garbage.png").write_bytes(b"this is not an image" * 10)
+        lines += [
+            {"file_name": "truncated.png", caption_key: "a truncated file"},
+            {"file_name": "garbage.png", caption_key: "a garbage file"},
+        ]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def write_hub_layout_dataset(folder: Path, num: int = 16) -> Path:
+    """A data set folder laid out like a Hub data set repo (`data/train-00000-of-00001.parquet`, image bytes embedded,
+    non-default column names).
+
+    `load_image_text_dataset(dataset_name=...)` calls `datasets.load_dataset(dataset_name, ...)` for any name but
+    "shapes". For a Hub id or a local folder `load_dataset` resolves the same way: list the repo's data files, infer
+    the `parquet` packaged builder from them, build the train split. Only the file listing differs (Hub API vs local
+    disk), so this exercises the script's Hub code path without a network.
+    """
+    rows = shape_rows(num)
+    dataset = datasets.Dataset.from_dict(
+        {"img": [{"bytes": png_bytes(image), "path": None} for image, _ in rows], "caption": [c for _, c in rows]},
+        features=datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------- data sources
+def test_shapes_validation_and_final_pipeline(tmp_path, capsys):
+    """Built-in shapes from scratch; validation grids; the final folder is a loadable, working pipeline."""
+    out = tmp_path / "run"
+    run_main(out, *SHAPES, "--max_train_steps", "4", "--validation_steps", "2", "--checkpointing_steps", "0",
+             "--logging_steps", "1")  # fmt: skip
+    assert "num_processes=1" in capsys.readouterr().out
+    records = read_log(out)
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    assert all(record["tokens_per_second"] > 0 and torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    assert sorted(path.name for path in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert PIL.Image.open(out / "validation" / "step-000004.png").size[0] > 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["train_batch_size"] == 4
+
+    pipe = TransfusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_local_image_folder_skips_and_counts_corrupt_images(tmp_path, capsys, caplog):
+    folder = write_image_folder(tmp_path / "images", num=12, corrupt=True)
+    out = tmp_path / "run"
+    run_main(out, "--train_data_dir", str(folder), "--max_train_steps", "2", "--checkpointing_steps", "0")
+    stdout = capsys.readouterr().out
+    assert "Encoded 12 images (2 unreadable images skipped) from 14 rows." in stdout
+    assert "skipped 2 unreadable images of 14" in caplog.text
+    assert [record["step"] for record in read_log(out)] == [2] and (out / "model_index.json").is_file()
+
+
+def test_strict_data_names_the_corrupt_file(tmp_path):
+    folder = write_image_folder(tmp_path / "images", num=4, corrupt=True)
+    with pytest.raises(CorruptImageError, match=r"unreadable image at row \d+ \(.*(truncated|garbage)\.png\)"):
+        run_main(tmp_path / "run", "--train_data_dir", str(folder), "--max_train_steps", "1", "--strict_data")
+
+
+def test_hub_layout_dataset_with_custom_columns(tmp_path, capsys):
+    data = write_hub_layout_dataset(tmp_path / "hub_dataset", num=12)
+    out = tmp_path / "run"
+    run_main(out, "--dataset_name", str(data), "--image_column", "img", "--caption_column", "caption",
+             "--max_train_steps", "2", "--checkpointing_steps", "0")  # fmt: skip
+    assert "Encoded 12 images (0 unreadable images skipped) from 12 rows." in capsys.readouterr().out
+    assert json.loads((out / "training_summary.json").read_text())["dataset"] == str(data)
+
+
+def test_missing_caption_column_fails_with_message(tmp_path):
+    """A real process: non-zero exit code, and stderr names the column and lists the available ones."""
+    folder = write_image_folder(tmp_path / "images", num=2, caption_key="caption")
+    result = run_script("--train_data_dir", str(folder), "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "`caption_column`='text' is not a column of the data set" in result.stderr
+    assert "available columns: ['image', 'caption']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- pretrained LLM + LoRA
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A tiny LlamaForCausalLM and its byte-level BPE tokenizer, with no image tokens and no pad token (like a real
+    LLM checkpoint), saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(train_captions(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_lora_trainable_parameters(tiny_llm):
+    """LoRA on every backbone projection; image layers fully trained; the rows of the new special tokens trainable in
+    the input embeddings AND the (untied) LM head; everything else of the LLM frozen."""
+    args = train_transfusion.parse_args(
+        [*SHAPES, *TINY, "--text_model_name_or_path", str(tiny_llm), "--lora_rank", "4"]
+    )
+    tokenizer = train_transfusion.build_tokenizer(args, train_captions())
+    model, base = train_transfusion.build_model(args, tokenizer, latent_channels=3, latent_size=32)
+    assert base == str(tiny_llm)
+    new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>", "<image>")]
+    assert min(new_ids) >= 300  # appended after the LLM's vocabulary
+    peft_model = train_transfusion.apply_lora(args, model, new_ids)
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert any("embed_tokens.token_adapter.trainable_tokens_delta" in name for name in trainable)
+    assert any("lm_head.token_adapter.trainable_tokens_delta" in name for name in trainable)
+    assert sum("lora_A" in name for name in trainable) == 2 * 7
+    assert any(name.startswith("base_model.model.image_encoder.modules_to_save") for name in trainable)
+    assert any(name.startswith("base_model.model.image_decoder.modules_to_save") for name in trainable)
+    assert not any(".base_layer." in name or name.endswith("embed_tokens.weight") for name in trainable)
+
+    # One backward pass reaches the new rows of both the embeddings and the LM head.
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, new_ids[0], new_ids[1], 7]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in peft_model.named_parameters() if "trainable_tokens_delta" in name}
+    assert len(grads) == 2 and all(grad is not None and grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_pretrained_llm_with_lora_end_to_end(tmp_path, tiny_llm):
+    out = tmp_path / "run"
+    run_main(out, *SHAPES, "--text_model_name_or_path", str(tiny_llm), "--lora_rank", "4", "--max_train_steps", "4",
+             "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--checkpointing_steps", "2")  # fmt: skip
+    pipe = TransfusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    llm = load_file(tiny_llm / "model.safetensors")
+    merged = pipe.transformer.state_dict()
+    vocab = llm["model.embed_tokens.weight"].shape[0]
+    # The backbone started from the LLM: the old token rows are frozen, so still exactly the LLM's.
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][:vocab], llm["model.embed_tokens.weight"])
+    torch.testing.assert_close(merged["lm_head.weight"][:vocab], llm["lm_head.weight"])
+    # LoRA merged into the projections: changed, but only a little (rank 4, 4 steps).
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        change = (merged[key] - llm[key]).abs().max()
+        assert 0 < change < 0.1 * llm[key].abs().max(), (key, change)
+    # The new special-token rows trained: the final rows differ from those saved at step 2.
+    checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
+    tokenizer = pipe.tokenizer
+    new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>")]
+    for module, weight in (("model.embed_tokens", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight")):
+        [delta_key] = [key for key in checkpoint if f"{module}.token_adapter.trainable_tokens_delta" in key]
+        assert not torch.allclose(checkpoint[delta_key][:2], merged[weight][new_ids]), module
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+RESUME_ARGS = [*SHAPES[:-1], "24", "--max_train_steps", "12", "--checkpointing_steps", "3", "--logging_steps", "1",
+               "--lr_warmup_steps", "2", "--checkpoints_total_limit", "3"]  # fmt: skip
+# 24 samples / batch 4 = 6 batches per epoch: the checkpoints fall mid-epoch (3, 9) and at an epoch end (6, 12).
+
+
+class InjectedCrash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_step", [5, 8])
+def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_step):
+    """In-process: a run that dies at `crash_step`, resumed from the latest checkpoint, logs the same losses as an
+    uninterrupted run (mid-epoch and epoch-end checkpoints; sampler, collator counter, LR schedule, RNG)."""
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    run_main(reference, *RESUME_ARGS)
+    expected = losses_by_step(reference)
+    assert sorted(expected) == list(range(1, 13))
+
+    real_check = train_transfusion.check_finite
+
+    def crash_at(loss, step, last_checkpoint):
+        if step == crash_step:
+            raise InjectedCrash
+        real_check(loss, step, last_checkpoint)
+
+    monkeypatch.setattr(train_transfusion, "check_finite", crash_at)
+    with pytest.raises(InjectedCrash):
+        run_main(crashed, *RESUME_ARGS)
+    monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+    resumed_from = max(step for step in (3, 6, 9) if step < crash_step)
+    assert resolve_checkpoint(crashed, "latest").name == f"checkpoint-{resumed_from}"
+    run_main(crashed, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    steps = [record["step"] for record in read_log(crashed)]
+    assert steps == list(range(1, 13))  # the resumed run dropped the killed run's records after the checkpoint
+    assert losses_by_step(crashed) == expected
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """A real process killed with SIGKILL at a random step after its first checkpoint, then resumed with
+    `--resume_from_checkpoint latest`: every step's loss equals the uninterrupted run's."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_main(reference, *RESUME_ARGS)
+    expected = losses_by_step(reference)
+
+    kill_after = random.Random().randint(4, 10)  # >= one checkpoint (step 3) written, and before the end
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *TINY, "--output_dir", str(killed), *RESUME_ARGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    deadline = time.time() + 240
+    try:
+        while max(losses_by_step(killed), default=0) < kill_after:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the run did not reach the kill step in time"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(losses_by_step(killed))
+    assert killed_at < 12 and list_checkpoints(killed)
+
+    run_main(killed, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    resumed = losses_by_step(killed)
+    assert sorted(resumed) == list(range(1, 13))
+    for step, loss in expected.items():
+        assert abs(resumed[step] - loss) <= 1e-6, (step, loss, resumed[step], killed_at)
+
+
+def test_checkpoints_are_crash_safe_and_pruned(tmp_path, capsys):
+    out = tmp_path / "run"
+    limit = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--logging_steps", "1"]
+    run_main(out, *SHAPES, "--max_train_steps", "4", *limit)
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith("checkpoint-")) == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    # A kill while checkpoint 5 was being written leaves only its temporary folder, half-written.
+    partial = out / ".tmp-checkpoint-5"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+    assert resolve_checkpoint(out, "latest") == out / "checkpoint-4"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(out, str(partial))
+    capsys.readouterr()
+    run_main(out, *SHAPES, "--max_train_steps", "6", *limit, "--resume_from_checkpoint", "latest")
+    assert f"Resumed from {out / 'checkpoint-4'} at step 4." in capsys.readouterr().out
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    assert not partial.exists()  # overwritten by the real checkpoint 5, then pruned
+    assert [record["step"] for record in read_log(out)] == [1, 2, 3, 4, 5, 6]
+
+
+# -------------------------------------------------------------------------------------------------------- NaN
+def test_check_finite():
+    check_finite(torch.tensor(1.5), 3, None)
+    check_finite(torch.tensor([1.0, 2.0]), 3, None)  # one value per process
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 7.*Last good checkpoint: out/checkpoint-5"):
+        check_finite(torch.tensor(float("nan")), 7, Path("out/checkpoint-5"))
+    with pytest.raises(NonFiniteLossError, match=r"\[1.0, inf\] at step 2.*none \(no checkpoint was saved yet\)"):
+        check_finite(torch.tensor([1.0, float("inf")]), 2, None)
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    """A learning rate of 1e30 makes the weights overflow after the first update: the run stops at step 2, naming the
+    step and the checkpoint written after step 1."""
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"at step 2; training stopped\. Last good checkpoint: .*checkpoint-1"):
+        run_main(out, *SHAPES, "--max_train_steps", "6", "--checkpointing_steps", "1", "--learning_rate", "1e30",
+                 "--lr_warmup_steps", "0", "--logging_steps", "1")  # fmt: skip
+    assert [record["step"] for record in read_log(out)] == [1]
+    assert not (out / "model_index.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ options
+def test_accumulation_ema_and_gradient_checkpointing(tmp_path):
+    out = tmp_path / "run"
+    run_main(out, *SHAPES, "--max_train_steps", "3", "--gradient_accumulation_steps", "2", "--use_ema",
+             "--gradient_checkpointing", "--checkpointing_steps", "1", "--logging_steps", "1")  # fmt: skip
+    assert [record["step"] for record in read_log(out)] == [1, 2, 3]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["train_batch_size"] == 8 and summary["global_step"] == 3
+    # The EMA state is part of the checkpoint (so a resumed run continues the average).
+    assert len(list((out / "checkpoint-3").glob("custom_checkpoint_*.pkl"))) == 2
+    # The final weights are the EMA's, not those of the last step (saved in checkpoint-3).
+    final = TransfusionPipeline.from_pretrained(out).transformer.state_dict()
+    raw = load_file(out / "checkpoint-3" / "model.safetensors")
+    assert all(not torch.equal(final[key], raw[key]) for key in ("model.layers.0.self_attn.q_proj.weight",
+                                                                 "image_decoder.proj.weight"))  # fmt: skip
+
+
+def test_model_presets_parse():
+    for name in ("tiny", "small", "paper_0.16b"):
+        preset = train_transfusion.load_model_preset(name)
+        assert preset["text_config"]["model_type"] == "llama" and "patch_size" in preset
+    with pytest.raises(ValueError, match="neither a json file nor a preset"):
+        train_transfusion.load_model_preset("huge")
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {name: load_config_from_file(str(CONFIGS / f"accelerate_{name}.yaml")) for name in
+               ("cpu_2proc", "1gpu", "ddp", "fsdp")}  # fmt: skip
+    assert configs["cpu_2proc"].distributed_type == "MULTI_GPU" and configs["cpu_2proc"].use_cpu
+    assert configs["cpu_2proc"].num_processes == 2
+    assert configs["1gpu"].distributed_type == "NO" and configs["1gpu"].num_processes == 1
+    assert configs["ddp"].distributed_type == "MULTI_GPU" and not configs["ddp"].use_cpu
+    fsdp = configs["fsdp"]
+    assert fsdp.distributed_type == "FSDP"
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+
+
+# ------------------------------------------------------------------------------------------- two processes
+def test_two_processes_over_gloo(tmp_path):
+    """`accelerate launch` with examples/configs/accelerate_cpu_2proc.yaml starts two real CPU processes (DDP over
+    gloo): both report num_processes=2, and the effective batch is 2 x 4."""
+    out = tmp_path / "run"
+    port = str(random.Random().randint(20000, 40000))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port", port, "--num_cpu_threads_per_process",
+               "1", str(SCRIPT), *TINY, *SHAPES[:-1], "32", "--max_train_steps", "3", "--checkpointing_steps", "2",
+               "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_processes=2 (DistributedType.MULTI_CPU)" in result.stdout
+    assert "device=cpu" in result.stdout
+    assert json.loads((out / "training_summary.json").read_text())["train_batch_size"] == 8
+    assert [record["step"] for record in read_log(out)] == [1, 2, 3]
+    # Each process saved its own RNG state in the checkpoint.
+    assert {path.name for path in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert (out / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+def test_train_vae_then_use_it(tmp_path):
+    """examples/train_vae.py trains a small AutoencoderKL for a few steps and sets its latent scaling; the saved VAE
+    then drives a tiny Transfusion run in latent space."""
+    train_vae = load_script(VAE_SCRIPT)
+    vae_dir = tmp_path / "vae"
+    train_vae.main([*SHAPES, "--max_train_steps", "4", "--train_batch_size", "8", "--output_dir", str(vae_dir),
+                    "--report_to", "none"])  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 3  # 4x downsampling
+    assert vae.config.scaling_factor != 0.18215 and vae.config.shift_factor is not None
+    metrics = json.loads((vae_dir / "vae_metrics.json").read_text())
+    assert metrics["latent_std_after_scaling"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["reconstruction_l1"] > 0
+
+    out = tmp_path / "transfusion"
+    run_main(out, *SHAPES, "--vae_name_or_path", str(vae_dir), "--max_train_steps", "2", "--checkpointing_steps", "0")
+    pipe = TransfusionPipeline.from_pretrained(out)
+    assert pipe.transformer.config.latent_channels == 4 and pipe.transformer.config.latent_size == 8
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2).images[0].size == (32, 32)
