@@ -145,18 +145,27 @@ def build_vae(args: argparse.Namespace) -> AutoencoderKL:
     )
 
 
-def vae_loss(vae, pixel_values: torch.Tensor, args, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    posterior = vae.encode(pixel_values).latent_dist
-    latents = posterior.sample(generator=generator)
-    reconstruction = vae.decode(latents).sample
-    if args.reconstruction_loss == "l1":
-        reconstruction_loss = F.l1_loss(reconstruction.float(), pixel_values.float())
-    else:
-        reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
-    # diffusers' kl() sums over (C, H, W): divide by the latent size for a per-element mean.
-    kl = posterior.kl().mean() / latents[0].numel()
-    loss = reconstruction_loss + args.kl_weight * kl
-    return loss, {"reconstruction_loss": reconstruction_loss.item(), "kl": kl.item()}
+class VAELoss(torch.nn.Module):
+    """The VAE and its training loss in one forward, so that DDP (which syncs gradients through `forward`) and FSDP
+    wrap a single module.
+
+    Returns:
+        `(loss, reconstruction_loss, kl)`: the KL term is per latent element (diffusers' `kl()` sums over C, H, W).
+    """
+
+    def __init__(self, vae: AutoencoderKL, reconstruction_loss: str, kl_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.reconstruction_loss = F.l1_loss if reconstruction_loss == "l1" else F.mse_loss
+        self.kl_weight = kl_weight
+
+    def forward(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None):
+        posterior = self.vae.encode(pixel_values).latent_dist
+        latents = posterior.sample(generator=generator)
+        reconstruction = self.vae.decode(latents).sample
+        reconstruction_loss = self.reconstruction_loss(reconstruction.float(), pixel_values.float())
+        kl = posterior.kl().mean() / latents[0].numel()
+        return reconstruction_loss + self.kl_weight * kl, reconstruction_loss.detach(), kl.detach()
 
 
 @torch.no_grad()
@@ -222,31 +231,33 @@ def main(argv: list[str] | None = None) -> Path:
     dataloader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(train_pixels), batch_size=args.train_batch_size, shuffle=True, drop_last=False
     )
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    model = VAELoss(vae, args.reconstruction_loss, args.kl_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = warmup_cosine_schedule(
         optimizer,
         args.lr_warmup_steps * accelerator.num_processes,
         args.max_train_steps * accelerator.num_processes,
         args.min_lr_ratio,
     )
-    vae, optimizer, dataloader, lr_scheduler = accelerator.prepare(vae, optimizer, dataloader, lr_scheduler)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_vae", config={k: v for k, v in vars(args).items() if not isinstance(v, list)})
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     log_path = output_dir / "logs" / "train_log.jsonl"
     progress = tqdm(total=args.max_train_steps, disable=not accelerator.is_local_main_process, desc="training vae")
     global_step, epoch, window_images, window_start = 0, 0, 0, time.time()
-    vae.train()
+    model.train()
     while global_step < args.max_train_steps:
         dataloader.set_epoch(epoch)
         for (batch,) in dataloader:
-            with accelerator.accumulate(vae):
-                loss, parts = vae_loss(accelerator.unwrap_model(vae), batch, args, generator)
+            with accelerator.accumulate(model):
+                loss, reconstruction_loss, kl = model(batch, generator)
+                parts = {"reconstruction_loss": reconstruction_loss.item(), "kl": kl.item()}
                 if not torch.isfinite(loss):
                     raise ValueError(f"The VAE loss is {loss.item()} at step {global_step + 1}: lower the learning rate.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -276,13 +287,12 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        vae = accelerator.unwrap_model(vae).eval()
+        vae = accelerator.unwrap_model(model).vae.eval()
         mean, std = latent_statistics(vae, train_pixels, args.train_batch_size)
         # The latent scaling train_transfusion.py and the pipeline apply: (z - shift_factor) * scaling_factor.
         vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6), shift_factor=mean)
         vae.save_pretrained(output_dir)
         metrics, reconstructions = evaluate(vae, eval_pixels, args.train_batch_size)
-        scaled_mean, scaled_std = latent_statistics(vae, train_pixels, args.train_batch_size)
         metrics.update(
             {
                 "num_eval_images": len(eval_pixels),
@@ -291,8 +301,6 @@ def main(argv: list[str] | None = None) -> Path:
                 "latent_std": std,
                 "scaling_factor": vae.config.scaling_factor,
                 "shift_factor": vae.config.shift_factor,
-                "latent_std_after_scaling": scaled_std * vae.config.scaling_factor,
-                "latent_mean_after_scaling": (scaled_mean - mean) * vae.config.scaling_factor,
                 "global_step": global_step,
             }
         )
