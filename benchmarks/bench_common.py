@@ -153,6 +153,70 @@ def our_train_step(model: TransfusionForMixedModal, optimizer: torch.optim.Optim
     return loss.detach()
 
 
+def build_word_tokenizer(text_vocab: int = 256):
+    """A word-level tokenizer whose words ``w0 .. w{text_vocab-1}`` are the text ids ``0 .. text_vocab - 1``, then our
+    specials: prompts of an exact length and the same ids as the peer's text tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{index}": index for index in range(text_vocab)}
+    vocab.update({token: text_vocab + index for index, token in enumerate(SPECIAL_TOKENS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<boi>", "<eoi>", "<image>"],
+    )
+
+
+def prompt_text(ids: Sequence[int]) -> str:
+    """The prompt string of ``build_word_tokenizer`` for these text ids."""
+    return " ".join(f"w{index}" for index in ids)
+
+
+def build_our_pipeline(model: TransfusionForMixedModal, tokenizer):
+    """TransfusionPipeline with a flow-matching Euler scheduler (the model must predict ``flow_prediction``).
+
+    A tiny `AutoencoderKL` only fixes the image size (4-channel latents need a VAE); with ``output_type="latent"``
+    it never runs, so only the denoising is timed, as on the peer's side.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from transfusion_hf import TransfusionPipeline
+
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=model.config.latent_channels,
+        norm_num_groups=32,
+    )
+    pipe = TransfusionPipeline(
+        transformer=model.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, tokenizer=tokenizer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_forward_calls(module: torch.nn.Module, function: Callable[[], object]) -> int:
+    """How many times ``module`` runs its forward while ``function()`` runs."""
+    calls = 0
+
+    def hook(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = module.register_forward_hook(hook)
+    try:
+        function()
+    finally:
+        handle.remove()
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 def alternate(
     candidates: dict[str, Callable[[], object]], rounds: int, steps: int, warmup: int = 1

@@ -10,6 +10,7 @@ repeats is reported (robust to load spikes on a shared machine).
 
     python benchmarks/bench_kv_cache.py            # 1-3 minutes on 2 CPU threads
     python benchmarks/bench_kv_cache.py --repeats 3 --lengths 16 64
+    python benchmarks/bench_kv_cache.py --threads 1   # on a shared, oversubscribed CPU (2 threads spin-wait there)
 
 Writes a markdown table to stdout and the numbers to `benchmarks/results/kv_cache.json`.
 """

@@ -19,8 +19,8 @@ over all rounds is reported, with the per-round medians in the json.
 
 Memory (CPU, ``--memory``): torch's CPU allocator is invisible to ``tracemalloc``, and RSS deltas inside a process
 that has already trained are meaningless, so every side is measured in a fresh subprocess: the peak resident set
-(``ru_maxrss``) after ``--memory_steps`` train steps, and its growth over the resident set just before the first step
-(model, optimizer and batch built). The growth is what training adds: gradients, AdamW states, activations and the
+after ``--memory_steps`` train steps (the kernel's ``VmHWM``, reset just before the first step so the import peak does
+not count), and its growth over the resident set at that moment (model, optimizer and batch built). The growth is what training adds: gradients, AdamW states, activations and the
 allocator's slack.
 
     python benchmarks/bench_training.py                 # both set-ups, ~3-5 minutes on 2 busy CPU cores
@@ -149,21 +149,36 @@ def memory_worker(spec: str) -> None:
     args = parse_args(options.pop("argv"))
     torch.set_num_threads(args.threads)
     _, step = trainer(options["side"], args, options["dim"], common.peer_module())
-    before = _current_rss()
+    before = _reset_peak_rss()
     for _ in range(args.memory_steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": peak / 2**20}))
+    print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": _peak_rss() / 2**20}))
 
 
-def _current_rss() -> int:
+def _status_kib(field: str) -> int | None:
     try:
-        import psutil
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * resource.getpagesize()
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark of this process to its current RSS (Linux ``clear_refs`` 5), so the peak
+    read later belongs to training, not to the imports; returns the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak then falls back to the whole life of the process (ru_maxrss)
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    peak = _status_kib("VmHWM")
+    return (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def measure_memory(side: str, args: argparse.Namespace, argv: list[str], dim: int) -> dict | None:
@@ -258,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "training step: forward (text CE + diffusion MSE), backward, AdamW",
         "tokens_counted": "text + image patches per sequence (specials and the peer's meta tokens not counted)",
-        "memory_measured": "peak RSS (ru_maxrss) of a fresh subprocess after memory_steps steps, and its growth over "
-        "the RSS just before the first step",
+        "memory_measured": "peak RSS (VmHWM, reset before the first step) of a fresh subprocess over memory_steps "
+        "steps, and its growth over the RSS just before the first step",
         "args": {key: value for key, value in vars(args).items() if not key.startswith("_")},
         "environment": common.environment(args.threads),
         "total_seconds": round(time.perf_counter() - start, 1),

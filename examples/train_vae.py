@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> Path:
                 loss, reconstruction_loss, kl = model(batch, generator)
                 parts = {"reconstruction_loss": reconstruction_loss.item(), "kl": kl.item()}
                 if not torch.isfinite(loss):
-                    raise ValueError(f"The VAE loss is {loss.item()} at step {global_step + 1}: lower the learning rate.")
+                    raise ValueError(
+                        f"The VAE loss is {loss.item()} at step {global_step + 1}: lower the learning rate."
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

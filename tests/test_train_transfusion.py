@@ -12,7 +12,6 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -407,7 +406,9 @@ def test_nan_loss_stops_the_run(tmp_path):
     """A learning rate of 1e30 makes the weights overflow after the first update: the run stops at step 2, naming the
     step and the checkpoint written after step 1."""
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"at step 2; training stopped\. Last good checkpoint: .*checkpoint-1"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"at step 2; training stopped\. Last good checkpoint: .*checkpoint-1"
+    ):
         run_main(out, *SHAPES, "--max_train_steps", "6", "--checkpointing_steps", "1", "--learning_rate", "1e30",
                  "--lr_warmup_steps", "0", "--logging_steps", "1")  # fmt: skip
     assert [record["step"] for record in read_log(out)] == [1]

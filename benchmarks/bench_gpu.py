@@ -1,0 +1,297 @@
+"""GPU training throughput and MFU of the paper's 0.16B Transfusion model: SDPA vs flex attention (optionally compiled).
+
+Model: ``examples/configs/model_paper_0.16b.json`` (Llama blocks, 16 layers, width 768, 12 heads, linear patch
+encoder, patch 2) with 4-channel ``--latent_size`` latents. Every sequence is ``--seq_len`` positions:
+``<s>`` then ``--num_images`` times (text, ``<boi> <image>*N <eoi>``), more text, ``</s>``; the text is spread evenly
+between the images. A train step is forward (text CE + diffusion MSE) under bf16 autocast (fp32 master weights),
+backward and a fused AdamW step.
+
+Reported per variant (attention implementation x ``torch.compile``): median step time over ``--steps`` steps after
+``--warmup`` (compilation happens there), tokens/s (all positions), peak allocated memory, and the model FLOPs
+utilisation::
+
+    MFU = (6 * N + 12 * layers * width * seq_len) * tokens/s / peak bf16 dense FLOPS
+
+with ``N`` the parameters without the input embedding table (its lookup costs no FLOPs; the untied LM head is
+counted), the attention term as in PaLM (appendix B; the full ``seq_len x seq_len`` score matrix, forward + backward)
+and the peak from the device name (H100 SXM / H200: 989e12; override with ``--peak_tflops``). Before timing, flex
+attention's output is checked against SDPA on the same batch (the Transfusion mask in both kernels; on CPU, where
+flex attention has no backward, that forward check is all it gets).
+
+    bash benchmarks/run_gpu.sh                                   # on the GPU machine: installs what is missing, runs
+    python benchmarks/bench_gpu.py                               # sdpa + flex_attention, bf16, 4096 tokens
+    python benchmarks/bench_gpu.py --compile                     # + the torch.compile'd variants
+    python benchmarks/bench_gpu.py --dry_run                     # CPU smoke test (tiny model, float32, 1 step)
+
+Writes ``benchmarks/results/gpu.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bench_common as common
+
+REPO = Path(__file__).resolve().parent.parent
+# Peak dense bf16 tensor FLOPS (no sparsity) by a substring of torch.cuda.get_device_name(), most specific first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+TINY = dict(seq_len=256, num_images=2, latent_size=8, batch_size=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "examples" / "configs" / "model_paper_0.16b.json"))
+    parser.add_argument("--seq_len", type=int, default=4096)
+    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--latent_size", type=int, default=32, help="latent side; patch 2 -> 256 patches at 32")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--vocab_size", type=int, default=32000, help="backbone vocabulary (Llama 2 tokenizer size)")
+    parser.add_argument(
+        "--attn", nargs="+", choices=["sdpa", "flex_attention"], help="default: both (sdpa only with --dry_run)"
+    )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--peak_tflops", type=float, help="peak dense TFLOPS of the device (default: by its name)")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model and 256-token sequences")
+    parser.add_argument("--dry_run", action="store_true", help="= --device cpu --tiny --dtype float32, 1 step")
+    parser.add_argument(
+        "--output", help="json path (default results/gpu.json, results/gpu_dry_run.json for --dry_run)"
+    )
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.tiny, args.dtype, args.steps, args.warmup = "cpu", True, "float32", 1, 1
+    if args.output is None:
+        args.output = str(common.RESULTS_DIR / ("gpu_dry_run.json" if args.dry_run else "gpu.json"))
+    if args.attn is None:
+        args.attn = ["sdpa"] if args.dry_run else ["sdpa", "flex_attention"]
+    if args.tiny:
+        for name, value in TINY.items():
+            setattr(args, name, value)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def load_config(args: argparse.Namespace, attn_implementation: str) -> common.TransfusionConfig:
+    raw = {key: value for key, value in json.loads(Path(args.config).read_text()).items() if key != "_comment"}
+    text = raw.pop("text_config")
+    if args.tiny:
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        text["num_key_value_heads"] = 4
+    text.update(vocab_size=args.vocab_size, max_position_embeddings=max(text["max_position_embeddings"], args.seq_len))
+    config = common.TransfusionConfig(
+        text_config=text, latent_channels=4, latent_size=args.latent_size, **{**raw, "patch_encoder": "linear"}
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def make_batch(config, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch_size`` rows of exactly ``seq_len`` positions: text and ``num_images`` image blocks, evenly spread."""
+    block = config.num_patches + 2
+    text_total = args.seq_len - 2 - args.num_images * block
+    if text_total < 0:
+        raise ValueError(f"{args.num_images} images of {config.num_patches} patches do not fit {args.seq_len} tokens")
+    generator = torch.Generator().manual_seed(0)
+    chunks = [text_total // (args.num_images + 1)] * (args.num_images + 1)
+    chunks[-1] += text_total - sum(chunks)
+    text_vocab = config.vocab_size - 3  # the last three ids are <boi>, <eoi>, <image> (config defaults)
+    image_block = [config.boi_token_id] + [config.image_token_id] * config.num_patches + [config.eoi_token_id]
+    rows = []
+    for _ in range(args.batch_size):
+        row = [1]  # Llama's <s>
+        for index, length in enumerate(chunks):
+            row += torch.randint(3, text_vocab, (length,), generator=generator).tolist()
+            row += image_block if index < args.num_images else [2]  # ... and </s> at the end
+        rows.append(row)
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    images = args.batch_size * args.num_images
+    shape = (images, config.latent_channels, config.latent_size, config.latent_size)
+    batch = {
+        "input_ids": input_ids,
+        "labels": input_ids,
+        "latents": torch.randn(shape, generator=generator),
+        "timesteps": torch.rand(images, generator=generator) * config.num_train_timesteps,
+        "diffusion_targets": torch.randn(shape, generator=generator),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def model_flops_per_token(model, config, seq_len: int) -> tuple[int, float]:
+    """(N, training FLOPs per token): ``6 N`` plus PaLM's attention term ``12 * layers * width * seq_len``."""
+    embedding = model.get_input_embeddings().weight.numel()
+    params = sum(parameter.numel() for parameter in model.parameters()) - embedding
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    attention = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+    return params, 6 * params + attention
+
+
+def peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", args.peak_tflops * 1e12 if args.peak_tflops else None
+    name = torch.cuda.get_device_name(device)
+    if args.peak_tflops:
+        return name, args.peak_tflops * 1e12
+    return name, next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_variant(args: argparse.Namespace, attn: str, compiled: bool, device: torch.device):
+    config = load_config(args, attn)
+    model = common.build_our_model(config).to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    forward = torch.compile(model) if compiled else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step(batch: dict) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = forward(**batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return model, config, step
+
+
+def check_flex(args: argparse.Namespace, device: torch.device) -> float | None:
+    """Max abs difference of the last hidden states (all positions), flex vs SDPA, same weights and batch (eval, no
+    grad). Not the diffusion predictions: the image head starts at zero, so they are zero for both."""
+    if "flex_attention" not in args.attn:
+        return None
+    config = load_config(args, "sdpa")
+    model = common.build_our_model(config).to(device).eval()
+    batch = make_batch(config, argparse.Namespace(**{**vars(args), "batch_size": 1}), device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    with torch.no_grad(), autocast:
+        reference = model(**batch, output_hidden_states=True).hidden_states.float()
+        model.set_attn_implementation("flex_attention")
+        flex = model(**batch, output_hidden_states=True).hidden_states.float()
+    difference = (reference - flex).abs().max().item()
+    del model
+    return difference
+
+
+def time_variant(args: argparse.Namespace, attn: str, compiled: bool, device: torch.device, peak: float | None):
+    model, config, step = build_variant(args, attn, compiled, device)
+    batch = make_batch(config, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step(batch)
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step(batch)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    params, flops_per_token = model_flops_per_token(model, config, args.seq_len)
+    tokens_per_s = args.batch_size * args.seq_len / seconds
+    row = {
+        "attention": attn,
+        "compiled": compiled,
+        "ms_per_step": seconds * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": flops_per_token * tokens_per_s / 1e12,
+        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "warmup_seconds": warmup_seconds,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "parameters_in_flops": params,
+        "last_loss": float(loss),
+        "step_times_ms": [value * 1e3 for value in times],
+    }
+    del model, step, batch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["attention", "compiled", "ms/step", "tokens/s", "model TFLOP/s", "MFU", "peak mem GiB"]
+    body = [
+        [
+            row["attention"],
+            "yes" if row["compiled"] else "no",
+            row["ms_per_step"],
+            row["tokens_per_s"],
+            row["model_tflops_per_s"],
+            f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a",
+            f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a",
+        ]
+        for row in rows
+    ]
+    return common.markdown_table(headers, body)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: run with --dry_run (or --device cpu --tiny) for a CPU smoke test.")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_name, peak = peak_flops(args, device)
+    flex_difference = check_flex(args, device)
+    variants = [(attn, compiled) for compiled in ([False, True] if args.compile else [False]) for attn in args.attn]
+    if device.type == "cpu" and "flex_attention" in args.attn:
+        print("flex attention has no backward on CPU: checked in a forward pass only, not timed")
+        variants = [(attn, compiled) for attn, compiled in variants if attn != "flex_attention"]
+    rows = [time_variant(args, attn, compiled, device, peak) for attn, compiled in variants]
+    result = {
+        "benchmark": "training step tokens/s and MFU, bf16 autocast, paper 0.16B config",
+        "device": device_name,
+        "peak_flops": peak,
+        "flex_vs_sdpa_max_abs_difference": flex_difference,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "rows": rows,
+    }
+    patches = (args.latent_size // 2) ** 2
+    print(f"{device_name}: {args.batch_size} x {args.seq_len} tokens ({args.num_images} images x {patches} patches), "
+          f"{rows[0]['parameters'] / 1e6:.0f}M parameters, {args.dtype}, median of {args.steps} steps\n")  # fmt: skip
+    print(table(rows))
+    if flex_difference is not None:
+        print(f"\nflex vs sdpa, max abs difference of the last hidden states: {flex_difference:.2e}")
+    print(f"Wrote {common.write_json(result, args.output)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark scripts: each runs its `--quick` (tiny) configuration in-process and writes its json.
+
+The peer (transfusion-pytorch, the `bench` extra) is compared only where it is importable; without it the scripts
+time our side alone, which is what CI runs. The GPU script runs its CPU `--dry_run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+HAS_PEER = importlib.util.find_spec("transfusion_pytorch") is not None
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """Import a script of benchmarks/ by name."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_training_quick(bench, tmp_path):
+    output = tmp_path / "training.json"
+    result = bench("bench_training").main(
+        ["--quick", "--setups", "dims", "--no-memory", "--threads", "1", "--output", str(output)]
+    )
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == ({"ours", "peer"} if HAS_PEER else {"ours"})
+    ours = rows["ours"]
+    assert ours["tokens_per_s"] > 0 and ours["content_tokens_per_sequence"] == 8 + 4
+    assert ours["positions_per_sequence"] == 8 + 4 + 4
+    assert json.loads(output.read_text())["rows"][0]["model"] == "ours"
+
+
+def test_training_width_matching(bench):
+    training = bench("bench_training")
+    args = training.parse_args(["--quick"])
+    target = training.our_parameters(args, 48)
+    assert training.width_matching(args, target) == 48
+
+
+def test_sampling_quick(bench, tmp_path):
+    output = tmp_path / "sampling.json"
+    result = bench("bench_sampling").main(["--quick", "--threads", "1", "--output", str(output)])
+    rows = {row["candidate"]: row for row in result["rows"]}
+    # Cached: 1 prefill + 1 forward per step; uncached: 1 forward per step (2 rows each, guidance on).
+    assert rows["ours (KV cache)"]["transformer_calls"] == 1 + 2
+    assert rows["ours (no cache)"]["transformer_calls"] == 2
+    if HAS_PEER:
+        assert rows["peer (sample_many, Euler)"]["transformer_calls"] == 2 + 2 * 2
+    assert output.exists()
+
+
+def test_kv_cache_table(bench, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "kv_cache.json"
+    argv = ["--lengths", "4", "8", "--steps", "2", "--repeats", "1", "--hidden_size", "32", "--num_layers", "1"]
+    argv += ["--num_heads", "4", "--latent_size", "4", "--threads", "1", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", ["bench_kv_cache.py", *argv])
+    bench("bench_kv_cache").main()
+    assert "| prompt tokens |" in capsys.readouterr().out
+    assert [row["prompt_tokens"] for row in json.loads(output.read_text())["rows"]] == [4, 8]
+
+
+def test_gpu_dry_run(bench, tmp_path):
+    output = tmp_path / "gpu.json"
+    result = bench("bench_gpu").main(["--dry_run", "--output", str(output)])
+    row = result["rows"][0]
+    assert row["attention"] == "sdpa" and row["tokens_per_s"] > 0
+    assert row["parameters_in_flops"] < row["parameters"]
+    assert json.loads(output.read_text())["device"] == "cpu"
+
+
+def test_gpu_batch_layout(bench):
+    gpu = bench("bench_gpu")
+    args = gpu.parse_args(["--dry_run"])
+    config = gpu.load_config(args, "sdpa")
+    batch = gpu.make_batch(config, args, gpu.torch.device("cpu"))
+    assert batch["input_ids"].shape == (args.batch_size, args.seq_len)
+    per_row = (batch["input_ids"] == config.image_token_id).sum(dim=1)
+    assert per_row.tolist() == [args.num_images * config.num_patches] * args.batch_size
+    assert batch["latents"].shape[0] == args.batch_size * args.num_images
