@@ -268,11 +268,11 @@ def environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
     }
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         info["transfusion_pytorch"] = version("transfusion-pytorch")
-    except Exception:  # noqa: BLE001 - not installed
+    except PackageNotFoundError:
         info["transfusion_pytorch"] = None
     return info
 

@@ -13,9 +13,9 @@ model evaluations per guidance branch:
 
 Same width, depth, heads and feed-forward width on both sides (as in ``bench_training.py``'s ``dims`` set-up). Neither
 side decodes latents to pixels. The three candidates are timed alternately (``--images`` images each per round,
-order flipped every round); the median seconds per image are reported.
+order flipped every round) after one untimed image each; the median seconds per image are reported.
 
-    python benchmarks/bench_sampling.py             # ~2-4 minutes on 2 busy CPU cores
+    python benchmarks/bench_sampling.py             # ~1-4 minutes on 2 CPU cores (quiet - busy)
     python benchmarks/bench_sampling.py --quick     # tiny smoke run
 
 Writes ``benchmarks/results/sampling.json`` and prints a markdown table.
@@ -31,7 +31,7 @@ import torch
 
 import bench_common as common
 
-DEFAULTS = dict(dim=256, depth=6, heads=8, prompt_length=16, latent_size=16, steps=25, rounds=3, images=2)
+DEFAULTS = dict(dim=256, depth=6, heads=8, prompt_length=16, latent_size=16, steps=25, rounds=4, images=1)
 QUICK = dict(dim=32, depth=2, heads=4, prompt_length=8, latent_size=4, steps=2, rounds=1, images=1)
 
 
@@ -44,9 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent_size", type=int, help="latent side; patch 2 -> (side/2)^2 patches (default 16)")
     parser.add_argument("--steps", type=int, help="denoising (Euler) steps (default 25)")
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--rounds", type=int, help="alternation rounds (default 3)")
-    parser.add_argument("--images", type=int, help="timed images per candidate per round (default 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed images per candidate first")
+    parser.add_argument("--rounds", type=int, help="alternation rounds (default 4)")
+    parser.add_argument("--images", type=int, help="timed images per candidate per round (default 1)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed images per candidate first (>= 1: the first one also counts the transformer calls)",
+    )
     parser.add_argument("--text_vocab", type=int, default=256)
     parser.add_argument("--no_peer", action="store_true", help="only our pipeline (also automatic without the peer)")
     parser.add_argument("--threads", type=int, default=2)
@@ -107,8 +112,9 @@ def build_candidates(args: argparse.Namespace, peer) -> tuple[dict, dict]:
 def measure(args: argparse.Namespace, peer) -> list[dict]:
     candidates, info = build_candidates(args, peer)
     with torch.no_grad():
+        # The first untimed image of each candidate also counts its transformer calls.
         calls = {name: common.count_forward_calls(info["backbones"][name], run) for name, run in candidates.items()}
-        times = common.alternate(candidates, args.rounds, args.images, args.warmup)
+        times = common.alternate(candidates, args.rounds, args.images, max(args.warmup - 1, 0))
     rows_per_call = {"ours (KV cache)": 2, "ours (no cache)": 2, "peer (sample_many, Euler)": 1}
     fastest_ours = min(common.median(times[name]) for name in candidates if name.startswith("ours"))
     rows = []

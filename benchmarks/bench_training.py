@@ -43,7 +43,7 @@ import torch
 
 import bench_common as common
 
-DEFAULTS = dict(dim=256, depth=6, heads=8, batch_size=8, text_length=16, latent_size=16, rounds=3, steps=7)
+DEFAULTS = dict(dim=256, depth=6, heads=8, batch_size=8, text_length=16, latent_size=16, rounds=3, steps=5)
 QUICK = dict(dim=32, depth=2, heads=4, batch_size=2, text_length=8, latent_size=4, rounds=2, steps=1)
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patch_size", type=int, default=2)
     parser.add_argument("--text_vocab", type=int, default=256, help="text tokens (before the specials)")
     parser.add_argument("--rounds", type=int, help="alternation rounds (default 3)")
-    parser.add_argument("--steps", type=int, help="timed steps per model per round (default 7)")
+    parser.add_argument("--steps", type=int, help="timed steps per model per round (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--setups", nargs="+", default=["dims", "params"], choices=["dims", "params"])
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak RSS subprocesses")

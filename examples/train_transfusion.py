@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -486,6 +487,15 @@ def main(argv: list[str] | None = None) -> Path:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        # Fix: `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
+        # the whole data and overwrite each other's checkpoints. Stop instead.
+        raise ValueError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: on CPU set "
+            "ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+            "examples/configs/accelerate_cpu_2proc.yaml ...)."
+        )
     set_seed(args.seed)
     Path(args.output_dir, "logs").mkdir(parents=True, exist_ok=True)
     accelerator.print(

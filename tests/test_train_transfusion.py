@@ -203,13 +203,12 @@ def test_missing_caption_column_fails_with_message(tmp_path):
 
 # ---------------------------------------------------------------------------------------- pretrained LLM + LoRA
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    """A tiny LlamaForCausalLM and its byte-level BPE tokenizer, with no image tokens and no pad token (like a real
-    LLM checkpoint), saved with save_pretrained."""
+def tiny_llms(tmp_path_factory) -> dict[bool, Path]:
+    """Tiny LlamaForCausalLMs (untied LM head like Llama, and tied like SmolLM2 or Qwen2) and their byte-level BPE
+    tokenizer, with no image tokens and no pad token (like a real LLM checkpoint), saved with save_pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny_llm")
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     backend.decoder = decoders.ByteLevel()
@@ -221,39 +220,50 @@ def tiny_llm(tmp_path_factory) -> Path:
     )
     backend.train_from_iterator(train_captions(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    folders = {}
+    for tied in (False, True):
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=tied,
+        )
+        folders[tied] = tmp_path_factory.mktemp("tied_llm" if tied else "llm")
+        LlamaForCausalLM(config).save_pretrained(folders[tied])
+        tokenizer.save_pretrained(folders[tied])
+    return folders
 
 
-def test_lora_trainable_parameters(tiny_llm):
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llms) -> Path:
+    return tiny_llms[False]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied_head", "tied_head"])
+def test_lora_trainable_parameters(tiny_llms, tied):
     """LoRA on every backbone projection; image layers fully trained; the rows of the new special tokens trainable in
-    the input embeddings AND the (untied) LM head; everything else of the LLM frozen."""
+    the input embeddings AND the LM head (its own rows when untied, shared when tied); the rest of the LLM frozen."""
     args = train_transfusion.parse_args(
-        [*SHAPES, *TINY, "--text_model_name_or_path", str(tiny_llm), "--lora_rank", "4"]
+        [*SHAPES, *TINY, "--text_model_name_or_path", str(tiny_llms[tied]), "--lora_rank", "4"]
     )
     tokenizer = train_transfusion.build_tokenizer(args, train_captions())
     model, base = train_transfusion.build_model(args, tokenizer, latent_channels=3, latent_size=32)
-    assert base == str(tiny_llm)
+    assert base == str(tiny_llms[tied])
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>", "<image>")]
     assert min(new_ids) >= 300  # appended after the LLM's vocabulary
     peft_model = train_transfusion.apply_lora(args, model, new_ids)
     trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
     assert any("embed_tokens.token_adapter.trainable_tokens_delta" in name for name in trainable)
-    assert any("lm_head.token_adapter.trainable_tokens_delta" in name for name in trainable)
+    # A tied head follows the embedding's adapter (peft ties it); an untied one gets its own trainable rows.
+    assert any("lm_head.token_adapter.trainable_tokens_delta" in name for name in trainable) == (not tied)
     assert sum("lora_A" in name for name in trainable) == 2 * 7
     assert any(name.startswith("base_model.model.image_encoder.modules_to_save") for name in trainable)
     assert any(name.startswith("base_model.model.image_decoder.modules_to_save") for name in trainable)
@@ -263,7 +273,8 @@ def test_lora_trainable_parameters(tiny_llm):
     ids = torch.tensor([[tokenizer.bos_token_id, 5, new_ids[0], new_ids[1], 7]])
     peft_model(input_ids=ids, labels=ids).loss.backward()
     grads = {name: p.grad for name, p in peft_model.named_parameters() if "trainable_tokens_delta" in name}
-    assert len(grads) == 2 and all(grad is not None and grad.abs().sum() > 0 for grad in grads.values())
+    assert len(grads) == (1 if tied else 2)
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads.values())
 
 
 def test_pretrained_llm_with_lora_end_to_end(tmp_path, tiny_llm):
@@ -332,7 +343,6 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_step):
     assert losses_by_step(crashed) == expected
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
     """A real process killed with SIGKILL at a random step after its first checkpoint, then resumed with
     `--resume_from_checkpoint latest`: every step's loss equals the uninterrupted run's."""
@@ -457,17 +467,18 @@ def test_accelerate_configs_parse():
 
 # ------------------------------------------------------------------------------------------- two processes
 def test_two_processes_over_gloo(tmp_path):
-    """`accelerate launch` with examples/configs/accelerate_cpu_2proc.yaml starts two real CPU processes (DDP over
-    gloo): both report num_processes=2, and the effective batch is 2 x 4."""
+    """`ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/configs/accelerate_cpu_2proc.yaml` starts two
+    real CPU processes (DDP over gloo): both report num_processes=2, and the effective batch is 2 x 4."""
     out = tmp_path / "run"
     port = str(random.Random().randint(20000, 40000))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port", port, "--num_cpu_threads_per_process",
                "1", str(SCRIPT), *TINY, *SHAPES[:-1], "32", "--max_train_steps", "3", "--checkpointing_steps", "2",
                "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "num_processes=2 (DistributedType.MULTI_CPU)" in result.stdout
+    assert result.stdout.count("num_processes=2 (DistributedType.MULTI_CPU)") == 1  # printed by the main process
     assert "device=cpu" in result.stdout
     assert json.loads((out / "training_summary.json").read_text())["train_batch_size"] == 8
     assert [record["step"] for record in read_log(out)] == [1, 2, 3]
@@ -477,6 +488,20 @@ def test_two_processes_over_gloo(tmp_path):
         "random_states_1.pkl",
     }
     assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_cpu_launch_without_use_cpu_fails_loudly(tmp_path):
+    """Without ACCELERATE_USE_CPU=1 the launcher starts two processes that each find no GPU and would train alone on
+    the same output folder: the script stops with an error saying what to set."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port",
+               str(random.Random().randint(20000, 40000)), str(SCRIPT), *TINY, *SHAPES, "--max_train_steps", "1",
+               "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    env = {key: value for key, value in subprocess_env().items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert "2 processes were launched but Accelerate sees 1: on CPU set ACCELERATE_USE_CPU=1" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------------ VAE
