@@ -221,10 +221,11 @@ def count_forward_calls(module: torch.nn.Module, function: Callable[[], object])
 def alternate(
     candidates: dict[str, Callable[[], object]], rounds: int, steps: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Time each candidate ``steps`` times per round, candidates alternating (A B A B ...), the order reversed every
-    other round so slow drift in machine load hits all alike. ``warmup`` untimed calls each come first.
+    """Time the candidates call by call in turn (A B A B ..., the order reversed every round), ``steps`` calls each
+    per round, after ``warmup`` untimed calls each. Neighbouring calls of different candidates see about the same
+    machine load, which is what ``paired_ratio`` relies on.
 
-    Returns the seconds of every timed call, per candidate.
+    Returns the seconds of every timed call, per candidate, in call order.
     """
     for _ in range(warmup):
         for function in candidates.values():
@@ -233,12 +234,17 @@ def alternate(
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            for _ in range(steps):
+        for _ in range(steps):
+            for name in order:
                 start = time.perf_counter()
                 candidates[name]()
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def paired_ratio(slower: Sequence[float], faster: Sequence[float]) -> float:
+    """Median over neighbouring calls of ``slower[i] / faster[i]``: robust to load that drifts during the run."""
+    return statistics.median(a / b for a, b in zip(slower, faster))
 
 
 def median(values: Sequence[float]) -> float:

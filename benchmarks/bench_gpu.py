@@ -235,26 +235,57 @@ def time_variant(args: argparse.Namespace, attn: str, compiled: bool, device: to
         "step_times_ms": [value * 1e3 for value in times],
     }
     del model, step, batch
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(device)
     return row
 
 
+def run_variant(args: argparse.Namespace, attn: str, compiled: bool, device: torch.device, peak: float | None):
+    """`time_variant`, halving the batch on out-of-memory; any other failure becomes an error row, so one command
+    always reports every variant it could run."""
+    batch_size = args.batch_size
+    while True:
+        variant_args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+        try:
+            row = time_variant(variant_args, attn, compiled, device, peak)
+            return {**row, "batch_size": batch_size}
+        except torch.OutOfMemoryError:
+            _free(device)
+            if batch_size == 1:
+                return {"attention": attn, "compiled": compiled, "batch_size": 0, "error": "out of memory at batch 1"}
+            print(f"{attn} compiled={compiled}: out of memory at batch {batch_size}, retrying with {batch_size // 2}")
+            batch_size //= 2
+        except Exception as error:  # noqa: BLE001 - reported in the table and the json, then the next variant runs
+            _free(device)
+            print(f"{attn} compiled={compiled} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return {"attention": attn, "compiled": compiled, "batch_size": batch_size, "error": repr(error)[:500]}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def table(rows: list[dict]) -> str:
-    headers = ["attention", "compiled", "ms/step", "tokens/s", "model TFLOP/s", "MFU", "peak mem GiB"]
-    body = [
-        [
-            row["attention"],
-            "yes" if row["compiled"] else "no",
-            row["ms_per_step"],
-            row["tokens_per_s"],
-            row["model_tflops_per_s"],
-            f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a",
-            f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a",
-        ]
-        for row in rows
-    ]
+    headers = ["attention", "compiled", "batch", "ms/step", "tokens/s", "model TFLOP/s", "MFU", "peak mem GiB"]
+    body = []
+    for row in rows:
+        if "error" in row:
+            body.append([row["attention"], "yes" if row["compiled"] else "no", row["batch_size"], row["error"][:80]])
+            body[-1] += [""] * (len(headers) - len(body[-1]))
+            continue
+        body.append(
+            [
+                row["attention"],
+                "yes" if row["compiled"] else "no",
+                row["batch_size"],
+                row["ms_per_step"],
+                row["tokens_per_s"],
+                row["model_tflops_per_s"],
+                f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a",
+                f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a",
+            ]
+        )
     return common.markdown_table(headers, body)
 
 
@@ -267,12 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_name, peak = peak_flops(args, device)
-    flex_difference = check_flex(args, device)
+    try:
+        flex_difference = check_flex(args, device)
+    except Exception as error:  # noqa: BLE001 - the timing below reports flex attention's own failure, if any
+        print(f"flex vs sdpa check failed: {type(error).__name__}: {error}", file=sys.stderr)
+        flex_difference = repr(error)[:500]
+        _free(device)
     variants = [(attn, compiled) for compiled in ([False, True] if args.compile else [False]) for attn in args.attn]
     if device.type == "cpu" and "flex_attention" in args.attn:
         print("flex attention has no backward on CPU: checked in a forward pass only, not timed")
         variants = [(attn, compiled) for attn, compiled in variants if attn != "flex_attention"]
-    rows = [time_variant(args, attn, compiled, device, peak) for attn, compiled in variants]
+    rows = [run_variant(args, attn, compiled, device, peak) for attn, compiled in variants]
     result = {
         "benchmark": "training step tokens/s and MFU, bf16 autocast, paper 0.16B config",
         "device": device_name,
@@ -284,10 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     patches = (args.latent_size // 2) ** 2
-    print(f"{device_name}: {args.batch_size} x {args.seq_len} tokens ({args.num_images} images x {patches} patches), "
-          f"{rows[0]['parameters'] / 1e6:.0f}M parameters, {args.dtype}, median of {args.steps} steps\n")  # fmt: skip
+    parameters = next((row["parameters"] for row in rows if "parameters" in row), 0)
+    print(f"{device_name}: batch of {args.seq_len}-token sequences ({args.num_images} images x {patches} patches), "
+          f"{parameters / 1e6:.0f}M parameters, {args.dtype}, median of {args.steps} steps\n")  # fmt: skip
     print(table(rows))
-    if flex_difference is not None:
+    if isinstance(flex_difference, float):
         print(f"\nflex vs sdpa, max abs difference of the last hidden states: {flex_difference:.2e}")
     print(f"Wrote {common.write_json(result, args.output)}")
     return result

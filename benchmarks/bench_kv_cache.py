@@ -10,6 +10,7 @@ repeats is reported (robust to load spikes on a shared machine).
 
     python benchmarks/bench_kv_cache.py            # 1-3 minutes on 2 CPU threads
     python benchmarks/bench_kv_cache.py --repeats 3 --lengths 16 64
+    python benchmarks/bench_kv_cache.py --quick    # tiny smoke run (seconds)
     python benchmarks/bench_kv_cache.py --threads 1   # on a shared, oversubscribed CPU (2 threads spin-wait there)
 
 Writes a markdown table to stdout and the numbers to `benchmarks/results/kv_cache.json`.
@@ -114,7 +115,7 @@ def time_steps(
     return [later - earlier for earlier, later in zip(stamps, stamps[1:])], latents
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per call (steps - 1 are timed)")
@@ -125,7 +126,11 @@ def main() -> None:
     parser.add_argument("--num_heads", type=int, default=8)
     parser.add_argument("--latent_size", type=int, default=16, help="16x16 latents, patch 2: 64 image positions")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "kv_cache.json"))
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, lengths 4 and 8, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.steps, args.repeats = [4, 8], 2, 1
+        args.hidden_size, args.num_layers, args.num_heads, args.latent_size = 32, 1, 4, 4
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -12,8 +12,10 @@ model evaluations per guidance branch:
   prefills, then 2 batch-1 forwards of the image positions per step (see README_peer.md).
 
 Same width, depth, heads and feed-forward width on both sides (as in ``bench_training.py``'s ``dims`` set-up). Neither
-side decodes latents to pixels. The three candidates are timed alternately (``--images`` images each per round,
-order flipped every round) after one untimed image each; the median seconds per image are reported.
+side decodes latents to pixels. The three candidates are timed in turn, one image each (A B C A B C ..., the order
+flipped every round; ``--images`` images each per round) after one untimed image each. Reported: the median seconds
+per image, and the peer's speed ratio both as a ratio of medians and as the median over neighbouring pairs of peer
+time / our time ("paired"), which holds up when the load of a shared machine drifts.
 
     python benchmarks/bench_sampling.py             # ~1-4 minutes on 2 CPU cores (quiet - busy)
     python benchmarks/bench_sampling.py --quick     # tiny smoke run
@@ -31,7 +33,8 @@ import torch
 
 import bench_common as common
 
-DEFAULTS = dict(dim=256, depth=6, heads=8, prompt_length=16, latent_size=16, steps=25, rounds=4, images=1)
+DEFAULTS = dict(dim=256, depth=6, heads=8, prompt_length=16, latent_size=16, steps=25, rounds=5, images=1)
+PEER = "peer (sample_many, Euler)"
 QUICK = dict(dim=32, depth=2, heads=4, prompt_length=8, latent_size=4, steps=2, rounds=1, images=1)
 
 
@@ -44,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent_size", type=int, help="latent side; patch 2 -> (side/2)^2 patches (default 16)")
     parser.add_argument("--steps", type=int, help="denoising (Euler) steps (default 25)")
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--rounds", type=int, help="alternation rounds (default 4)")
+    parser.add_argument("--rounds", type=int, help="alternation rounds (default 5)")
     parser.add_argument("--images", type=int, help="timed images per candidate per round (default 1)")
     parser.add_argument(
         "--warmup",
@@ -101,11 +104,9 @@ def build_candidates(args: argparse.Namespace, peer) -> tuple[dict, dict]:
         peer_model = peer.build_peer_model(
             args.dim, args.depth, args.heads, args.dim // args.heads, args.text_vocab, 4, args.latent_size, 2
         ).eval()
-        candidates["peer (sample_many, Euler)"] = lambda: peer.peer_sample_image(
-            peer_model, prompt_ids, args.steps, args.cfg
-        )
-        backbones["peer (sample_many, Euler)"] = peer_model.transformer
-        parameters["peer (sample_many, Euler)"] = peer.peer_parameter_count(peer_model)
+        candidates[PEER] = lambda: peer.peer_sample_image(peer_model, prompt_ids, args.steps, args.cfg)
+        backbones[PEER] = peer_model.transformer
+        parameters[PEER] = peer.peer_parameter_count(peer_model)
     return candidates, {"backbones": backbones, "parameters": parameters}
 
 
@@ -115,7 +116,7 @@ def measure(args: argparse.Namespace, peer) -> list[dict]:
         # The first untimed image of each candidate also counts its transformer calls.
         calls = {name: common.count_forward_calls(info["backbones"][name], run) for name, run in candidates.items()}
         times = common.alternate(candidates, args.rounds, args.images, max(args.warmup - 1, 0))
-    rows_per_call = {"ours (KV cache)": 2, "ours (no cache)": 2, "peer (sample_many, Euler)": 1}
+    rows_per_call = {"ours (KV cache)": 2, "ours (no cache)": 2, PEER: 1}
     fastest_ours = min(common.median(times[name]) for name in candidates if name.startswith("ours"))
     rows = []
     for name in candidates:
@@ -129,6 +130,7 @@ def measure(args: argparse.Namespace, peer) -> list[dict]:
                 "s_per_image": seconds,
                 "ms_per_step": seconds / args.steps * 1e3,
                 "slowdown_vs_fastest_ours": seconds / fastest_ours,
+                "paired_peer_over_this": common.paired_ratio(times[PEER], times[name]) if PEER in times else None,
                 "round_medians_s": common.round_medians(times[name], args.rounds),
                 "image_times_s": times[name],
             }
@@ -138,7 +140,8 @@ def measure(args: argparse.Namespace, peer) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     peer_row = next((row for row in rows if row["candidate"].startswith("peer")), None)
-    headers = ["candidate", "params (M)", "transformer calls (rows each)", "s/image", "ms/step", "peer / this"]
+    headers = ["candidate", "params (M)", "transformer calls (rows each)", "s/image", "ms/step"]
+    headers += ["peer time / this: medians (paired)"]
     body = [
         [
             row["candidate"],
@@ -146,7 +149,9 @@ def table(rows: list[dict]) -> str:
             f"{row['transformer_calls']} ({row['rows_per_call']})",
             row["s_per_image"],
             row["ms_per_step"],
-            f"{peer_row['s_per_image'] / row['s_per_image']:.2f}x" if peer_row else "n/a",
+            f"{peer_row['s_per_image'] / row['s_per_image']:.2f}x ({row['paired_peer_over_this']:.2f}x)"
+            if peer_row
+            else "n/a",
         ]
         for row in rows
     ]

@@ -13,9 +13,10 @@ Two set-ups (``--setups``):
 * ``params``: our width is scaled (depth, heads and the 8/3 feed-forward ratio kept) until our parameter count is
   the closest to the peer's at ``--dim``.
 
-Timing: both models live in one process and are stepped alternately, ``--steps`` timed steps each per round
-(A A A ... B B B ..., the order flipped every round), after ``--warmup`` untimed steps each; the median step time
-over all rounds is reported, with the per-round medians in the json.
+Timing: both models live in one process and are stepped alternately, one step each in turn (A B A B ..., the order
+flipped every round), ``--steps`` timed steps each per round after ``--warmup`` untimed steps each. Reported: the
+median step time of each model over all rounds (per-round medians in the json), and the speed-up as the median over
+neighbouring step pairs of peer time / our time ("paired"), which holds up when the load of a shared machine drifts.
 
 Memory (CPU, ``--memory``): torch's CPU allocator is invisible to ``tracemalloc``, and RSS deltas inside a process
 that has already trained are meaningless, so every side is measured in a fresh subprocess: the peak resident set
@@ -23,7 +24,8 @@ after ``--memory_steps`` train steps (the kernel's ``VmHWM``, reset just before 
 not count), and its growth over the resident set at that moment (model, optimizer and batch built). The growth is what training adds: gradients, AdamW states, activations and the
 allocator's slack.
 
-    python benchmarks/bench_training.py                 # both set-ups, ~3-5 minutes on 2 busy CPU cores
+    python benchmarks/bench_training.py                 # both set-ups: ~2 min with --threads 1 on 2 busy cores,
+                                                        # ~4 min per set-up with 2 threads there
     python benchmarks/bench_training.py --quick         # tiny smoke run (seconds)
 
 Writes ``benchmarks/results/training.json`` and prints a markdown table.
@@ -230,6 +232,9 @@ def run_setup(setup: str, args: argparse.Namespace, argv: list[str], peer) -> li
             "tokens_per_s": tokens / step_time,
             "sequences_per_s": args.batch_size / step_time,
             "round_medians_ms": [value * 1e3 for value in common.round_medians(times[side], args.rounds)],
+            "paired_speedup_vs_peer": common.paired_ratio(times["peer"], times["ours"])
+            if side == "ours" and "peer" in times
+            else None,
             "step_times_ms": [value * 1e3 for value in times[side]],
         }
         if args.memory:
@@ -241,11 +246,13 @@ def run_setup(setup: str, args: argparse.Namespace, argv: list[str], peer) -> li
 
 def table(rows: list[dict]) -> str:
     headers = ["set-up", "model", "width x depth", "params (M)", "tokens/seq (positions)", "ms/step", "tokens/s"]
-    headers += ["seq/s", "peak RSS MiB (growth)", "ours / peer tokens/s"]
+    headers += ["seq/s", "peak RSS MiB (growth)", "speed-up vs peer: medians (paired)"]
     body = []
     for row in rows:
         peer_row = next((other for other in rows if other["setup"] == row["setup"] and other["model"] == "peer"), None)
-        ratio = f"{row['tokens_per_s'] / peer_row['tokens_per_s']:.2f}x" if peer_row and row["model"] == "ours" else ""
+        ratio = ""
+        if peer_row and row["model"] == "ours":
+            ratio = f"{row['tokens_per_s'] / peer_row['tokens_per_s']:.2f}x ({row['paired_speedup_vs_peer']:.2f}x)"
         memory = row.get("memory")
         memory_cell = f"{memory['peak_rss_mib']:.0f} ({memory['training_growth_mib']:.0f})" if memory else "n/a"
         body.append(

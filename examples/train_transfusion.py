@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -443,9 +443,23 @@ def truncate_log(log_path: Path, step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_final(args, accelerator, model, components: dict, base_model: str | None, global_step: int) -> None:
-    """Save the whole pipeline (model, VAE, scheduler, tokenizer) to `output_dir`, EMA weights when used."""
+def save_final(
+    args,
+    accelerator,
+    model,
+    components: dict,
+    base_model: str | None,
+    global_step: int,
+    full_state_dict: dict | None = None,
+) -> None:
+    """Save the whole pipeline (model, VAE, scheduler, tokenizer) to `output_dir`, EMA weights when used.
+
+    `full_state_dict`: the gathered weights under FSDP, where the wrapped model only holds this process's shard.
+    """
     unwrapped = accelerator.unwrap_model(model)
+    if full_state_dict is not None:
+        unwrapped = TransfusionForMixedModal(unwrapped.config)
+        unwrapped.load_state_dict(full_state_dict)
     ema = components["ema"]
     if ema is not None:
         ema.copy_to(trainable_parameters(unwrapped))
@@ -487,6 +501,13 @@ def main(argv: list[str] | None = None) -> Path:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.distributed_type == DistributedType.FSDP and (
+        args.lora_rank or args.use_ema or args.validation_steps
+    ):
+        raise ValueError(
+            "With FSDP, --lora_rank, --use_ema and --validation_steps are not supported (sharded weights): got "
+            f"lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps={args.validation_steps}."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         # Fix: `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
@@ -589,8 +610,11 @@ def main(argv: list[str] | None = None) -> Path:
     }
     global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
     accelerator.wait_for_everyone()
+    # Under FSDP every process holds a shard: gathering the full weights is a collective, so all processes call it.
+    is_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    full_state_dict = accelerator.get_state_dict(model) if is_fsdp else None
     if accelerator.is_main_process:
-        save_final(args, accelerator, model, components, base_model, global_step)
+        save_final(args, accelerator, model, components, base_model, global_step, full_state_dict)
     accelerator.end_training()
     return Path(args.output_dir)
 

@@ -60,12 +60,9 @@ def test_sampling_quick(bench, tmp_path):
     assert output.exists()
 
 
-def test_kv_cache_table(bench, tmp_path, monkeypatch, capsys):
+def test_kv_cache_table(bench, tmp_path, capsys):
     output = tmp_path / "kv_cache.json"
-    argv = ["--lengths", "4", "8", "--steps", "2", "--repeats", "1", "--hidden_size", "32", "--num_layers", "1"]
-    argv += ["--num_heads", "4", "--latent_size", "4", "--threads", "1", "--output", str(output)]
-    monkeypatch.setattr(sys, "argv", ["bench_kv_cache.py", *argv])
-    bench("bench_kv_cache").main()
+    bench("bench_kv_cache").main(["--quick", "--threads", "1", "--output", str(output)])
     assert "| prompt tokens |" in capsys.readouterr().out
     assert [row["prompt_tokens"] for row in json.loads(output.read_text())["rows"]] == [4, 8]
 
