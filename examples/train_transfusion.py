@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
-from transfusion_hf.data.image_text import encode_latents, load_image_text_dataset
+from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
@@ -65,21 +65,7 @@ INFERENCE_SCHEDULERS = {
 # --------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help="Hub data set id, or 'shapes' for the built-in data.")
-    data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name (e.g. --dataset shapes).")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--dataset_split", default="train")
-    data.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl (file_name, text).")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
-    data.add_argument("--cache_dir", default=None)
-    data.add_argument("--resolution", type=int, default=32)
-    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--shapes_num_samples", type=int, default=20000)
-    data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
+    add_data_arguments(parser)
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -264,19 +250,7 @@ def inference_scheduler(args: argparse.Namespace, train_scheduler):
 # ------------------------------------------------------------------------------------------------------- data
 def prepare_examples(args: argparse.Namespace, vae: AutoencoderKL | None, image_size: int, accelerator) -> list[dict]:
     """Load the data set and encode every image once (the VAE is frozen)."""
-    dataset = load_image_text_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        split=args.dataset_split,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        cache_dir=args.cache_dir,
-        shapes_num_samples=args.shapes_num_samples,
-        seed=args.seed,
-    )
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    dataset = load_dataset_from_args(args)
 
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
         if vae is None:

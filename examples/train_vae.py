@@ -28,7 +28,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from transfusion_hf.data.image_text import encode_latents, load_image_text_dataset
+from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
 from transfusion_hf.training_utils import warmup_cosine_schedule
 from transfusion_hf.visualization import make_grid
 
@@ -37,21 +37,7 @@ logger = logging.getLogger("train_vae")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data (as in train_transfusion.py)")
-    data.add_argument("--dataset_name", default=None, help="Hub data set id, or 'shapes' for the built-in data.")
-    data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name.")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--dataset_split", default="train")
-    data.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl (file_name, text).")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
-    data.add_argument("--cache_dir", default=None)
-    data.add_argument("--resolution", type=int, default=32)
-    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--shapes_num_samples", type=int, default=20000)
-    data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
+    data = add_data_arguments(parser)
     data.add_argument("--num_eval_images", type=int, default=64, help="Held out to measure reconstruction error.")
 
     model = parser.add_argument_group("model")
@@ -101,19 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_pixels(args: argparse.Namespace, accelerator) -> torch.Tensor:
     """Every readable image of the data set as pixel values `(n, 3, S, S)` in [-1, 1] (corrupt files skipped and
     counted exactly as in train_transfusion.py)."""
-    dataset = load_image_text_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        split=args.dataset_split,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        cache_dir=args.cache_dir,
-        shapes_num_samples=args.shapes_num_samples,
-        seed=args.seed,
-    )
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    dataset = load_dataset_from_args(args)
     examples, skipped = encode_latents(
         dataset,
         lambda pixel_values: pixel_values,  # identity: keep pixels

@@ -3,6 +3,7 @@ image once into clean latents (the VAE is frozen, so encoding it at every step w
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 from collections.abc import Callable
@@ -142,4 +143,51 @@ def encode_latents(
     return examples, skipped
 
 
-__all__ = ["CorruptImageError", "load_image_text_dataset", "decode_image", "encode_latents"]
+def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The data options shared by the training scripts (`train_transfusion.py`, `train_vae.py`); returns the group so a
+    script can add its own."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None, help="Hub data set id, or 'shapes' for the built-in data.")
+    data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name (e.g. --dataset shapes).")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl (file_name, text).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--resolution", type=int, default=32)
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--shapes_num_samples", type=int, default=20000)
+    data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
+    return data
+
+
+def load_dataset_from_args(args: argparse.Namespace) -> datasets.Dataset:
+    """[`load_image_text_dataset`] with the options of [`add_data_arguments`] (and `args.seed`), truncated to
+    `--max_train_samples`."""
+    dataset = load_image_text_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        split=args.dataset_split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        cache_dir=args.cache_dir,
+        shapes_num_samples=args.shapes_num_samples,
+        seed=args.seed,
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+__all__ = [
+    "CorruptImageError",
+    "add_data_arguments",
+    "load_dataset_from_args",
+    "load_image_text_dataset",
+    "decode_image",
+    "encode_latents",
+]
