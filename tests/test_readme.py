@@ -27,6 +27,5 @@ def test_readme_usage_snippet_runs(index, capsys):
         assert namespace["out"].loss is not None and namespace["out"].diffusion_predictions.shape == (1, 4, 4, 4)
     else:
         assert len(namespace["images"]) == 2
-        assert isinstance(namespace["parts"], list) and all(
-            isinstance(part, (str, object)) for part in namespace["parts"]
-        )
+        parts = namespace["parts"]
+        assert isinstance(parts, list) and all(isinstance(part, (str, PIL.Image.Image)) for part in parts)
