@@ -214,8 +214,8 @@ def apply_lora(args: argparse.Namespace, model: TransfusionForMixedModal, new_to
     trainable_tokens = None
     if new_token_ids:
         trainable_tokens = {"embed_tokens": new_token_ids}
-        # Fix: with untied output embeddings (Llama's default) the LM-head rows of the new tokens stayed frozen at their
-        # resize-time init, so the model could not learn to predict <boi>/<eoi>. Tied heads follow embed_tokens (peft).
+        # With untied output embeddings (Llama's default) the LM-head rows of the new tokens must train too, or the
+        # model never learns to predict <boi>/<eoi>. Tied heads follow embed_tokens (peft).
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             trainable_tokens["lm_head"] = new_token_ids
     lora_config = LoraConfig(
@@ -334,7 +334,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 output = model(**batch)
                 loss_to_check = output.loss.detach()
                 if accelerator.num_processes > 1:
-                    # Fix: all processes must stop together; one that raised alone left the others hanging in the
+                    # All processes must stop together: one that raised alone would leave the others hanging in the
                     # next gradient all-reduce.
                     loss_to_check = accelerator.gather(loss_to_check[None])
                 check_finite(loss_to_check, global_step + 1, state["last_checkpoint"])
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
-        # Fix: `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
         # the whole data and overwrite each other's checkpoints. Stop instead.
         raise ValueError(
             f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: on CPU set "
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = build_tokenizer(args, [example["text"] for example in examples])
     model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
     if args.gradient_checkpointing:
-        # Fix: `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
+        # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
         model.activation_checkpointing_enable()
     new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<boi>", "<eoi>", "<image>")]
     if args.lora_rank:

@@ -95,7 +95,7 @@ class TransfusionConfig(PreTrainedConfig):
             self.eoi_token_id = vocab_size - 2
         if self.boi_token_id is None:
             self.boi_token_id = vocab_size - 3
-        # [tests fix] `isinstance` first: a non-integer `patch_size` must reach the ValueError of
+        # `isinstance` first: a non-integer `patch_size` must reach the ValueError of
         # `check_transfusion_fields`, not fail here on `.bit_length()` with an AttributeError.
         if (
             self.unet_block_out_channels is None
@@ -140,7 +140,7 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of 8 "
                     "(GroupNorm with 8 groups)."
                 )
-        # [tests fix] a non-number (e.g. None) raised a bare TypeError from the comparison.
+        # Check the type first, so a non-number (e.g. None) gets the field's ValueError, not a TypeError.
         if not isinstance(self.diffusion_loss_weight, (int, float)) or self.diffusion_loss_weight < 0:
             raise ValueError(f"`diffusion_loss_weight` must be >= 0, got {self.diffusion_loss_weight!r}.")
         vocab_size = self.text_config.vocab_size

@@ -82,7 +82,7 @@ def build_transfusion_mask(
     }
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types is None and getattr(text_config, "sliding_window", None) is not None:
-        # [tests fix] Mistral-style backbones (Mistral, Mixtral, Phi3, Starcoder2, Qwen3-MoE) have no `layer_types`
+        # Mistral-style backbones (Mistral, Mixtral, Phi3, Starcoder2, Qwen3-MoE) have no `layer_types`
         # and use a sliding-window mask on every layer whenever `sliding_window` is set (Mistral: 4096 by default).
         # A full causal mask here made mixed inputs attend beyond the window the backbone uses for text.
         return create_sliding_window_causal_mask(**mask_kwargs)

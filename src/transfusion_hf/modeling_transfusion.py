@@ -73,7 +73,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        # [tests fix] With `_supports_flash_attn = False`, transformers' own refusal (raised here, at `__init__`,
+        # With `_supports_flash_attn = False`, transformers' own refusal (raised here, at `__init__`,
         # `from_pretrained(attn_implementation=...)` and `set_attn_implementation`) reads "does not support Flash
         # Attention yet, please request support", so the explicit check in `__init__` was never reached. Say why.
         _refuse_flash_attention(attn_implementation)
@@ -276,7 +276,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         skips = None
         mask = attention_mask
         if num_images:
-            # [tests fix] `set_attn_implementation({"text_config": "flash_attention_2"})` reaches the backbone only;
+            # `set_attn_implementation({"text_config": "flash_attention_2"})` reaches the backbone only;
             # flash would silently drop the image blocks (plain causal attention), so refuse mixed input then.
             _refuse_flash_attention(self.model.config._attn_implementation)
             image_positions = input_ids == self.config.image_token_id
@@ -355,7 +355,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
 
     # --------------------------------------------------------------------------------------------- generation
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # [tests fix] `generate` (num_return_sequences > 1, beams) repeat_interleaves every tensor kwarg on dim 0,
+        # `generate` (num_return_sequences > 1, beams) repeat_interleaves every tensor kwarg on dim 0,
         # but `latents` / `timesteps` are per image, not per row: a row with images (a, b) expanded twice got (a, a)
         # and (b, b). Repeat each row's own images as a block instead, matching the expanded rows' reading order.
         latents = model_kwargs.pop("latents", None)

@@ -151,7 +151,7 @@ class TransfusionPipeline(DiffusionPipeline):
             )
             scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
         if scheduler_type == "flow_prediction" and scheduler.config.get("use_flow_sigmas") is False:
-            # Fix: multistep solvers (DPMSolver, UniPC, DEIS) with prediction_type="flow_prediction" keep VP sigmas
+            # multistep solvers (DPMSolver, UniPC, DEIS) with prediction_type="flow_prediction" keep VP sigmas
             # and timesteps unless use_flow_sigmas=True: a perfect flow model then lands hundreds off x0.
             logger.warning(
                 f"{type(scheduler).__name__} has prediction_type='flow_prediction' but use_flow_sigmas=False, "
@@ -173,7 +173,7 @@ class TransfusionPipeline(DiffusionPipeline):
             )
 
     # ----------------------------------------------------------------------------------------------- latents
-    # Fix: public helpers run without autograd (decoding to numpy/PIL failed on tensors that require grad).
+    # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Images -> clean latents `(num_images, C, h, w)` scaled like the training data."""
@@ -184,7 +184,7 @@ class TransfusionPipeline(DiffusionPipeline):
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).to(self.transformer.dtype)
 
-    # Fix: public helpers run without autograd (decoding to numpy/PIL failed on tensors that require grad).
+    # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents -> images of `output_type` ("pil", "np", "pt", or "latent" to return them as they are)."""
@@ -213,7 +213,7 @@ class TransfusionPipeline(DiffusionPipeline):
         cache.layers = [
             _ReservedDynamicLayer(num_patches) if type(layer) is DynamicLayer else layer for layer in cache.layers
         ]
-        # Fix: a prefix holding images (interleaved generation, editing) needs their latents, or the model refuses
+        # a prefix holding images (interleaved generation, editing) needs their latents, or the model refuses
         # the placeholders.
         timesteps = None
         if prefix_latents is not None:
@@ -285,13 +285,13 @@ class TransfusionPipeline(DiffusionPipeline):
         """
         if prefix_latents is not None and not use_kv_cache:
             raise ValueError("Prefixes holding images are only supported with `use_kv_cache=True`.")
-        # Fix: a scheduler swapped in after construction (`pipe.scheduler = ...`) gets the same checks as __init__.
+        # a scheduler swapped in after construction (`pipe.scheduler = ...`) gets the same checks as __init__.
         scheduler = self._checked_scheduler(self.transformer, self.scheduler, self.vae)
         if scheduler is not self.scheduler:
             self.scheduler = scheduler
         config = self.transformer.config
         do_cfg = guidance_scale > 1.0
-        # Fix: set the timesteps before drawing the noise: `init_noise_sigma` of Euler-type schedulers depends on
+        # set the timesteps before drawing the noise: `init_noise_sigma` of Euler-type schedulers depends on
         # them (e.g. 157 before vs 9.5 after for EulerDiscrete with timestep_spacing="leading" and 3 steps).
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         shape = (num_images, config.latent_channels, config.latent_size, config.latent_size)
@@ -299,8 +299,8 @@ class TransfusionPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}.")
-        # Fix: given latents are unit noise too and get the scheduler's scale like drawn ones (as in diffusers'
-        # pipelines); before, Euler-type schedulers started from unscaled user latents.
+        # Given latents are unit noise too and get the scheduler's scale like drawn ones (as in diffusers'
+        # pipelines), so `latents=randn` and `generator=` agree for Euler-type schedulers.
         latents = latents.to(self.device, torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self._check_length(max(len(prefix) for prefix in prefixes) + config.num_patches + 1, "The prompt")
         if use_kv_cache:
@@ -412,7 +412,7 @@ class TransfusionPipeline(DiffusionPipeline):
             `list[str]`: one caption per image.
         """
         processor = self._require_processor("caption")
-        # Fix: a batch `(B, C, H, W)` tensor or `(B, H, W, C)` array (this pipeline's own "pt"/"np" output) is B images.
+        # a batch `(B, C, H, W)` tensor or `(B, H, W, C)` array (this pipeline's own "pt"/"np" output) is B images.
         batched = isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4
         images = list(images) if isinstance(images, (list, tuple)) or batched else [images]
         latents = self.encode_images(images)
@@ -421,7 +421,7 @@ class TransfusionPipeline(DiffusionPipeline):
         input_ids, attention_mask = pad_sequences(sequences, processor.tokenizer.pad_token_id, padding_side="left")
         stop = [processor.tokenizer.eos_token_id, processor.boi_token_id]
         generate_kwargs.setdefault("do_sample", False)
-        # Fix: never sample the bare image placeholder as text (it would reach the model without latents and raise).
+        # never sample the bare image placeholder as text (it would reach the model without latents and raise).
         generate_kwargs.setdefault("suppress_tokens", [processor.image_token_id])
         output = self.transformer.generate(
             input_ids=input_ids.to(self.device),
@@ -479,12 +479,12 @@ class TransfusionPipeline(DiffusionPipeline):
         outputs: list[str | PIL.Image.Image] = []
         text_ids: list[int] = []
         num_images, new_tokens = 0, 0
-        # Fix: keep the clean latents of every image in the context (given or generated, in order): re-prefilling the
+        # keep the clean latents of every image in the context (given or generated, in order): re-prefilling the
         # context for an image needs them, as its placeholders cannot go through the model without latents.
         context_latents = self.encode_images(context_images) if context_images else None
         cache, next_logits = self._consume(context_ids, None, context_latents)
         while new_tokens < max_new_tokens:
-            # Fix: the bare placeholder is not text; sampled, it would reach the model without latents and raise.
+            # the bare placeholder is not text; sampled, it would reach the model without latents and raise.
             next_logits[:, processor.image_token_id] = float("-inf")
             token = self._next_token(
                 next_logits, context_ids, do_sample, temperature, top_k, logits_processor, generator

@@ -152,7 +152,6 @@ class TransfusionProcessor(ProcessorMixin):
                 f"`text` holds {markers} image markers ({self.image_token!r}) but {len(flat_images)} images were "
                 "given: put one marker where each image goes."
             )
-        # Fix: `add_eos` was accepted but never applied.
         sequences = [self.encode_parts(self.split_text(item), add_eos=add_eos) for item in texts]
         input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -183,7 +182,7 @@ def images_to_pixel_values(
         resize_mode (`str`): diffusers' `VaeImageProcessor` resize mode (`"crop"` keeps the aspect ratio).
     """
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        images = list(images)  # Fix: a batch (B, C, H, W) tensor / (B, H, W, C) array is B images, not one.
+        images = list(images)  # a batch (B, C, H, W) tensor / (B, H, W, C) array is B images, not one.
     if not isinstance(images, (list, tuple)):
         images = [images]
     converted = []
@@ -197,7 +196,7 @@ def images_to_pixel_values(
             image = image.permute(1, 2, 0).clamp(0, 1).numpy()
         if isinstance(image, np.ndarray):
             if image.ndim == 3 and image.shape[-1] == 1:
-                image = image[..., 0]  # Fix: PIL cannot build an image from (H, W, 1); treat it as grayscale.
+                image = image[..., 0]  # PIL cannot build an image from (H, W, 1); treat it as grayscale.
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=-1)
             if image.dtype != np.uint8:
@@ -226,7 +225,7 @@ def flatten_images(images) -> list:
     if images is None:
         return []
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        return list(images)  # Fix: a batch tensor/array holds one image per marker.
+        return list(images)  # a batch tensor/array holds one image per marker.
     if not isinstance(images, (list, tuple)):
         return [images]
     flat = []

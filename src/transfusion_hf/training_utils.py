@@ -98,7 +98,7 @@ def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
     """Stop a run whose loss is NaN or inf, naming the step and the checkpoint to resume from."""
     if not torch.isfinite(loss).all():
         where = str(last_checkpoint) if last_checkpoint is not None else "none (no checkpoint was saved yet)"
-        # Fix: `loss` may hold one value per process (gathered), where `.item()` raised.
+        # `loss` may hold one value per process (gathered), where `.item()` raised.
         value = loss.item() if loss.numel() == 1 else loss.tolist()
         raise NonFiniteLossError(
             f"The loss is {value} at step {step}; training stopped. Last good checkpoint: {where}. "
