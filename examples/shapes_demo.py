@@ -34,7 +34,7 @@ RECIPE = [
     "--shapes_num_samples", "20000",
     "--train_batch_size", "32",
     "--max_train_steps", "2500",
-    "--max_train_time_minutes", "13",
+    "--max_train_time_minutes", "12.5",
     "--learning_rate", "1e-3",
     "--lr_warmup_steps", "100",
     "--checkpointing_steps", "500",
