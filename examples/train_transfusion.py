@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
 from transfusion_hf.noising import TransfusionNoiser
-from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline, pixels_to_latents
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
@@ -252,15 +253,13 @@ def prepare_examples(args: argparse.Namespace, vae: AutoencoderKL | None, image_
     """Load the data set and encode every image once (the VAE is frozen)."""
     dataset = load_dataset_from_args(args)
 
-    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        if vae is None:
-            return pixel_values
-        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
-        shift = vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
     examples, skipped = encode_latents(
-        dataset, encode, image_size, args.center_crop, args.random_flip, strict=args.strict_data
+        dataset,
+        partial(pixels_to_latents, vae),
+        image_size,
+        args.center_crop,
+        args.random_flip,
+        strict=args.strict_data,
     )
     accelerator.print(
         f"Encoded {len(examples)} images ({skipped} unreadable images skipped) from {len(dataset)} rows."

@@ -75,6 +75,19 @@ class _ReservedDynamicLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def pixels_to_latents(vae: AutoencoderKL | None, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixel values `(n, 3, H, W)` in [-1, 1] -> clean latents `(n, C, h, w)` scaled for the model:
+    `(z - shift_factor) * scaling_factor` with the VAE's mode, or the pixels themselves without a VAE.
+
+    The training script encodes its data with this function too, so training and inference latents always agree.
+    """
+    if vae is None:
+        return pixel_values
+    latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 @dataclass
 class TransfusionPipelineOutput(BaseOutput):
     """Output of text-to-image.
@@ -178,11 +191,7 @@ class TransfusionPipeline(DiffusionPipeline):
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Images -> clean latents `(num_images, C, h, w)` scaled like the training data."""
         pixel_values = images_to_pixel_values(images, self.image_size).to(self.device)
-        if self.vae is None:
-            return pixel_values.to(self.transformer.dtype)
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.mode()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.transformer.dtype)
+        return pixels_to_latents(self.vae, pixel_values).to(self.transformer.dtype)
 
     # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
@@ -624,4 +633,4 @@ class TransfusionPipeline(DiffusionPipeline):
         )
 
 
-__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput"]
+__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "pixels_to_latents"]
