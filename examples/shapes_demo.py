@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_guidance_scale", type=float, default=3.0)
     parser.add_argument("--eval_inference_steps", type=int, default=25)
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate the pipeline in --output_dir.")
+    parser.add_argument(
+        "--eval_device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device of the evaluation."
+    )
     args, train_overrides = parser.parse_known_args(argv)
     output_dir = Path(args.output_dir)
     started = time.time()
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_args = train_transfusion.parse_args(RECIPE + ["--output_dir", str(output_dir)] + train_overrides)
         train_transfusion.main(train_args)
     trained = time.time()
-    pipeline = TransfusionPipeline.from_pretrained(output_dir)
+    pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
     pipeline.set_progress_bar_config(disable=True)
     print("Evaluating on the 48 held-out combinations...", flush=True)
     evaluation = evaluate_shapes(

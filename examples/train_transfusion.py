@@ -43,6 +43,7 @@ from transfusion_hf.pipeline_transfusion import TransfusionPipeline, pixels_to_l
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
+    CleanImageErrorTracker,
     NonFiniteLossError,
     check_finite,
     checkpoint_step,
@@ -82,6 +83,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--patch_size", type=int, default=None)
     model.add_argument("--patch_encoder", choices=["linear", "unet"], default=None)
     model.add_argument("--prediction_type", choices=["epsilon", "v_prediction", "flow_prediction"], default=None)
+    model.add_argument(
+        "--unet_skip_connections",
+        choices=["all", "coarse", "fine", "none"],
+        default=None,
+        help="U-Net levels joined to the up path (config field of the same name).",
+    )
+    model.add_argument(
+        "--image_attention",
+        choices=["bidirectional", "causal"],
+        default=None,
+        help="Attention among the patches of one image (paper, Table 5).",
+    )
+    model.add_argument(
+        "--patch_position_embedding",
+        choices=["true", "false"],
+        default=None,
+        help="The learned 2D patch-position embedding (beyond the paper).",
+    )
     model.add_argument("--lora_rank", type=int, default=0, help="Train the backbone through LoRA of this rank.")
     model.add_argument("--lora_alpha", type=int, default=None)
     model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
@@ -91,6 +110,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--image_first_probability", type=float, default=0.2)
     recipe.add_argument("--image_first_max_timestep", type=int, default=500)
     recipe.add_argument("--caption_dropout_probability", type=float, default=0.1)
+    recipe.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting for epsilon and v prediction (Hang et al., 2023; 5.0 is their choice).",
+    )
+    recipe.add_argument(
+        "--snr_weighting",
+        choices=["min_snr", "truncated_min_snr"],
+        default="min_snr",
+        help="With --snr_gamma: clean-image error weighted by min(SNR, gamma), or clip(SNR, 1, gamma) (truncated).",
+    )
+    recipe.add_argument(
+        "--timestep_sampling",
+        choices=["uniform", "logit_normal"],
+        default="uniform",
+        help="Training timesteps: uniform, or logit-normal (SD3, flow prediction only).",
+    )
+    recipe.add_argument("--logit_mean", type=float, default=0.0)
+    recipe.add_argument("--logit_std", type=float, default=1.0)
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=32)
@@ -140,6 +179,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
+    # The preset and the noising flags are checked here, before any data is loaded or encoded.
+    preset = load_model_preset(args.model_config)
+    build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     return args
 
 
@@ -189,9 +231,11 @@ def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, laten
         "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
         "diffusion_loss_weight": args.diffusion_loss_weight,
     }
-    for name in ("patch_size", "patch_encoder", "prediction_type"):
+    for name in ("patch_size", "patch_encoder", "prediction_type", "unet_skip_connections", "image_attention"):
         if getattr(args, name) is not None:
             image_fields[name] = getattr(args, name)
+    if args.patch_position_embedding is not None:
+        image_fields["patch_position_embedding"] = args.patch_position_embedding == "true"
     if args.text_model_name_or_path is None:
         text_config["vocab_size"] = len(tokenizer)
         config = TransfusionConfig(text_config=text_config, **image_fields)
@@ -241,11 +285,32 @@ def training_scheduler(prediction_type: str):
     )
 
 
+def build_noiser(args: argparse.Namespace, prediction_type: str) -> TransfusionNoiser:
+    """The training-time noising of the run (raises a ValueError naming the flag for a bad combination)."""
+    return TransfusionNoiser(
+        training_scheduler(prediction_type),
+        prediction_type,
+        args.image_first_probability,
+        args.image_first_max_timestep,
+        args.caption_dropout_probability,
+        snr_gamma=args.snr_gamma,
+        snr_weighting=args.snr_weighting,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+    )
+
+
 def inference_scheduler(args: argparse.Namespace, train_scheduler):
     name = args.inference_scheduler or (
         "flow_euler" if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler) else "dpm"
     )
-    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler.config)
+    overrides = {}
+    if train_scheduler.config.get("prediction_type") == "epsilon":
+        # The cosine schedule's last step has alpha_bar ~ 2e-9 (zero SNR), where an epsilon prediction says nothing
+        # about the image: x0 = (x_t - sigma * eps) / 5e-5. Start below it, as diffusers' "leading" spacing does.
+        overrides = {"timestep_spacing": "leading", "steps_offset": 1}
+    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler.config, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -344,6 +409,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            components["clean_error"].update(batch, output.diffusion_predictions)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -364,6 +430,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                     **losses,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                    **components["clean_error"].compute(),
                 }
                 accelerator.log(record, step=global_step)
                 if accelerator.is_main_process:
@@ -514,15 +581,9 @@ def main(argv: list[str] | None = None) -> Path:
         f"({sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f}M trainable)."
     )
 
-    train_scheduler = training_scheduler(model.config.prediction_type)
     processor = TransfusionProcessor(tokenizer, image_size=args.resolution, num_image_tokens=model.config.num_patches)
-    noiser = TransfusionNoiser(
-        train_scheduler,
-        model.config.prediction_type,
-        args.image_first_probability,
-        args.image_first_max_timestep,
-        args.caption_dropout_probability,
-    )
+    noiser = build_noiser(args, model.config.prediction_type)
+    train_scheduler = noiser.scheduler
     # Latents are in memory and collation is cheap: no worker processes, so the collator's batch counter is exact.
     collator = TransfusionDataCollator(
         processor,
@@ -580,6 +641,7 @@ def main(argv: list[str] | None = None) -> Path:
         "ema": ema,
         "examples": examples,
         "inference_scheduler": inference_scheduler(args, train_scheduler),
+        "clean_error": CleanImageErrorTracker(noiser),
     }
     global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
     accelerator.wait_for_everyone()

@@ -9,6 +9,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 PATCH_ENCODERS = ("linear", "unet")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction")
+UNET_SKIP_CONNECTIONS = ("all", "coarse", "fine", "none")
+IMAGE_ATTENTIONS = ("bidirectional", "causal")
 
 
 class TransfusionConfig(PreTrainedConfig):
@@ -37,6 +39,16 @@ class TransfusionConfig(PreTrainedConfig):
             Defaults to doubling from 64 and capping at 256.
         unet_layers_per_block (`int`, defaults to 1):
             Residual blocks per U-Net level.
+        unet_skip_connections (`str`, defaults to `"fine"`):
+            Which down-path levels are joined to the up path: `"all"`, `"coarse"` (every level but the
+            full-resolution one), `"fine"` (the full-resolution level only) or `"none"`. Coarse skips see the whole
+            image, so encoder and decoder learn to denoise around the transformer, without the text, and the model
+            never learns to follow the prompt; without any skip the per-pixel noise cannot pass the patch bottleneck.
+            The full-resolution skip alone only sees a few pixels: it carries the noise, the transformer the layout
+            (see the README's ablation).
+        image_attention (`str`, defaults to `"bidirectional"`):
+            `"bidirectional"`: the patches of one image attend to each other (paper, section 3.2). `"causal"`: plain
+            causal attention everywhere, the paper's ablation (Table 5).
         patch_position_embedding (`bool`, defaults to `True`):
             Add a learned embedding of each patch's 2D grid position to its input. The paper only uses the
             backbone's 1D RoPE; the 2D embedding makes spatial layout much easier to learn for small models.
@@ -75,6 +87,8 @@ class TransfusionConfig(PreTrainedConfig):
     patch_encoder: str = "linear"
     unet_block_out_channels: list[int] | None = None
     unet_layers_per_block: int = 1
+    unet_skip_connections: str = "fine"
+    image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -123,6 +137,12 @@ class TransfusionConfig(PreTrainedConfig):
             raise ValueError(f"`patch_encoder` must be one of {PATCH_ENCODERS}, got {self.patch_encoder!r}.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+        if self.image_attention not in IMAGE_ATTENTIONS:
+            raise ValueError(f"`image_attention` must be one of {IMAGE_ATTENTIONS}, got {self.image_attention!r}.")
+        if self.unet_skip_connections not in UNET_SKIP_CONNECTIONS:
+            raise ValueError(
+                f"`unet_skip_connections` must be one of {UNET_SKIP_CONNECTIONS}, got {self.unet_skip_connections!r}."
+            )
         if self.patch_encoder == "unet":
             if self.patch_size & (self.patch_size - 1):
                 raise ValueError(

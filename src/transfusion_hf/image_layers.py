@@ -7,10 +7,9 @@ positions back to `(num_images, C, H, W)` predictions (paper, section 3 and 4.3)
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
 from .configuration_transfusion import TransfusionConfig
@@ -52,7 +51,8 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, size: int)
 
 
 def sinusoidal_timestep_features(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (possibly fractional) timesteps, as in DDPM/DiT.
+    """Sinusoidal features of (possibly fractional) timesteps, cosines first, as in DDPM/DiT (diffusers'
+    `get_timestep_embedding` with `flip_sin_to_cos=True, downscale_freq_shift=0`).
 
     Args:
         timesteps (`torch.Tensor` of shape `(num_images,)`): values in `[0, num_train_timesteps]`.
@@ -61,16 +61,13 @@ def sinusoidal_timestep_features(timesteps: torch.Tensor, dim: int, max_period: 
     Returns:
         `torch.Tensor` of shape `(num_images, dim)` in float32.
     """
-    half = dim // 2
-    frequencies = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    return get_timestep_embedding(
+        timesteps.float(), dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period
     )
-    angles = timesteps.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class TransfusionTimestepEmbedding(nn.Module):
-    """Sinusoidal features followed by a two-layer MLP.
+class TransfusionTimestepEmbedding(TimestepEmbedding):
+    """diffusers' `TimestepEmbedding` (two-layer MLP) fed with [`sinusoidal_timestep_features`].
 
     Args:
         feature_dim (`int`): width of the sinusoidal features.
@@ -78,14 +75,12 @@ class TransfusionTimestepEmbedding(nn.Module):
     """
 
     def __init__(self, feature_dim: int, out_dim: int):
-        super().__init__()
+        super().__init__(feature_dim, out_dim)
         self.feature_dim = feature_dim
-        self.linear_1 = nn.Linear(feature_dim, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_timestep_features(timesteps, self.feature_dim).to(self.linear_1.weight.dtype)
-        return self.linear_2(F.silu(self.linear_1(features)))
+        return super().forward(features)
 
 
 def mark_zero_init(module: nn.Module) -> nn.Module:
@@ -140,29 +135,28 @@ class TransfusionLinearPatchDecoder(nn.Module):
         return unpatchify(patches, self.patch_size, self.latent_channels, self.latent_size)
 
 
-class TransfusionResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between (plain norms: the paper
-    replaces the U-Net's adaptive norms by plain ones)."""
+def mark_default_init(module: nn.Module) -> nn.Module:
+    """Flag every conv and linear layer under `module` to keep PyTorch's fan-in initialisation, the one diffusers'
+    blocks are built and trained with. transformers' generic `_init_weights` would draw them from N(0, 0.02) whatever
+    their fan-in, and a stack of such convs shrinks the signal level by level until the transformer sees only the
+    position embedding (std 0.06 -> 2.5e-5 over four levels)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and not getattr(layer, "_transfusion_zero_init", False):
+            layer._transfusion_default_init = True
+    return module
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int = 8):
-        super().__init__()
-        self.norm_1 = nn.GroupNorm(groups, in_channels)
-        self.conv_1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(temb_channels, out_channels)
-        self.norm_2 = nn.GroupNorm(groups, out_channels)
-        self.conv_2 = mark_zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv_1(F.silu(self.norm_1(x)))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv_2(F.silu(self.norm_2(h)))
-        return self.shortcut(x) + h
+def _resnet_block(in_channels: int, out_channels: int, temb_channels: int) -> ResnetBlock2D:
+    # Plain GroupNorm with the timestep added between the convs ("default" time embedding norm): the paper replaces
+    # the U-Net's adaptive norms by plain ones (section 4.3). 8 groups: the config checks multiples of 8.
+    return ResnetBlock2D(
+        in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, groups=8, eps=1e-6
+    )
 
 
 class TransfusionUNetPatchEncoder(nn.Module):
-    """U-Net down path: `log2(patch_size)` stride-2 stages take the latent to the patch grid, then a 1x1 conv to the
-    transformer width. Feature maps of every level are kept as skips for the up path."""
+    """U-Net down path from diffusers' blocks: `log2(patch_size)` stride-2 stages take the latent to the patch grid,
+    then a 1x1 conv to the transformer width. The output of every level is kept as a skip for the up path."""
 
     def __init__(self, config: TransfusionConfig):
         super().__init__()
@@ -176,15 +170,17 @@ class TransfusionUNetPatchEncoder(nn.Module):
         for level, out_channels in enumerate(channels):
             blocks = []
             for _ in range(config.unet_layers_per_block):
-                blocks.append(TransfusionResnetBlock(in_channels, out_channels, temb_channels))
+                blocks.append(_resnet_block(in_channels, out_channels, temb_channels))
                 in_channels = out_channels
             self.levels.append(nn.ModuleList(blocks))
             is_last = level == len(channels) - 1
             self.downsamplers.append(
-                nn.Identity() if is_last else nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+                nn.Identity() if is_last else Downsample2D(out_channels, use_conv=True, name="op")
             )
-        self.norm_out = nn.GroupNorm(8, channels[-1])
+        self.norm_out = nn.GroupNorm(8, channels[-1], eps=1e-6)
+        self.act = nn.SiLU()
         self.proj = nn.Conv2d(channels[-1], config.hidden_size, 1)
+        mark_default_init(self)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """
@@ -203,19 +199,23 @@ class TransfusionUNetPatchEncoder(nn.Module):
                 x = block(x, temb)
             skips.append(x)
             x = downsample(x)
-        x = self.proj(F.silu(self.norm_out(x)))  # (n, hidden, H/p, W/p)
+        x = self.proj(self.act(self.norm_out(x)))  # (n, hidden, H/p, W/p)
         return x.flatten(2).transpose(1, 2), skips  # raster order, (n, N, hidden)
 
 
 class TransfusionUNetPatchDecoder(nn.Module):
-    """U-Net up path: from the transformer's hidden states on the patch grid back to the latent, concatenating the
-    down path's skips at every level and feeding the timestep into every block."""
+    """U-Net up path from diffusers' blocks: from the transformer's hidden states on the patch grid back to the
+    latent, the timestep fed into every block. The down path's skips are concatenated at the levels selected by
+    `config.unet_skip_connections`: coarse skips let encoder and decoder denoise the whole image around the
+    transformer, without the text, so by default only the full-resolution level is joined (it carries the per-pixel
+    noise that the patch tokens cannot)."""
 
     def __init__(self, config: TransfusionConfig):
         super().__init__()
         channels = config.unet_block_out_channels
         temb_channels = 4 * channels[0]
         self.grid = config.latent_size // config.patch_size
+        self.skip_levels = unet_skip_levels(config)
         self.timestep_embedding = TransfusionTimestepEmbedding(config.timestep_embedding_dim, temb_channels)
         self.proj = nn.Conv2d(config.hidden_size, channels[-1], 1)
         self.levels = nn.ModuleList()
@@ -223,21 +223,25 @@ class TransfusionUNetPatchDecoder(nn.Module):
         in_channels = channels[-1]
         for level in reversed(range(len(channels))):
             out_channels = channels[level]
-            blocks = [TransfusionResnetBlock(in_channels + channels[level], out_channels, temb_channels)]
+            skip_channels = channels[level] if level in self.skip_levels else 0
+            blocks = [_resnet_block(in_channels + skip_channels, out_channels, temb_channels)]
             for _ in range(config.unet_layers_per_block - 1):
-                blocks.append(TransfusionResnetBlock(out_channels, out_channels, temb_channels))
+                blocks.append(_resnet_block(out_channels, out_channels, temb_channels))
             self.levels.append(nn.ModuleList(blocks))
-            self.upsamplers.append(nn.Conv2d(out_channels, out_channels, 3, padding=1) if level > 0 else nn.Identity())
+            self.upsamplers.append(Upsample2D(out_channels, use_conv=True) if level > 0 else nn.Identity())
             in_channels = out_channels
-        self.norm_out = nn.GroupNorm(8, channels[0])
+        self.norm_out = nn.GroupNorm(8, channels[0], eps=1e-6)
+        self.act = nn.SiLU()
         self.conv_out = mark_zero_init(nn.Conv2d(channels[0], config.latent_channels, 3, padding=1))
+        mark_default_init(self)
 
     def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(num_images, num_patches, hidden_size)`).
             timesteps (`torch.Tensor` of shape `(num_images,)`).
-            skips (`list[torch.Tensor]`): the encoder's skips, finest first.
+            skips (`list[torch.Tensor]`): the encoder's skips, finest first (only `config.unet_skip_connections`
+                levels are used).
 
         Returns:
             `torch.Tensor` of shape `(num_images, C, H, W)`.
@@ -246,13 +250,27 @@ class TransfusionUNetPatchDecoder(nn.Module):
         num_images = hidden_states.shape[0]
         x = hidden_states.transpose(1, 2).reshape(num_images, -1, self.grid, self.grid)
         x = self.proj(x)
-        for blocks, upsample, skip in zip(self.levels, self.upsamplers, reversed(skips)):
-            x = torch.cat([x, skip.to(x.dtype)], dim=1)
+        num_levels = len(self.levels)
+        for index, (blocks, upsample) in enumerate(zip(self.levels, self.upsamplers)):
+            level = num_levels - 1 - index
+            if level in self.skip_levels:
+                x = torch.cat([x, skips[level].to(x.dtype)], dim=1)
             for block in blocks:
                 x = block(x, temb)
-            if not isinstance(upsample, nn.Identity):
-                x = upsample(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(x)))
+            x = upsample(x)
+        return self.conv_out(self.act(self.norm_out(x)))
+
+
+def unet_skip_levels(config: TransfusionConfig) -> frozenset[int]:
+    """The U-Net levels (0 = full resolution) whose down-path features are joined to the up path."""
+    num_levels = len(config.unet_block_out_channels)
+    if config.unet_skip_connections == "all":
+        return frozenset(range(num_levels))
+    if config.unet_skip_connections == "coarse":
+        return frozenset(range(1, num_levels))
+    if config.unet_skip_connections == "fine":
+        return frozenset({0})
+    return frozenset()
 
 
 def build_patch_layers(config: TransfusionConfig) -> tuple[nn.Module, nn.Module]:
@@ -272,4 +290,6 @@ __all__ = [
     "TransfusionUNetPatchEncoder",
     "TransfusionUNetPatchDecoder",
     "build_patch_layers",
+    "mark_default_init",
+    "unet_skip_levels",
 ]

@@ -44,7 +44,9 @@ def language_modeling_loss(
     )
 
 
-def diffusion_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(
+    predictions: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean squared error per image (mean over its channels and pixels), then averaged over images.
 
     Averaging per image first keeps every image's weight equal whatever the batch layout (paper, section 3.3).
@@ -52,6 +54,8 @@ def diffusion_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Te
     Args:
         predictions (`torch.Tensor` of shape `(num_images, C, H, W)`).
         targets (`torch.Tensor` of shape `(num_images, C, H, W)`).
+        loss_weights (`torch.Tensor` of shape `(num_images,)`, *optional*): per-image weights (min-SNR-gamma, see
+            `TransfusionNoiser`), applied before the mean over images as in diffusers' training scripts.
 
     Returns:
         Scalar tensor.
@@ -62,6 +66,13 @@ def diffusion_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Te
             "(one target per image, like `latents`)."
         )
     per_image = (predictions.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
+    if loss_weights is not None:
+        if loss_weights.shape != per_image.shape:
+            raise ValueError(
+                f"`diffusion_loss_weights` has shape {tuple(loss_weights.shape)}, expected {tuple(per_image.shape)} "
+                "(one weight per image)."
+            )
+        per_image = per_image * loss_weights.to(per_image)
     return per_image.mean()
 
 

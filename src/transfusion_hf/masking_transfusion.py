@@ -42,6 +42,7 @@ def build_transfusion_mask(
     attention_mask: torch.Tensor | None = None,
     cache: Cache | None = None,
     position_ids: torch.LongTensor | None = None,
+    bidirectional_images: bool = True,
 ) -> torch.Tensor | dict | None:
     """Build the backbone's attention mask for a mixed sequence.
 
@@ -60,12 +61,17 @@ def build_transfusion_mask(
             The KV cache of the prefix.
         position_ids (`torch.LongTensor` of shape `(batch_size, query_length)`, *optional*):
             Positions of the new tokens.
+        bidirectional_images (`bool`, defaults to `True`):
+            Patches of one image attend to each other (paper, section 3.2); `False` gives plain causal attention
+            everywhere (the paper's ablation, Table 5).
 
     Returns:
         What the backbone takes as `attention_mask`: a 4D mask or BlockMask, or a dict keyed by layer type for
         backbones with sliding-window layers.
     """
     block_ids = image_block_ids(input_ids, image_token_id)
+    if not bidirectional_images:
+        block_ids = torch.full_like(block_ids, -1)
     past_length = cache.get_seq_length() if cache is not None else 0
     if past_length:
         # The cached prefix only ever acts as keys of the new queries, which all come after it: marking it as

@@ -8,6 +8,7 @@ attention mask (bidirectional inside each image), built with transformers' own `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,14 @@ class TransfusionPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            return
+        if getattr(module, "_transfusion_default_init", False):
+            # U-Net layers keep PyTorch's fan-in initialisation, as diffusers' blocks do (`mark_default_init`).
+            # Through `transformers.initialization`, so weights loaded by `from_pretrained` are never overwritten.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
             return
         super()._init_weights(module)
 
@@ -236,6 +245,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         timesteps: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         diffusion_targets: torch.Tensor | None = None,
+        diffusion_loss_weights: torch.Tensor | None = None,
         cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -259,6 +269,8 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 Text targets, usually `input_ids`; shifted inside; `-100` is ignored.
             diffusion_targets (`torch.Tensor` of shape `(num_images, C, H, W)`, *optional*):
                 Targets of the image head in the units of `config.prediction_type` (see `transfusion_hf.noising`).
+            diffusion_loss_weights (`torch.Tensor` of shape `(num_images,)`, *optional*):
+                Per-image weights of the diffusion MSE (min-SNR-gamma, from `transfusion_hf.noising`).
             cache (`Cache`, *optional*):
                 KV cache of the prefix; the new positions are `input_ids`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*):
@@ -293,6 +305,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 cache=cache,
                 position_ids=position_ids,
+                bidirectional_images=self.config.image_attention == "bidirectional",
             )
         outputs = self.model(
             inputs_embeds=hidden_inputs,
@@ -311,7 +324,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             predictions = self.image_decoder(image_hidden, timesteps, skips)
 
         loss, lm_loss, diff_loss = self._compute_losses(
-            logits, labels, input_ids, attention_mask, predictions, diffusion_targets, logits_to_keep
+            logits, labels, input_ids, attention_mask, predictions, diffusion_targets, diffusion_loss_weights
         )
         output = TransfusionOutput(
             loss=loss,
@@ -332,7 +345,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         predictions: torch.Tensor | None,
         diffusion_targets: torch.Tensor | None,
-        logits_to_keep: int | torch.Tensor,
+        diffusion_loss_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         lm_loss = diff_loss = None
         if labels is not None:
@@ -344,7 +357,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         if diffusion_targets is not None:
             if predictions is None:
                 raise ValueError("`diffusion_targets` were given but the batch holds no images (`latents`).")
-            diff_loss = diffusion_loss(predictions, diffusion_targets)
+            diff_loss = diffusion_loss(predictions, diffusion_targets, diffusion_loss_weights)
         if lm_loss is None and diff_loss is None:
             return None, None, None
         zero = logits.new_zeros((), dtype=torch.float32)

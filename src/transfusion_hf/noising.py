@@ -12,8 +12,16 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 from .configuration_transfusion import PREDICTION_TYPES
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+SNR_WEIGHTINGS = ("min_snr", "truncated_min_snr")
+# Below this SNR (t > ~935 of the cosine schedule) an epsilon prediction says next to nothing about the image: the
+# implied x0 divides by sqrt(alpha_bar) < 0.1. "truncated_min_snr" caps the epsilon weights there instead of letting
+# them grow to 1 / SNR ~ 4e8 at t = 999.
+MIN_SNR_OF_WEIGHTS = 0.01
 
 
 @dataclass
@@ -24,11 +32,14 @@ class NoisedImages:
         latents (`torch.Tensor` of shape `(num_images, C, H, W)`): noisy latents x_t.
         timesteps (`torch.Tensor` of shape `(num_images,)`): the time of each image in `[0, num_train_timesteps]`.
         targets (`torch.Tensor` of shape `(num_images, C, H, W)`): in the units of the prediction type.
+        loss_weights (`torch.Tensor` of shape `(num_images,)`, *optional*): per-image weights of the diffusion MSE
+            (min-SNR-gamma), None for plain MSE.
     """
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     targets: torch.Tensor
+    loss_weights: torch.Tensor | None = None
 
 
 class TransfusionNoiser:
@@ -42,6 +53,17 @@ class TransfusionNoiser:
         image_first_max_timestep (`int`, defaults to 500): noise limit for image-first pairs, of 1000.
         caption_dropout_probability (`float`, defaults to 0.1): share of caption-first pairs whose caption is dropped,
             so the model also learns the unconditional distribution that classifier-free guidance needs.
+        snr_gamma (`float`, *optional*): min-SNR-gamma loss weighting (Hang et al., 2023) for `"epsilon"` and
+            `"v_prediction"`, with diffusers' `compute_snr`: the per-image MSE is weighted so that it equals
+            `min(SNR, gamma)` times the error on the clean image. Without it an epsilon loss weights the clean-image
+            error by SNR itself, which is thousands at low noise and almost nothing at high noise.
+        snr_weighting (`str`, defaults to `"min_snr"`): with `snr_gamma`, `"min_snr"` weights the clean-image error by
+            `min(SNR, gamma)` (Hang et al.), which still gives it almost no weight at high noise, where layout is
+            decided; `"truncated_min_snr"` by `clip(SNR, 1, gamma)` (the truncated SNR weighting of Salimans and Ho,
+            2022, capped like min-SNR), so high-noise steps learn the image as v-prediction and flow matching do.
+        timestep_sampling (`str`, defaults to `"uniform"`): `"uniform"`, or `"logit_normal"` (SD3: flow-matching times
+            drawn as `sigmoid(N(logit_mean, logit_std))`, more of them in the middle; `"flow_prediction"` only).
+        logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0): of `"logit_normal"`.
     """
 
     def __init__(
@@ -51,6 +73,11 @@ class TransfusionNoiser:
         image_first_probability: float = 0.2,
         image_first_max_timestep: int = 500,
         caption_dropout_probability: float = 0.1,
+        snr_gamma: float | None = None,
+        snr_weighting: str = "min_snr",
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
@@ -66,6 +93,28 @@ class TransfusionNoiser:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+        if snr_gamma is not None and (not isinstance(snr_gamma, (int, float)) or snr_gamma <= 0):
+            raise ValueError(f"`snr_gamma` must be a positive number, got {snr_gamma!r}.")
+        if snr_gamma is not None and is_flow:
+            raise ValueError(
+                f"`snr_gamma`={snr_gamma} applies to 'epsilon' and 'v_prediction' (DDPM-type schedulers), not to "
+                "'flow_prediction'."
+            )
+        if snr_weighting not in SNR_WEIGHTINGS:
+            raise ValueError(f"`snr_weighting` must be one of {SNR_WEIGHTINGS}, got {snr_weighting!r}.")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"`timestep_sampling` must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}.")
+        if timestep_sampling == "logit_normal" and not is_flow:
+            raise ValueError(
+                f"`timestep_sampling`='logit_normal' draws flow-matching times; got `prediction_type`={prediction_type!r}."
+            )
+        if logit_std <= 0:
+            raise ValueError(f"`logit_std` must be positive, got {logit_std!r}.")
+        self.snr_gamma = snr_gamma
+        self.snr_weighting = snr_weighting
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         if not 0 < image_first_max_timestep <= self.num_train_timesteps:
             raise ValueError(
@@ -98,7 +147,13 @@ class TransfusionNoiser:
             `torch.Tensor` of shape `(num_images,)`: integers for DDPM-style schedulers, `sigma * T` floats for flow
             matching.
         """
-        uniform = torch.rand(max_timesteps.shape[0], generator=generator)
+        uniform = compute_density_for_timestep_sampling(
+            self.timestep_sampling,
+            max_timesteps.shape[0],
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            generator=generator,
+        )
         if self.prediction_type == "flow_prediction":
             return uniform * max_timesteps.float()
         return torch.minimum((uniform * (max_timesteps.float() + 1)).long(), max_timesteps.long())
@@ -124,7 +179,45 @@ class TransfusionNoiser:
             target = self.scheduler.get_velocity(clean_latents, noise, timesteps)
         else:
             target = noise
-        return NoisedImages(noisy, timesteps, target)
+        return NoisedImages(noisy, timesteps, target, self.loss_weights(timesteps))
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma weights of each image's MSE (diffusers' recipe), or None without `snr_gamma`.
+
+        Args:
+            timesteps (`torch.Tensor` of shape `(num_images,)`): integer DDPM timesteps.
+        """
+        if self.snr_gamma is None:
+            return None
+        snr = compute_snr(self.scheduler, timesteps.long())
+        if self.snr_weighting == "min_snr":
+            clean_weight = torch.clamp(snr, max=self.snr_gamma)
+        else:
+            clean_weight = torch.clamp(snr, min=1.0, max=max(self.snr_gamma, 1.0))
+            snr = torch.clamp(snr, min=MIN_SNR_OF_WEIGHTS)
+        # epsilon MSE = SNR * x0 MSE and v MSE = (SNR + 1) * x0 MSE: dividing leaves clean_weight * x0 MSE.
+        return clean_weight / snr if self.prediction_type == "epsilon" else clean_weight / (snr + 1)
+
+    def predict_clean(self, noisy_latents: torch.Tensor, predictions: torch.Tensor, timesteps: torch.Tensor):
+        """The clean latents x0 implied by a prediction (or a target) in the units of the prediction type.
+
+        Args:
+            noisy_latents (`torch.Tensor` of shape `(num_images, C, H, W)`): x_t.
+            predictions (`torch.Tensor` of shape `(num_images, C, H, W)`): noise, velocity or flow.
+            timesteps (`torch.Tensor` of shape `(num_images,)`).
+
+        Returns:
+            `torch.Tensor` of shape `(num_images, C, H, W)` in float32.
+        """
+        noisy, predictions = noisy_latents.float(), predictions.float()
+        if self.prediction_type == "flow_prediction":
+            sigmas = (timesteps.float() / self.num_train_timesteps).to(noisy.device)[:, None, None, None]
+            return noisy - sigmas * predictions
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(noisy.device)[timesteps.long()][:, None, None, None]
+        alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+        if self.prediction_type == "v_prediction":
+            return alpha * noisy - sigma * predictions
+        return (noisy - sigma * predictions) / alpha
 
     def __call__(
         self, clean_latents: torch.Tensor, image_first: torch.Tensor, generator: torch.Generator

@@ -321,7 +321,7 @@ class TransfusionDataCollator:
         ).float()
         noised = self.noiser(clean, image_first, generator)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -329,6 +329,9 @@ class TransfusionDataCollator:
             "timesteps": noised.timesteps,
             "diffusion_targets": noised.targets,
         }
+        if noised.loss_weights is not None:
+            batch["diffusion_loss_weights"] = noised.loss_weights
+        return batch
 
 
 __all__ = [

@@ -106,7 +106,64 @@ def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
         )
 
 
+class CleanImageErrorTracker:
+    """Error of the clean image implied by the model's predictions, per timestep bucket, against the mean image.
+
+    A diffusion loss can fall while the model predicts the mean image at high noise, where layout is decided (an
+    epsilon MSE weights the clean-image error by SNR, which is almost 0 there), and samples then collapse to the mean
+    image. Logged per bucket as `x0_error_ratio/t<lo>-<hi>`: the median over the bucket's images of (MSE of the
+    implied x0) / (MSE of the batch's mean image). 1.0 is no better than the mean image; a working model goes well
+    below 1 in every bucket. The median, because an epsilon model's implied x0 near t = 1000 divides by
+    sqrt(alpha_bar) ~ 5e-5 and one such image would swamp a mean.
+
+    Args:
+        noiser (`TransfusionNoiser`): converts predictions and targets to clean images.
+        num_buckets (`int`, defaults to 4): equal slices of `[0, num_train_timesteps]`.
+    """
+
+    def __init__(self, noiser, num_buckets: int = 4):
+        self.noiser = noiser
+        self.num_buckets = num_buckets
+        self.reset()
+
+    def reset(self) -> None:
+        self.ratios: list[list[torch.Tensor]] = [[] for _ in range(self.num_buckets)]
+
+    @torch.no_grad()
+    def update(self, batch: dict, predictions: torch.Tensor | None) -> None:
+        """Add one batch.
+
+        Args:
+            batch (`dict`): the collator's batch (`latents`, `timesteps`, `diffusion_targets`).
+            predictions (`torch.Tensor` of shape `(num_images, C, H, W)`): the model's diffusion predictions.
+        """
+        if predictions is None or predictions.shape[0] < 2:
+            return
+        timesteps = batch["timesteps"]
+        clean = self.noiser.predict_clean(batch["latents"], batch["diffusion_targets"], timesteps)
+        predicted = self.noiser.predict_clean(batch["latents"], predictions.detach(), timesteps)
+        model_error = (predicted - clean).pow(2).flatten(1).mean(1)
+        mean_image_error = (clean.mean(0, keepdim=True) - clean).pow(2).flatten(1).mean(1)
+        ratio = (model_error / mean_image_error.clamp_min(1e-12)).cpu()
+        fraction = timesteps.float().cpu() / self.noiser.num_train_timesteps
+        bucket = (fraction * self.num_buckets).long().clamp(0, self.num_buckets - 1)
+        for index in range(self.num_buckets):
+            self.ratios[index].append(ratio[bucket == index])
+
+    def compute(self) -> dict[str, float]:
+        """The median ratios of the batches since the last reset (buckets without images left out), then reset."""
+        width = self.noiser.num_train_timesteps // self.num_buckets
+        result = {}
+        for index, parts in enumerate(self.ratios):
+            values = torch.cat(parts) if parts else torch.empty(0)
+            if values.numel():
+                result[f"x0_error_ratio/t{index * width}-{(index + 1) * width}"] = float(values.median())
+        self.reset()
+        return result
+
+
 __all__ = [
+    "CleanImageErrorTracker",
     "warmup_cosine_schedule",
     "list_checkpoints",
     "save_checkpoint",

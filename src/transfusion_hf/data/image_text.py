@@ -1,5 +1,5 @@
-"""Image-caption data for training: load from the Hub, a local image folder, or the built-in shapes, then encode every
-image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute)."""
+"""Image-caption data for training: load from the Hub, a local image folder, or the built-in shapes or glyphs, then
+encode every image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute)."""
 
 from __future__ import annotations
 
@@ -31,12 +31,15 @@ def load_image_text_dataset(
     cache_dir: str | None = None,
     shapes_num_samples: int = 20000,
     seed: int = 0,
+    glyphs_num_samples: int = 20000,
+    glyphs_resolution: int = 32,
 ) -> datasets.Dataset:
     """Load an image-caption data set with `datasets`.
 
-    Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), another `dataset_name` (a Hub data
-    set, e.g. `"lambdalabs/naruto-blip-captions"`), or `train_data_dir` (a folder of images with a `metadata.jsonl`
-    holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder).
+    Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="glyphs"` (the
+    built-in rendered characters, `glyphs_num_samples` rows at `glyphs_resolution` px), another `dataset_name` (a
+    Hub data set, e.g. `"lambdalabs/naruto-blip-captions"`), or `train_data_dir` (a folder of images with a
+    `metadata.jsonl` holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder).
 
     Images are left undecoded (`Image(decode=False)`), so that a corrupt file can be counted and skipped later
     instead of crashing the data loader.
@@ -55,6 +58,13 @@ def load_image_text_dataset(
         from .shapes import load_shapes_dataset
 
         dataset = load_shapes_dataset(split="train", num_samples=shapes_num_samples, seed=seed)
+        image_column, caption_column = "image", "text"
+    elif dataset_name == "glyphs":
+        from .glyphs import load_glyphs_dataset
+
+        dataset = load_glyphs_dataset(
+            split="train", num_samples=glyphs_num_samples, seed=seed, resolution=glyphs_resolution
+        )
         image_column, caption_column = "image", "text"
     elif dataset_name is not None:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
@@ -147,7 +157,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     """The data options shared by the training scripts (`train_transfusion.py`, `train_vae.py`); returns the group so a
     script can add its own."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help="Hub data set id, or 'shapes' for the built-in data.")
+    data.add_argument(
+        "--dataset_name", default=None, help="Hub data set id, or 'shapes' / 'glyphs' for the built-in data."
+    )
     data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name (e.g. --dataset shapes).")
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--dataset_split", default="train")
@@ -160,6 +172,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--shapes_num_samples", type=int, default=20000)
+    data.add_argument("--glyphs_num_samples", type=int, default=20000, help="Rows of the built-in glyphs.")
     data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
     return data
 
@@ -177,6 +190,9 @@ def load_dataset_from_args(args: argparse.Namespace) -> datasets.Dataset:
         cache_dir=args.cache_dir,
         shapes_num_samples=args.shapes_num_samples,
         seed=args.seed,
+        # getattr: a script may build its namespace without the glyphs options; glyphs render at the training size.
+        glyphs_num_samples=getattr(args, "glyphs_num_samples", 20000),
+        glyphs_resolution=getattr(args, "resolution", 32),
     )
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))

@@ -1,14 +1,34 @@
-"""Evaluation on the captioned-shapes data set: a rule-based judge that reads images back, and accuracy metrics."""
+"""Evaluation: rule-based judge and accuracy metrics for the captioned shapes, a learned judge for the glyphs, and
+label-free image-quality checks (patch seams, collapse to the mean, diversity)."""
 
+from transfusion_hf.evaluation.glyph_judge import (
+    GlyphJudge,
+    GlyphJudgement,
+    glyph_caption_accuracy,
+    glyph_text_to_image_accuracy,
+    judge_glyph,
+    load_glyph_judge,
+)
+from transfusion_hf.evaluation.image_quality import diversity_score, mean_image_score, sharpness_score, tile_seam_score
 from transfusion_hf.evaluation.judge import JudgeResult, judge_image, judge_image_details, to_rgb_array
 from transfusion_hf.evaluation.metrics import ATTRIBUTES, caption_accuracy, text_to_image_accuracy
 
 __all__ = [
     "ATTRIBUTES",
+    "GlyphJudge",
+    "GlyphJudgement",
     "JudgeResult",
     "caption_accuracy",
+    "diversity_score",
+    "glyph_caption_accuracy",
+    "glyph_text_to_image_accuracy",
+    "judge_glyph",
     "judge_image",
     "judge_image_details",
+    "load_glyph_judge",
+    "mean_image_score",
+    "sharpness_score",
     "text_to_image_accuracy",
+    "tile_seam_score",
     "to_rgb_array",
 ]
