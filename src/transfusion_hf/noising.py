@@ -102,6 +102,8 @@ class TransfusionNoiser:
             )
         if snr_weighting not in SNR_WEIGHTINGS:
             raise ValueError(f"`snr_weighting` must be one of {SNR_WEIGHTINGS}, got {snr_weighting!r}.")
+        if snr_weighting != "min_snr" and snr_gamma is None:
+            raise ValueError(f"`snr_weighting`={snr_weighting!r} needs `snr_gamma` (the cap of the weights).")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"`timestep_sampling` must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}.")
         if timestep_sampling == "logit_normal" and not is_flow:

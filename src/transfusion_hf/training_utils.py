@@ -144,11 +144,13 @@ class CleanImageErrorTracker:
         predicted = self.noiser.predict_clean(batch["latents"], predictions.detach(), timesteps)
         model_error = (predicted - clean).pow(2).flatten(1).mean(1)
         mean_image_error = (clean.mean(0, keepdim=True) - clean).pow(2).flatten(1).mean(1)
-        ratio = (model_error / mean_image_error.clamp_min(1e-12)).cpu()
+        # An image equal to the batch mean (e.g. a batch of one repeated image) has no baseline to compare with.
+        has_baseline = (mean_image_error > 1e-8).cpu()
+        ratio = (model_error / mean_image_error.clamp_min(1e-8)).cpu()
         fraction = timesteps.float().cpu() / self.noiser.num_train_timesteps
         bucket = (fraction * self.num_buckets).long().clamp(0, self.num_buckets - 1)
         for index in range(self.num_buckets):
-            self.ratios[index].append(ratio[bucket == index])
+            self.ratios[index].append(ratio[(bucket == index) & has_baseline])
 
     def compute(self) -> dict[str, float]:
         """The median ratios of the batches since the last reset (buckets without images left out), then reset."""

@@ -1,0 +1,721 @@
+"""The training-recipe fixes: U-Net patch layers from diffusers' blocks with fan-in init, U-Net skip selection, causal
+image attention, min-SNR-gamma weights, logit-normal timesteps, clean-image prediction and its error tracker, and the
+training script's early checks of the new flags."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from pipeline_components import get_tokenizer
+from tiny_configs import (
+    IMAGE_TOKEN_ID,
+    image_block,
+    llama_text_config,
+    mixed_batch,
+    pad_rows,
+    perturb_zero_init,
+    random_text,
+    tiny_config,
+)
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf.image_layers import TransfusionTimestepEmbedding, sinusoidal_timestep_features
+from transfusion_hf.loss_transfusion import diffusion_loss
+from transfusion_hf.masking_transfusion import build_transfusion_mask
+from transfusion_hf.noising import TransfusionNoiser
+from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from transfusion_hf.training_utils import CleanImageErrorTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_transfusion.py"
+PREDICTION_TYPES = ["epsilon", "v_prediction", "flow_prediction"]
+
+
+def make_model(config: TransfusionConfig, seed: int = 0, perturb: bool = False) -> TransfusionForMixedModal:
+    torch.manual_seed(seed)
+    model = TransfusionForMixedModal(config)
+    if perturb:
+        perturb_zero_init(model, seed=seed)
+    return model.eval()
+
+
+def shapes_unet_config(**overrides) -> TransfusionConfig:
+    """The image layers of examples/configs/model_shapes_unet.json (pixel space, 32x32, patch 8, a 16 -> 128 channel
+    U-Net) on a 64-wide, 2-layer backbone."""
+    preset = json.loads((ROOT / "examples" / "configs" / "model_shapes_unet.json").read_text())
+    fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
+    assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [16, 32, 64, 128]
+    fields.update(latent_channels=3, latent_size=32)
+    fields.update(overrides)
+    return tiny_config(text_config=llama_text_config(hidden_size=64, intermediate_size=128), **fields)
+
+
+def ddpm(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The training script's DDPM (squaredcos_cap_v2, no clipping)."""
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type=prediction_type)
+
+
+def scheduler_for(prediction_type: str):
+    return FlowMatchEulerDiscreteScheduler() if prediction_type == "flow_prediction" else ddpm(prediction_type)
+
+
+def random_images(num: int, seed: int = 0, shape=(4, 4, 4), scale: float = 1.0) -> torch.Tensor:
+    return torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ============================================================================================ U-Net initialisation
+def test_unet_encoder_keeps_the_signal_at_every_level():
+    """Before the fan-in init, N(0, 0.02) convs shrank the features level by level (std 0.062, 0.0023, 1.7e-4,
+    2.5e-5) and the image tokens reached the transformer at std ~0.001."""
+    config = shapes_unet_config()
+    model = make_model(config)
+    latents = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    timesteps = torch.tensor([0.0, 300.0, 600.0, 999.0])
+    with torch.no_grad():
+        tokens, skips = model.image_encoder(latents, timesteps)
+        hidden_states = model(**image_only_inputs(config, latents, timesteps), output_hidden_states=True).hidden_states
+    assert [tuple(skip.shape[1:]) for skip in skips] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    stds = [float(skip.std()) for skip in skips]
+    assert all(0.05 <= std <= 5.0 for std in stds), stds
+    assert tokens.shape == (4, 16, 64)
+    assert float(tokens.std()) > 0.05, float(tokens.std())
+    # What the backbone actually receives at the image positions (tokens + patch position embedding).
+    image_positions = image_only_inputs(config, latents, timesteps)["input_ids"] == config.image_token_id
+    assert float(hidden_states[image_positions].std()) > 0.05
+    # Comparable to the linear encoder's tokens on the same input (same order of magnitude).
+    linear = make_model(shapes_unet_config(patch_encoder="linear"))
+    with torch.no_grad():
+        linear_tokens, _ = linear.image_encoder(latents, timesteps)
+    assert 0.1 < float(tokens.std()) / float(linear_tokens.std()) < 10
+
+
+def test_unet_layers_keep_fan_in_init_and_output_layers_start_at_zero():
+    config = shapes_unet_config()
+    model = make_model(config)
+    for part in (model.image_encoder, model.image_decoder):
+        for name, layer in part.named_modules():
+            if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            if getattr(layer, "_transfusion_zero_init", False):
+                assert name == "conv_out" and part is model.image_decoder
+                continue
+            assert getattr(layer, "_transfusion_default_init", False), name
+            # PyTorch's kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in),
+            # not transformers' 0.02.
+            fan_in = layer.weight[0].numel()
+            expected = (3 * fan_in) ** -0.5
+            assert 0.8 * expected < float(layer.weight.detach().std()) < 1.2 * expected, (
+                name,
+                float(layer.weight.detach().std()),
+            )
+            assert float(layer.weight.detach().abs().max()) <= fan_in**-0.5 + 1e-6, name
+
+
+def test_unet_decoder_is_zero_at_init_but_gets_gradients():
+    config = shapes_unet_config()
+    model = make_model(config).train()
+    latents = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 0.5
+    inputs = image_only_inputs(config, latents, torch.tensor([100.0, 700.0]))
+    output = model(**inputs, diffusion_targets=torch.randn_like(latents))
+    assert torch.count_nonzero(output.diffusion_predictions) == 0
+    output.loss.backward()
+    conv_out = model.image_decoder.conv_out
+    assert conv_out.weight.grad.abs().sum() > 0 and conv_out.bias.grad.abs().sum() > 0
+    # One optimizer step later the decoder's output (and the gradients upstream of conv_out) are live.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    output = model(**inputs, diffusion_targets=torch.randn_like(latents))
+    assert torch.count_nonzero(output.diffusion_predictions) > 0
+    output.loss.backward()
+    assert model.image_decoder.levels[0][0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_timestep_features_are_unchanged_by_the_move_to_diffusers():
+    """diffusers' `get_timestep_embedding` gives the features of the earlier hand-written code (cosines first), so
+    linear-encoder checkpoints keep their behaviour."""
+    timesteps = torch.tensor([0.0, 0.5, 1.0, 37.0, 500.0, 999.0, 1000.0])
+    dim, max_period = 32, 10000.0
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angles = timesteps[:, None] * frequencies[None]
+    expected = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    torch.testing.assert_close(sinusoidal_timestep_features(timesteps, dim), expected)
+    embedding = TransfusionTimestepEmbedding(dim, 48)
+    assert [name for name, _ in embedding.named_parameters()] == [
+        "linear_1.weight",
+        "linear_1.bias",
+        "linear_2.weight",
+        "linear_2.bias",
+    ]
+    with torch.no_grad():
+        hand = embedding.linear_2(torch.nn.functional.silu(embedding.linear_1(expected)))
+        torch.testing.assert_close(embedding(timesteps), hand)
+
+
+def test_unet_save_and_load_is_bit_exact(tmp_path):
+    """`_init_weights` must not overwrite loaded U-Net weights with a fresh fan-in init."""
+    config = shapes_unet_config()
+    model = make_model(config, seed=0, perturb=True)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # a fresh init now would differ from the saved weights
+    loaded = TransfusionForMixedModal.from_pretrained(tmp_path)
+    fresh = make_model(config, seed=123)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    image_keys = [key for key in saved if key.startswith(("image_encoder.", "image_decoder."))]
+    assert len(image_keys) > 40
+    for key in image_keys:
+        assert torch.equal(restored[key], saved[key]), key
+    assert not torch.equal(fresh.state_dict()["image_encoder.conv_in.weight"], saved["image_encoder.conv_in.weight"])
+
+
+def image_only_inputs(config: TransfusionConfig, latents: torch.Tensor, timesteps: torch.Tensor) -> dict:
+    """One `<text> <boi> <image>*N <eoi>` row per image."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [random_text(generator, 3) + image_block(config) for _ in range(latents.shape[0])]
+    input_ids, attention_mask = pad_rows(rows)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "latents": latents, "timesteps": timesteps}
+
+
+# ============================================================================================ U-Net skips
+@pytest.mark.parametrize(
+    ("skip_connections", "used_levels"),
+    [("none", []), ("fine", [0]), ("coarse", [1, 2, 3]), ("all", [0, 1, 2, 3])],
+)
+def test_unet_decoder_reads_only_the_selected_skips(skip_connections, used_levels):
+    config = shapes_unet_config(unet_skip_connections=skip_connections)
+    model = make_model(config, perturb=True)  # non-zero conv_out: the output depends on its inputs
+    latents = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 0.5
+    timesteps = torch.tensor([200.0, 800.0])
+    with torch.no_grad():
+        tokens, skips = model.image_encoder(latents, timesteps)
+        reference = model.image_decoder(tokens, timesteps, skips)
+        for level in range(4):
+            perturbed = list(skips)
+            perturbed[level] = skips[level] + torch.randn_like(skips[level])
+            change = (model.image_decoder(tokens, timesteps, perturbed) - reference).abs().max()
+            if level in used_levels:
+                assert change > 1e-4, (skip_connections, level)
+            else:
+                assert change == 0, (skip_connections, level)
+        # Sanity: the decoder does read the transformer's hidden states.
+        assert (model.image_decoder(tokens + 1.0, timesteps, skips) - reference).abs().max() > 1e-4
+
+
+def test_unet_skip_levels_set_the_decoder_widths():
+    for skip_connections, finest, deepest in (
+        ("none", 32, 128),
+        ("fine", 32 + 16, 128),
+        ("coarse", 32, 128 + 128),
+        ("all", 32 + 16, 128 + 128),
+    ):
+        decoder = make_model(shapes_unet_config(unet_skip_connections=skip_connections)).image_decoder
+        # The last up level (full resolution, 16 channels) takes the 32-channel upsampled map (+ the level-0 skip);
+        # the first takes the 128 channels of `proj` (+ the level-3 skip).
+        assert decoder.levels[-1][0].conv1.in_channels == finest, skip_connections
+        assert decoder.levels[0][0].conv1.in_channels == deepest, skip_connections
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("unet_skip_connections", "some"), ("image_attention", "bidirectional_images")]
+)
+def test_invalid_new_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+
+
+def test_new_config_fields_defaults_and_round_trip(tmp_path):
+    config = tiny_config()
+    # "fine": the documented default (the full-resolution skip only).
+    assert config.unet_skip_connections == "fine" and config.image_attention == "bidirectional"
+    config = tiny_config(patch_encoder="unet", unet_skip_connections="none", image_attention="causal")
+    config.save_pretrained(tmp_path)
+    loaded = TransfusionConfig.from_pretrained(tmp_path)
+    assert loaded.unet_skip_connections == "none" and loaded.image_attention == "causal"
+
+
+# ============================================================================================ causal image attention
+def allowed_pattern(mask: torch.Tensor) -> torch.BoolTensor:
+    """(batch, q, kv) booleans from an sdpa (bool) or eager (additive float) 4D mask."""
+    assert mask.dim() == 4 and mask.shape[1] == 1, mask.shape
+    return mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_causal_image_mask_is_a_plain_causal_mask(attn_implementation):
+    config = tiny_config()
+    text_config = copy.deepcopy(config.text_config)
+    text_config._attn_implementation = attn_implementation
+    generator = torch.Generator().manual_seed(4)
+    rows = [
+        random_text(generator, 2) + image_block(config) + random_text(generator, 1) + image_block(config),
+        random_text(generator, 3) + image_block(config) + image_block(config) + random_text(generator, 2),
+        random_text(generator, 4),
+    ]
+    input_ids, attention_mask = pad_rows(rows)
+    length = input_ids.shape[1]
+    real = attention_mask.bool()
+    embeds = torch.zeros(*input_ids.shape, 32)
+    for padding in (None, attention_mask):
+        causal = torch.ones(length, length, dtype=torch.bool).tril()[None].expand(len(rows), -1, -1)
+        if padding is not None:
+            causal = causal & attention_mask[:, None, :].bool()
+        mask = build_transfusion_mask(
+            text_config, embeds, input_ids, IMAGE_TOKEN_ID, attention_mask=padding, bidirectional_images=False
+        )
+        allowed = allowed_pattern(mask)
+        assert torch.equal(allowed[real], causal[real])
+        # The default (bidirectional) mask adds exactly the later patches of the same image, and nothing else.
+        bidirectional = allowed_pattern(
+            build_transfusion_mask(text_config, embeds, input_ids, IMAGE_TOKEN_ID, attention_mask=padding)
+        )
+        extra = bidirectional & ~causal
+        assert (bidirectional | causal).equal(bidirectional)
+        assert extra.any()
+        query_images = input_ids[:, :, None] == IMAGE_TOKEN_ID
+        key_images = input_ids[:, None, :] == IMAGE_TOKEN_ID
+        assert not (extra & ~(query_images & key_images)).any()
+
+
+@pytest.mark.parametrize("image_attention", ["bidirectional", "causal"])
+def test_causal_image_attention_first_patch_ignores_later_patches(image_attention):
+    # Linear patch layers: patch k's input and output are exactly its own 2x2 window (a U-Net mixes windows).
+    config = tiny_config(image_attention=image_attention)
+    model = make_model(config, perturb=True)
+    batch = mixed_batch(config, [[3, 2], [2, 4]], seed=5)
+    batch.pop("diffusion_targets")
+    perturbed = {key: value.clone() for key, value in batch.items()}
+    perturbed["latents"][:, :, :, 2:] += 1.0  # patches 1 and 3 (right column)
+    perturbed["latents"][:, :, 2:, :] += 1.0  # patches 2 and 3 (bottom row)
+    with torch.no_grad():
+        before = model(**batch).diffusion_predictions
+        after = model(**perturbed).diffusion_predictions
+    first_patch_change = (after[:, :, :2, :2] - before[:, :, :2, :2]).abs().max()
+    if image_attention == "causal":
+        assert first_patch_change == 0
+    else:
+        assert first_patch_change > 1e-6
+    # Later patches change either way.
+    assert (after[:, :, 2:, 2:] - before[:, :, 2:, 2:]).abs().max() > 1e-6
+
+
+# ============================================================================================ min-SNR-gamma
+def snr_of(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps].double()
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weights_match_the_formula(prediction_type):
+    scheduler = ddpm(prediction_type)
+    gamma = 5.0
+    noiser = TransfusionNoiser(scheduler, prediction_type, snr_gamma=gamma)
+    assert noiser.snr_weighting == "min_snr"
+    timesteps = torch.tensor([0, 10, 100, 250, 500, 750, 999])
+    snr = snr_of(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    weights = noiser.loss_weights(timesteps)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-7)
+    # Low noise (SNR > gamma) is down-weighted; high noise keeps epsilon's weight 1 / v's SNR / (SNR + 1).
+    assert weights[0] < 1e-3 and weights[1] < 1.0
+    if prediction_type == "epsilon":
+        assert weights[-1] == pytest.approx(1.0)
+    assert weights.shape == timesteps.shape and torch.isfinite(weights).all()
+    # add_noise carries them; without snr_gamma there are none.
+    latents = random_images(len(timesteps))
+    noised = noiser.add_noise(latents, timesteps, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noised.loss_weights, weights)
+    plain = TransfusionNoiser(scheduler, prediction_type)
+    assert plain.loss_weights(timesteps) is None
+    assert plain.add_noise(latents, timesteps, torch.Generator().manual_seed(0)).loss_weights is None
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_truncated_min_snr_weights_match_the_formula(prediction_type):
+    """`truncated_min_snr`: clean-image weight clip(SNR, 1, gamma); the SNR divided by is floored at 0.01."""
+    scheduler = ddpm(prediction_type)
+    gamma = 5.0
+    noiser = TransfusionNoiser(scheduler, prediction_type, snr_gamma=gamma, snr_weighting="truncated_min_snr")
+    timesteps = torch.tensor([0, 10, 100, 250, 500, 750, 900, 950, 999])
+    snr = snr_of(scheduler, timesteps)
+    clean_weight = snr.clamp(min=1.0, max=gamma)
+    floored = snr.clamp(min=0.01)
+    expected = clean_weight / floored if prediction_type == "epsilon" else clean_weight / (floored + 1)
+    weights = noiser.loss_weights(timesteps)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(weights).all()
+    min_snr = TransfusionNoiser(scheduler, prediction_type, snr_gamma=gamma).loss_weights(timesteps)
+    # Same as min-SNR at low noise (SNR >= gamma), larger at high noise (SNR < 1).
+    torch.testing.assert_close(weights[:2], min_snr[:2])
+    high_noise = snr < 1
+    assert high_noise[-4:].all() and (weights[high_noise] > min_snr[high_noise]).all()
+    if prediction_type == "epsilon":
+        # Capped at 1 / 0.01 instead of 1 / SNR ~ 4e8 at t = 999.
+        assert float(weights.max()) == pytest.approx(100.0)
+    # gamma below 1: the clean-image weight is 1 everywhere.
+    low_gamma = TransfusionNoiser(scheduler, prediction_type, snr_gamma=0.5, snr_weighting="truncated_min_snr")
+    expected = 1 / floored if prediction_type == "epsilon" else 1 / (floored + 1)
+    torch.testing.assert_close(low_gamma.loss_weights(timesteps).double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("snr_weighting", ["min_snr", "truncated_min_snr"])
+def test_weighted_loss_is_the_clean_image_error_times_the_clean_weight(snr_weighting):
+    """epsilon MSE = SNR * x0 MSE and v MSE = (SNR + 1) * x0 MSE, so the weighted MSE is min(SNR, gamma) * x0 MSE
+    (min_snr) or clip(SNR, 1, gamma) * x0 MSE (truncated, where SNR >= 0.01)."""
+    gamma = 5.0
+    timesteps = torch.tensor([20, 300, 600, 900])  # SNR >= 0.024: the floor does not apply
+    clean = random_images(4, seed=6)
+    for prediction_type in ("epsilon", "v_prediction"):
+        noiser = TransfusionNoiser(
+            ddpm(prediction_type), prediction_type, snr_gamma=gamma, snr_weighting=snr_weighting
+        )
+        noised = noiser.add_noise(clean, timesteps, torch.Generator().manual_seed(1))
+        predictions = noised.targets + 0.1 * random_images(4, seed=7)
+        per_image_mse = (predictions - noised.targets).pow(2).flatten(1).mean(1)
+        x0_error = (noiser.predict_clean(noised.latents, predictions, timesteps) - clean).pow(2).flatten(1).mean(1)
+        snr = snr_of(noiser.scheduler, timesteps).float()
+        clean_weight = snr.clamp(max=gamma) if snr_weighting == "min_snr" else snr.clamp(min=1.0, max=gamma)
+        torch.testing.assert_close(noised.loss_weights * per_image_mse, clean_weight * x0_error, rtol=1e-3, atol=1e-6)
+
+
+def test_weighted_diffusion_loss():
+    predictions, targets = random_images(3, seed=8), random_images(3, seed=9)
+    weights = torch.tensor([0.5, 2.0, 0.0])
+    per_image = (predictions - targets).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(diffusion_loss(predictions, targets, weights), (weights * per_image).mean())
+    torch.testing.assert_close(diffusion_loss(predictions, targets, None), per_image.mean())
+    torch.testing.assert_close(diffusion_loss(predictions, targets, torch.ones(3)), per_image.mean())
+    for wrong in (torch.ones(2), torch.ones(3, 1), torch.ones(1)):
+        with pytest.raises(ValueError, match="diffusion_loss_weights"):
+            diffusion_loss(predictions, targets, wrong)
+
+
+def test_model_applies_diffusion_loss_weights():
+    config = tiny_config()
+    model = make_model(config, perturb=True)
+    batch = mixed_batch(config, [[3, 2, 4], [2, 3]], seed=10)  # 3 images
+    weights = torch.tensor([0.2, 1.0, 3.0])
+    with torch.no_grad():
+        plain = model(**batch, labels=batch["input_ids"])
+        weighted = model(**batch, labels=batch["input_ids"], diffusion_loss_weights=weights)
+    expected = diffusion_loss(plain.diffusion_predictions, batch["diffusion_targets"], weights)
+    torch.testing.assert_close(weighted.diffusion_loss, expected)
+    assert not torch.allclose(weighted.diffusion_loss, plain.diffusion_loss)
+    torch.testing.assert_close(weighted.loss, weighted.lm_loss + config.diffusion_loss_weight * expected)
+    torch.testing.assert_close(weighted.lm_loss, plain.lm_loss)
+    with pytest.raises(ValueError, match="diffusion_loss_weights"):
+        model(**batch, diffusion_loss_weights=torch.ones(2))
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_collator_adds_loss_weights_only_with_snr_gamma(snr_gamma):
+    tokenizer = get_tokenizer()
+    processor = TransfusionProcessor(tokenizer, image_size=4, num_image_tokens=4)
+    noiser = TransfusionNoiser(ddpm("epsilon"), "epsilon", snr_gamma=snr_gamma)
+    collator = TransfusionDataCollator(processor, noiser, seed=0)
+    latents = random_images(5, seed=11, shape=(4, 4, 4))
+    examples = [{"text": f"caption number {index}", "latents": latents[index]} for index in range(5)]
+    batch = collator(examples)
+    if snr_gamma is None:
+        assert "diffusion_loss_weights" not in batch
+        return
+    weights = batch["diffusion_loss_weights"]
+    assert weights.shape == (5,)
+    torch.testing.assert_close(weights, noiser.loss_weights(batch["timesteps"]))
+
+
+# ============================================================================================ noiser checks
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prediction_type": "flow_prediction", "snr_gamma": 5.0}, "snr_gamma"),
+        ({"prediction_type": "epsilon", "snr_gamma": 0.0}, "snr_gamma"),
+        ({"prediction_type": "v_prediction", "snr_gamma": -1.0}, "snr_gamma"),
+        ({"prediction_type": "epsilon", "snr_gamma": 5.0, "snr_weighting": "max_snr"}, "snr_weighting"),
+        ({"prediction_type": "epsilon", "snr_weighting": "truncated_min_snr"}, "snr_weighting"),
+        ({"prediction_type": "epsilon", "timestep_sampling": "logit_normal"}, "timestep_sampling"),
+        ({"prediction_type": "v_prediction", "timestep_sampling": "logit_normal"}, "timestep_sampling"),
+        ({"prediction_type": "flow_prediction", "timestep_sampling": "cosmap"}, "timestep_sampling"),
+        ({"prediction_type": "flow_prediction", "timestep_sampling": "logit_normal", "logit_std": 0.0}, "logit_std"),
+        ({"prediction_type": "flow_prediction", "timestep_sampling": "logit_normal", "logit_std": -1}, "logit_std"),
+    ],
+)
+def test_invalid_noiser_options_name_the_field(kwargs, field):
+    prediction_type = kwargs.pop("prediction_type")
+    with pytest.raises(ValueError, match=field):
+        TransfusionNoiser(scheduler_for(prediction_type), prediction_type, **kwargs)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_predict_clean_inverts_the_targets(prediction_type):
+    noiser = TransfusionNoiser(scheduler_for(prediction_type), prediction_type)
+    clean = random_images(8, seed=12, scale=2.0)
+    if prediction_type == "flow_prediction":
+        timesteps = torch.tensor([0.0, 0.5, 10.0, 250.0, 500.5, 750.0, 999.0, 1000.0])
+    elif prediction_type == "epsilon":
+        timesteps = torch.tensor([0, 1, 10, 250, 500, 750, 850, 900])  # alpha is tiny near 999
+    else:
+        timesteps = torch.tensor([0, 1, 10, 250, 500, 750, 900, 999])
+    noised = noiser.add_noise(clean, timesteps, torch.Generator().manual_seed(13))
+    recovered = noiser.predict_clean(noised.latents, noised.targets, timesteps)
+    assert recovered.dtype == torch.float32 and recovered.shape == clean.shape
+    torch.testing.assert_close(recovered, clean, atol=1e-4, rtol=0)
+    # A wrong prediction does not give the clean image back.
+    wrong = noiser.predict_clean(noised.latents, noised.targets + 1.0, timesteps)
+    assert (wrong - clean)[3:].abs().amin() > 1e-3
+
+
+def test_logit_normal_timesteps():
+    noiser = TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), "flow_prediction", timestep_sampling="logit_normal")
+    uniform = TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), "flow_prediction")
+    limits = torch.full((4000,), 1000)
+    timesteps = noiser.sample_timesteps(limits, torch.Generator().manual_seed(14))
+    assert timesteps.dtype.is_floating_point
+    assert (timesteps > 0).all() and (timesteps < 1000).all()
+    middle = ((timesteps >= 250) & (timesteps <= 750)).float().mean()
+    uniform_middle = (
+        ((uniform.sample_timesteps(limits, torch.Generator().manual_seed(14)) - 500).abs() <= 250).float().mean()
+    )
+    # sigmoid(N(0, 1)) lands in [0.25, 0.75] with probability 2 * Phi(logit(0.75)) - 1 = 0.73 (uniform: 0.5).
+    assert 0.68 < middle < 0.78, middle
+    assert 0.45 < uniform_middle < 0.55, uniform_middle
+    assert abs(float(timesteps.mean()) - 500) < 15
+    again = noiser.sample_timesteps(limits, torch.Generator().manual_seed(14))
+    assert torch.equal(timesteps, again)
+    assert not torch.equal(timesteps, noiser.sample_timesteps(limits, torch.Generator().manual_seed(15)))
+    # logit_mean shifts them; image-first limits still cap them.
+    later = TransfusionNoiser(
+        FlowMatchEulerDiscreteScheduler(), "flow_prediction", timestep_sampling="logit_normal", logit_mean=1.0
+    ).sample_timesteps(limits, torch.Generator().manual_seed(14))
+    assert float(later.mean()) > float(timesteps.mean()) + 100
+    capped = noiser.sample_timesteps(torch.full((500,), 500), torch.Generator().manual_seed(16))
+    assert (capped > 0).all() and (capped < 500).all()
+    # Through __call__ (and so the collator) the draws are reproducible too.
+    clean = random_images(6, seed=17)
+    image_first = torch.tensor([False, True, False, False, True, False])
+    first = noiser(clean, image_first, torch.Generator().manual_seed(18))
+    second = noiser(clean, image_first, torch.Generator().manual_seed(18))
+    assert torch.equal(first.timesteps, second.timesteps) and torch.equal(first.latents, second.latents)
+    assert (first.timesteps[image_first] <= 500).all()
+
+
+# ============================================================================================ clean-image error tracker
+def implied_mean_image_predictions(noiser, noisy, timesteps, mean_image):
+    """Predictions, in the units of the prediction type, whose implied x0 is `mean_image` for every image."""
+    if noiser.prediction_type == "flow_prediction":
+        sigmas = (timesteps.float() / noiser.num_train_timesteps)[:, None, None, None]
+        return (noisy - mean_image) / sigmas
+    alphas_cumprod = noiser.scheduler.alphas_cumprod[timesteps.long()][:, None, None, None]
+    alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    if noiser.prediction_type == "v_prediction":
+        return (alpha * noisy - mean_image) / sigma
+    return (noisy - alpha * mean_image) / sigma
+
+
+def tracker_batch(noiser, timesteps, seed=19):
+    clean = random_images(len(timesteps), seed=seed)
+    noised = noiser.add_noise(clean, timesteps, torch.Generator().manual_seed(seed))
+    batch = {"latents": noised.latents, "timesteps": noised.timesteps, "diffusion_targets": noised.targets}
+    return batch, clean
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_clean_image_error_tracker(prediction_type):
+    noiser = TransfusionNoiser(scheduler_for(prediction_type), prediction_type)
+    tracker = CleanImageErrorTracker(noiser, num_buckets=4)
+    names = ["x0_error_ratio/t0-250", "x0_error_ratio/t250-500", "x0_error_ratio/t500-750", "x0_error_ratio/t750-1000"]
+    timesteps = torch.tensor([5, 100, 240, 260, 400, 490, 510, 600, 740, 760, 800, 900])
+    if prediction_type == "flow_prediction":
+        timesteps = timesteps.float() + 0.5
+    batch, clean = tracker_batch(noiser, timesteps)
+
+    # Perfect predictions (the targets): ~0 in every bucket.
+    tracker.update(batch, batch["diffusion_targets"])
+    ratios = tracker.compute()
+    assert sorted(ratios) == sorted(names)
+    assert all(ratio < 1e-6 for ratio in ratios.values()), ratios
+    # compute() reset the tracker.
+    assert tracker.compute() == {}
+
+    # Predictions that imply the batch's mean image: ~1 in every bucket (over two batches).
+    mean_image = clean.mean(0, keepdim=True)
+    predictions = implied_mean_image_predictions(noiser, batch["latents"], batch["timesteps"], mean_image)
+    tracker.update(batch, predictions)
+    tracker.update(batch, predictions)
+    ratios = tracker.compute()
+    assert sorted(ratios) == sorted(names)
+    for name, ratio in ratios.items():
+        assert ratio == pytest.approx(1.0, abs=1e-3), (name, ratio)
+
+    # In between: halfway to the mean image gives a quarter of its error.
+    halfway = implied_mean_image_predictions(noiser, batch["latents"], batch["timesteps"], (clean + mean_image) / 2)
+    tracker.update(batch, halfway)
+    for ratio in tracker.compute().values():
+        assert ratio == pytest.approx(0.25, abs=1e-3)
+
+
+def test_clean_image_error_tracker_is_a_median_robust_to_zero_snr_images():
+    """An epsilon model's implied x0 at t = 999 divides by sqrt(alpha_bar) ~ 5e-5: one such image must not swamp its
+    bucket (the ratio is a median over images)."""
+    noiser = TransfusionNoiser(ddpm("epsilon"), "epsilon")
+    tracker = CleanImageErrorTracker(noiser)
+    batch, _ = tracker_batch(noiser, torch.tensor([100, 200, 760, 800, 999]))
+    predictions = batch["diffusion_targets"].clone()
+    predictions[-1] += 0.01
+    tracker.update(batch, predictions)
+    ratios = tracker.compute()
+    assert ratios["x0_error_ratio/t750-1000"] < 1e-6, ratios
+    # The t = 999 image alone is way off (what a mean would have reported).
+    alone = noiser.predict_clean(batch["latents"][-1:], predictions[-1:], batch["timesteps"][-1:])
+    clean = noiser.predict_clean(batch["latents"][-1:], batch["diffusion_targets"][-1:], batch["timesteps"][-1:])
+    assert float((alone - clean).pow(2).mean()) > 1e4
+
+
+def test_clean_image_error_tracker_omits_empty_buckets_and_single_images():
+    noiser = TransfusionNoiser(ddpm("v_prediction"), "v_prediction")
+    tracker = CleanImageErrorTracker(noiser, num_buckets=4)
+    batch, _ = tracker_batch(noiser, torch.tensor([10, 200, 800, 999]))
+    tracker.update(batch, torch.zeros_like(batch["diffusion_targets"]))
+    ratios = tracker.compute()
+    assert sorted(ratios) == ["x0_error_ratio/t0-250", "x0_error_ratio/t750-1000"]
+    assert all(ratio > 0 for ratio in ratios.values())
+    # A batch of one image has no mean image to compare with; no predictions (text-only batch) is skipped.
+    one, _ = tracker_batch(noiser, torch.tensor([300]))
+    tracker.update(one, one["diffusion_targets"])
+    tracker.update(batch, None)
+    assert tracker.compute() == {}
+    # A batch of identical images has no baseline either (it used to report ratios of 1e4-1e7).
+    same = noiser.add_noise(
+        torch.ones(4, 3, 8, 8), torch.tensor([10, 200, 800, 900]), torch.Generator().manual_seed(0)
+    )
+    same_batch = {"latents": same.latents, "timesteps": same.timesteps, "diffusion_targets": same.targets}
+    tracker.update(same_batch, same.targets + 1e-3)
+    assert tracker.compute() == {}
+    # Other bucket counts name their own ranges.
+    tracker = CleanImageErrorTracker(noiser, num_buckets=2)
+    tracker.update(batch, batch["diffusion_targets"])
+    assert sorted(tracker.compute()) == ["x0_error_ratio/t0-500", "x0_error_ratio/t500-1000"]
+
+
+# ============================================================================================ training script flags
+@pytest.fixture(scope="module")
+def train_transfusion():
+    spec = importlib.util.spec_from_file_location("train_transfusion_recipe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BASE = ["--dataset_name", "shapes", "--report_to", "none"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model_config", "tiny", "--snr_gamma", "5", "--prediction_type", "flow_prediction"], "snr_gamma"),
+        (["--snr_gamma", "5", "--snr_weighting", "truncated_min_snr", "--prediction_type", "flow_prediction"], "snr"),
+        (["--model_config", "tiny", "--snr_gamma", "0", "--prediction_type", "epsilon"], "snr_gamma"),
+        (
+            ["--model_config", "tiny", "--timestep_sampling", "logit_normal", "--prediction_type", "epsilon"],
+            "timestep",
+        ),
+        (
+            ["--timestep_sampling", "logit_normal", "--logit_std", "0", "--prediction_type", "flow_prediction"],
+            "logit_std",
+        ),
+        (["--model_config", "no_such_preset"], "model_config"),
+        (["--model_config", "/nonexistent/model.json"], "model_config"),
+    ],
+)
+def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch, flags, message):
+    # Nothing may be loaded before the check: any data loading would fail the test with another error.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded before the arguments were checked")
+
+    monkeypatch.setattr(train_transfusion, "load_dataset_from_args", no_loading)
+    with pytest.raises(ValueError, match=message):
+        train_transfusion.parse_args(BASE + flags)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "shapes_unet"])
+def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(train_transfusion, preset):
+    """Without --prediction_type, the preset's prediction type decides which noising flags are allowed."""
+    prediction_type = train_transfusion.load_model_preset(preset).get("prediction_type", "epsilon")
+    flow_only, ddpm_only = ["--timestep_sampling", "logit_normal"], ["--snr_gamma", "5"]
+    allowed, refused = (flow_only, ddpm_only) if prediction_type == "flow_prediction" else (ddpm_only, flow_only)
+    train_transfusion.parse_args(BASE + ["--model_config", preset] + allowed)
+    with pytest.raises(ValueError, match=refused[0].removeprefix("--")):
+        train_transfusion.parse_args(BASE + ["--model_config", preset] + refused)
+
+
+def test_good_flag_combinations_parse(train_transfusion):
+    args = train_transfusion.parse_args(
+        BASE + ["--model_config", "shapes_unet", "--prediction_type", "epsilon", "--snr_gamma", "5"]
+    )
+    assert args.snr_gamma == 5.0 and args.timestep_sampling == "uniform" and args.snr_weighting == "min_snr"
+    args = train_transfusion.parse_args(
+        BASE + ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--snr_weighting", "truncated_min_snr"]
+    )
+    noiser = train_transfusion.build_noiser(args, "v_prediction")
+    assert noiser.snr_gamma == 5.0 and noiser.snr_weighting == "truncated_min_snr"
+    args = train_transfusion.parse_args(
+        BASE + ["--prediction_type", "flow_prediction", "--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]
+    )
+    noiser = train_transfusion.build_noiser(args, "flow_prediction")
+    assert noiser.timestep_sampling == "logit_normal" and noiser.logit_mean == 0.5 and noiser.logit_std == 1.0
+    assert noiser.snr_gamma is None
+    for bad_choice in (
+        ["--unet_skip_connections", "some"],
+        ["--snr_weighting", "max_snr"],
+        ["--image_attention", "x"],
+    ):
+        with pytest.raises(SystemExit):  # argparse choices
+            train_transfusion.parse_args(BASE + bad_choice)
+
+
+def test_epsilon_inference_scheduler_starts_below_zero_snr(train_transfusion):
+    """The cosine schedule's t = 999 has alpha_bar ~ 2e-9: epsilon sampling starts below it ("leading" spacing)."""
+    args = argparse.Namespace(inference_scheduler=None)
+    for prediction_type in ("epsilon", "v_prediction", "flow_prediction"):
+        train_scheduler = train_transfusion.training_scheduler(prediction_type)
+        scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+        expected = "FlowMatchEulerDiscreteScheduler" if prediction_type == "flow_prediction" else "DPMSolverMultistep"
+        assert type(scheduler).__name__.startswith(expected)
+        scheduler.set_timesteps(25)
+        first = float(scheduler.timesteps[0])
+        if prediction_type == "epsilon":
+            assert scheduler.config.prediction_type == "epsilon"
+            assert 900 < first < 999 and float(train_scheduler.alphas_cumprod[int(first)]) > 1e-4
+        elif prediction_type == "v_prediction":
+            assert scheduler.config.prediction_type == "v_prediction" and first == 999
+        else:
+            assert first == 1000
+
+
+def test_new_model_flags_reach_the_config(train_transfusion):
+    args = train_transfusion.parse_args(
+        BASE
+        + ["--model_config", "tiny", "--patch_encoder", "unet", "--unet_skip_connections", "none"]
+        + ["--image_attention", "causal", "--patch_position_embedding", "false"]
+    )
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    config = model.config
+    assert config.unet_skip_connections == "none" and config.image_attention == "causal"
+    assert config.patch_position_embedding is False and model.patch_position_embedding is None
+    # Without the flags, the preset's fields and the config defaults hold.
+    args = train_transfusion.parse_args(BASE + ["--model_config", "shapes_unet"])
+    assert (
+        args.unet_skip_connections is None and args.image_attention is None and args.patch_position_embedding is None
+    )
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    preset = train_transfusion.load_model_preset("shapes_unet")
+    assert model.config.unet_skip_connections == preset["unet_skip_connections"]
+    assert model.config.image_attention == "bidirectional" and model.patch_position_embedding is not None
