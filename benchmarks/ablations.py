@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-UNET = ["--model_config", "shapes_unet"]
+UNET = ["--model_config", "small_unet"]
 LINEAR = ["--model_config", "shapes", "--patch_encoder", "linear"]
 FLOW = ["--prediction_type", "flow_prediction"]
 EPSILON = ["--prediction_type", "epsilon"]

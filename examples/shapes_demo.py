@@ -36,6 +36,7 @@ RECIPE = [
     "--max_train_steps", "2500",
     "--max_train_time_minutes", "12.5",
     "--learning_rate", "1e-3",
+    "--timestep_sampling", "logit_normal",
     "--lr_warmup_steps", "100",
     "--checkpointing_steps", "500",
     "--logging_steps", "25",

@@ -47,10 +47,10 @@ def make_model(config: TransfusionConfig, seed: int = 0, perturb: bool = False) 
     return model.eval()
 
 
-def shapes_unet_config(**overrides) -> TransfusionConfig:
-    """The image layers of examples/configs/model_shapes_unet.json (pixel space, 32x32, patch 8, a 16 -> 128 channel
+def small_unet_config(**overrides) -> TransfusionConfig:
+    """The image layers of examples/configs/model_small_unet.json (pixel space, 32x32, patch 8, a 16 -> 128 channel
     U-Net) on a 64-wide, 2-layer backbone."""
-    preset = json.loads((ROOT / "examples" / "configs" / "model_shapes_unet.json").read_text())
+    preset = json.loads((ROOT / "examples" / "configs" / "model_small_unet.json").read_text())
     fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
     assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [16, 32, 64, 128]
     fields.update(latent_channels=3, latent_size=32)
@@ -75,7 +75,7 @@ def random_images(num: int, seed: int = 0, shape=(4, 4, 4), scale: float = 1.0) 
 def test_unet_encoder_keeps_the_signal_at_every_level():
     """Before the fan-in init, N(0, 0.02) convs shrank the features level by level (std 0.062, 0.0023, 1.7e-4,
     2.5e-5) and the image tokens reached the transformer at std ~0.001."""
-    config = shapes_unet_config()
+    config = small_unet_config()
     model = make_model(config)
     latents = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.5
     timesteps = torch.tensor([0.0, 300.0, 600.0, 999.0])
@@ -91,14 +91,14 @@ def test_unet_encoder_keeps_the_signal_at_every_level():
     image_positions = image_only_inputs(config, latents, timesteps)["input_ids"] == config.image_token_id
     assert float(hidden_states[image_positions].std()) > 0.05
     # Comparable to the linear encoder's tokens on the same input (same order of magnitude).
-    linear = make_model(shapes_unet_config(patch_encoder="linear"))
+    linear = make_model(small_unet_config(patch_encoder="linear"))
     with torch.no_grad():
         linear_tokens, _ = linear.image_encoder(latents, timesteps)
     assert 0.1 < float(tokens.std()) / float(linear_tokens.std()) < 10
 
 
 def test_unet_layers_keep_fan_in_init_and_output_layers_start_at_zero():
-    config = shapes_unet_config()
+    config = small_unet_config()
     model = make_model(config)
     for part in (model.image_encoder, model.image_decoder):
         for name, layer in part.named_modules():
@@ -120,7 +120,7 @@ def test_unet_layers_keep_fan_in_init_and_output_layers_start_at_zero():
 
 
 def test_unet_decoder_is_zero_at_init_but_gets_gradients():
-    config = shapes_unet_config()
+    config = small_unet_config()
     model = make_model(config).train()
     latents = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 0.5
     inputs = image_only_inputs(config, latents, torch.tensor([100.0, 700.0]))
@@ -162,7 +162,7 @@ def test_timestep_features_are_unchanged_by_the_move_to_diffusers():
 
 def test_unet_save_and_load_is_bit_exact(tmp_path):
     """`_init_weights` must not overwrite loaded U-Net weights with a fresh fan-in init."""
-    config = shapes_unet_config()
+    config = small_unet_config()
     model = make_model(config, seed=0, perturb=True)
     model.save_pretrained(tmp_path)
     torch.manual_seed(123)  # a fresh init now would differ from the saved weights
@@ -190,7 +190,7 @@ def image_only_inputs(config: TransfusionConfig, latents: torch.Tensor, timestep
     [("none", []), ("fine", [0]), ("coarse", [1, 2, 3]), ("all", [0, 1, 2, 3])],
 )
 def test_unet_decoder_reads_only_the_selected_skips(skip_connections, used_levels):
-    config = shapes_unet_config(unet_skip_connections=skip_connections)
+    config = small_unet_config(unet_skip_connections=skip_connections)
     model = make_model(config, perturb=True)  # non-zero conv_out: the output depends on its inputs
     latents = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 0.5
     timesteps = torch.tensor([200.0, 800.0])
@@ -216,7 +216,7 @@ def test_unet_skip_levels_set_the_decoder_widths():
         ("coarse", 32, 128 + 128),
         ("all", 32 + 16, 128 + 128),
     ):
-        decoder = make_model(shapes_unet_config(unet_skip_connections=skip_connections)).image_decoder
+        decoder = make_model(small_unet_config(unet_skip_connections=skip_connections)).image_decoder
         # The last up level (full resolution, 16 channels) takes the 32-channel upsampled map (+ the level-0 skip);
         # the first takes the 128 channels of `proj` (+ the level-3 skip).
         assert decoder.levels[-1][0].conv1.in_channels == finest, skip_connections
@@ -645,7 +645,7 @@ def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch
         train_transfusion.parse_args(BASE + flags)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "shapes_unet"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "small_unet"])
 def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(train_transfusion, preset):
     """Without --prediction_type, the preset's prediction type decides which noising flags are allowed."""
     prediction_type = train_transfusion.load_model_preset(preset).get("prediction_type", "epsilon")
@@ -658,7 +658,7 @@ def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type
 
 def test_good_flag_combinations_parse(train_transfusion):
     args = train_transfusion.parse_args(
-        BASE + ["--model_config", "shapes_unet", "--prediction_type", "epsilon", "--snr_gamma", "5"]
+        BASE + ["--model_config", "small_unet", "--prediction_type", "epsilon", "--snr_gamma", "5"]
     )
     assert args.snr_gamma == 5.0 and args.timestep_sampling == "uniform" and args.snr_weighting == "min_snr"
     args = train_transfusion.parse_args(
@@ -711,11 +711,11 @@ def test_new_model_flags_reach_the_config(train_transfusion):
     assert config.unet_skip_connections == "none" and config.image_attention == "causal"
     assert config.patch_position_embedding is False and model.patch_position_embedding is None
     # Without the flags, the preset's fields and the config defaults hold.
-    args = train_transfusion.parse_args(BASE + ["--model_config", "shapes_unet"])
+    args = train_transfusion.parse_args(BASE + ["--model_config", "small_unet"])
     assert (
         args.unet_skip_connections is None and args.image_attention is None and args.patch_position_embedding is None
     )
     model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
-    preset = train_transfusion.load_model_preset("shapes_unet")
+    preset = train_transfusion.load_model_preset("small_unet")
     assert model.config.unet_skip_connections == preset["unet_skip_connections"]
     assert model.config.image_attention == "bidirectional" and model.patch_position_embedding is not None

@@ -66,6 +66,7 @@ from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .shapes import normalize_caption
+from .splits import SPLITS, split_combinations
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 """Colour name -> palette RGB. Slightly muted rather than pure primaries, like paint rather than a test pattern."""
 FOREGROUND_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "black")
 BACKGROUND_COLORS: tuple[str, ...] = ("blue", "yellow", "white", "black")
-SPLITS: tuple[str, ...] = ("train", "held_out", "all")
 
 FONT_DIRS: tuple[str, ...] = (
     "/usr/share/fonts/truetype/dejavu",
@@ -224,13 +224,7 @@ def all_combinations() -> list[GlyphSpec]:
 
 
 def _split_combinations(split: str) -> tuple[GlyphSpec, ...]:
-    if split == "all":
-        return _all_combinations()
-    if split == "train":
-        return tuple(spec for spec in _all_combinations() if not spec.is_held_out)
-    if split == "held_out":
-        return tuple(spec for spec in _all_combinations() if spec.is_held_out)
-    raise ValueError(f"Unknown split {split!r}; expected one of {list(SPLITS)}.")
+    return split_combinations(_all_combinations(), split)
 
 
 def train_captions() -> list[str]:

@@ -50,6 +50,8 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from .splits import SPLITS, split_combinations
+
 IMAGE_SIZE: int = 32
 """Side of every image, in pixels."""
 
@@ -78,7 +80,6 @@ POSITIONS: dict[str, tuple[int, int]] = {
 }
 """Position name -> (x, y) centre in pixels before jitter."""
 
-SPLITS: tuple[str, ...] = ("train", "held_out", "all")
 
 _COLOR_NAMES = tuple(COLORS)
 _SIZE_NAMES = tuple(SIZES)
@@ -194,13 +195,7 @@ def _all_combinations() -> tuple[ShapeSpec, ...]:
 
 
 def _split_combinations(split: str) -> tuple[ShapeSpec, ...]:
-    if split == "all":
-        return _all_combinations()
-    if split == "train":
-        return tuple(spec for spec in _all_combinations() if not spec.is_held_out)
-    if split == "held_out":
-        return tuple(spec for spec in _all_combinations() if spec.is_held_out)
-    raise ValueError(f"Unknown split {split!r}; expected one of {list(SPLITS)}.")
+    return split_combinations(_all_combinations(), split)
 
 
 def train_captions() -> list[str]:

@@ -52,6 +52,7 @@ from ..data.glyphs import (
 )
 from ..data.shapes import normalize_caption
 from .judge import to_rgb_array
+from .metrics import _check_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -635,16 +636,6 @@ def judge_glyph(
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-
-
-def _check_lengths(
-    predicted_name: str, predicted: Sequence[Any], reference_name: str, reference: Sequence[Any]
-) -> int:
-    if len(predicted) != len(reference):
-        raise ValueError(f"Length mismatch: {len(predicted)} {predicted_name} but {len(reference)} {reference_name}.")
-    if len(predicted) == 0:
-        raise ValueError(f"Cannot compute an accuracy over 0 {predicted_name}.")
-    return len(predicted)
 
 
 def _scores(readings: Sequence[tuple[str | None, str | None, str | None]], references: Sequence[GlyphSpec]) -> dict:
