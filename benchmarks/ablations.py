@@ -49,6 +49,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "s_skips_none": ("skips", "U-Net without skip connections", UNET + FLOW + ["--unet_skip_connections", "none"]),
     "b_linear_causal": ("b, Table 5", "linear 8x8, flow, causal attention inside images", LINEAR + FLOW + ["--image_attention", "causal"]),
     "c_linear_no_noise_limit": ("c", "linear 8x8, flow, no noise limit for image-first pairs", LINEAR + FLOW + ["--image_first_max_timestep", "1000"]),
+    "e_linear_no_position_embedding": ("e", "linear 8x8, flow, no 2D patch-position embedding", LINEAR + FLOW + ["--patch_position_embedding", "false"]),
     "b_causal": ("b, Table 5", "causal attention inside images", UNET + FLOW + ["--image_attention", "causal"]),
     "c_no_noise_limit": ("c", "no noise limit for image-first pairs", UNET + FLOW + ["--image_first_max_timestep", "1000"]),
     "e_no_position_embedding": ("e", "no 2D patch-position embedding", UNET + FLOW + ["--patch_position_embedding", "false"]),
