@@ -116,4 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a bad argument: one line naming it, as train_transfusion.py does
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
