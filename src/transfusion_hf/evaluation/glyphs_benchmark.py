@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from ..data.glyphs import GlyphSpec, held_out_captions, render_glyphs
+from .batched import caption_images, generate_images
 from .glyph_judge import GlyphJudge, glyph_caption_accuracy, glyph_text_to_image_accuracy
 from .image_quality import diversity_score, mean_image_score, sharpness_score, tile_seam_score
 
@@ -92,16 +93,7 @@ def evaluate_glyphs(
         raise ValueError(f"reference_per_caption must be >= 2, got {reference_per_caption}.")
     prompts = [caption for caption in held_out_captions() for _ in range(images_per_caption)]
     generator = torch.Generator().manual_seed(seed)
-    images: list[PIL.Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        images.extend(
-            pipeline(
-                prompts[start : start + batch_size],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-            ).images
-        )
+    images = generate_images(pipeline, prompts, batch_size, num_inference_steps, guidance_scale, generator)
     t2i = glyph_text_to_image_accuracy(images, prompts, judge=judge)
 
     # Real renders of the same captions at the generated size: what the quality scores are relative to.
@@ -128,9 +120,7 @@ def evaluate_glyphs(
     )
     drawn = [PIL.Image.fromarray(pixels) for pixels in drawn_pixels]
     references = [spec.caption for spec in specs]
-    predicted: list[str] = []
-    for start in range(0, len(drawn), batch_size):
-        predicted.extend(pipeline.caption(drawn[start : start + batch_size], max_new_tokens=32))
+    predicted = caption_images(pipeline, drawn, batch_size, max_new_tokens=32)
     captions = glyph_caption_accuracy(predicted, references)
 
     metrics: dict[str, float | int] = {"t2i_accuracy": t2i["accuracy"], "caption_accuracy": captions["accuracy"]}

@@ -8,6 +8,7 @@ import PIL.Image
 import torch
 
 from ..data.shapes import draw_shape, held_out_captions, sample_specs
+from .batched import caption_images, generate_images
 from .metrics import caption_accuracy, text_to_image_accuracy
 
 
@@ -52,23 +53,12 @@ def evaluate_shapes(
     """
     prompts = [caption for caption in held_out_captions() for _ in range(images_per_caption)]
     generator = torch.Generator().manual_seed(seed)
-    images: list[PIL.Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        images.extend(
-            pipeline(
-                prompts[start : start + batch_size],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-            ).images
-        )
+    images = generate_images(pipeline, prompts, batch_size, num_inference_steps, guidance_scale, generator)
     t2i = text_to_image_accuracy(images, prompts)
     specs = sample_specs("held_out", num_caption_images, seed=seed + 12345)
     drawn = [draw_shape(spec, jitter) for spec, jitter in specs]
     references = [spec.caption for spec, _ in specs]
-    predicted: list[str] = []
-    for start in range(0, len(drawn), batch_size):
-        predicted.extend(pipeline.caption(drawn[start : start + batch_size], max_new_tokens=24))
+    predicted = caption_images(pipeline, drawn, batch_size, max_new_tokens=24)
     captions = caption_accuracy(predicted, references)
     metrics = {"t2i_accuracy": t2i["accuracy"], "caption_accuracy": captions["accuracy"]}
     for name in ("size", "color", "shape", "position"):
