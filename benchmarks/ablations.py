@@ -46,6 +46,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "a_linear_eps_truncated_snr": ("a, Table 6", "linear patches (epsilon + truncated min-SNR-5)", LINEAR + EPSILON + TRUNCATED),
     "s_skips_coarse": ("skips", "U-Net skips at every level but full resolution", UNET + FLOW + ["--unet_skip_connections", "coarse"]),
     "s_skips_all": ("skips", "U-Net skips at every level", UNET + FLOW + ["--unet_skip_connections", "all"]),
+    "u_layernorm": ("U-Net", "U-Net GroupNorm with 1 group (the paper's plain LayerNorm)", UNET + FLOW + ["--unet_norm_num_groups", "1"]),
+    "u_wide": ("U-Net", "U-Net channels 32-256 instead of 16-128", UNET + FLOW + ["--unet_block_out_channels", "32", "64", "128", "256"]),
     "s_skips_none": ("skips", "U-Net without skip connections", UNET + FLOW + ["--unet_skip_connections", "none"]),
     "b_linear_causal": ("b, Table 5", "linear 8x8, flow, causal attention inside images", LINEAR + FLOW + ["--image_attention", "causal"]),
     "c_linear_no_noise_limit": ("c", "linear 8x8, flow, no noise limit for image-first pairs", LINEAR + FLOW + ["--image_first_max_timestep", "1000"]),

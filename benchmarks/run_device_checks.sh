@@ -18,7 +18,8 @@ RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
 
-timeout "${SWEEP_SECONDS:-540}" python3 benchmarks/ablations.py --jobs "${SWEEP_JOBS:-26}" --threads_per_job 1 --max_train_steps "${SWEEP_STEPS:-2000}" \
+# SWEEP_ROWS: a space-separated subset of the rows (default: every row).
+timeout "${SWEEP_SECONDS:-540}" python3 benchmarks/ablations.py ${SWEEP_ROWS:+--rows $SWEEP_ROWS} --jobs "${SWEEP_JOBS:-26}" --threads_per_job 1 --max_train_steps "${SWEEP_STEPS:-2000}" \
     --max_train_time_minutes "${SWEEP_RUN_MINUTES:-6.5}" --work_dir /tmp/ablations \
     --output "$RESULTS/ablations.json" --montage "$RESULTS/ablations.png" 2>&1 | tee "$RESULTS/ablations.log"
 # A sweep stopped by the time limit still leaves its finished runs in the json; the montage then needs a rerun.
@@ -28,4 +29,5 @@ args = ablations.parse_args(['--work_dir', '/tmp/ablations'])
 ablations.write_montage(args, args.rows, '$RESULTS/ablations.png')
 print(ablations.markdown_table(json.load(open('$RESULTS/ablations.json'))['rows']))"
 
-timeout "${BENCH_SECONDS:-100}" bash benchmarks/run_gpu.sh || echo "bench_gpu stopped with status $?"
+# BENCH_ARGS: arguments for bench_gpu.py (e.g. "--steps 10 --warmup 3" when time is short).
+timeout "${BENCH_SECONDS:-100}" bash benchmarks/run_gpu.sh ${BENCH_ARGS:-} || echo "bench_gpu stopped with status $?"

@@ -92,6 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="U-Net levels joined to the up path (config field of the same name).",
     )
     model.add_argument(
+        "--unet_block_out_channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Channels of the U-Net levels, log2(patch_size) + 1 of them (config field of the same name).",
+    )
+    model.add_argument(
+        "--unet_norm_num_groups", type=int, default=None, help="GroupNorm groups of the U-Net blocks (1: LayerNorm)."
+    )
+    model.add_argument(
         "--image_attention",
         choices=["bidirectional", "causal"],
         default=None,
@@ -220,6 +230,18 @@ def build_tokenizer(args: argparse.Namespace, captions: list[str]):
     return tokenizer
 
 
+# Flags that override the config field of the same name when given.
+IMAGE_FIELD_FLAGS = (
+    "patch_size",
+    "patch_encoder",
+    "prediction_type",
+    "unet_block_out_channels",
+    "unet_norm_num_groups",
+    "unet_skip_connections",
+    "image_attention",
+)
+
+
 def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, latent_size: int):
     """From scratch (a preset) or from a pretrained LLM; returns the model and the base model id (for the card)."""
     preset = load_model_preset(args.model_config)
@@ -233,7 +255,7 @@ def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, laten
         "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
         "diffusion_loss_weight": args.diffusion_loss_weight,
     }
-    for name in ("patch_size", "patch_encoder", "prediction_type", "unet_skip_connections", "image_attention"):
+    for name in IMAGE_FIELD_FLAGS:
         if getattr(args, name) is not None:
             image_fields[name] = getattr(args, name)
     if args.patch_position_embedding is not None:

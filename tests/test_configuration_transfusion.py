@@ -134,7 +134,7 @@ INVALID_CASES = {
     ),
     "unet_channels_not_multiple_of_8": (
         {"patch_encoder": "unet", "patch_size": 2, "unet_block_out_channels": [16, 12]},
-        r"`unet_block_out_channels`=\[16, 12\].*multiples of 8",
+        r"`unet_block_out_channels`=\[16, 12\].*multiples of `unet_norm_num_groups`=8",
     ),
     "negative_loss_weight": ({"diffusion_loss_weight": -1.0}, r"`diffusion_loss_weight`.*-1\.0"),
     "zero_latent_size": ({"latent_size": 0}, r"`latent_size`.*0"),

@@ -39,6 +39,9 @@ class TransfusionConfig(PreTrainedConfig):
             Defaults to doubling from 64 and capping at 256.
         unet_layers_per_block (`int`, defaults to 1):
             Residual blocks per U-Net level.
+        unet_norm_num_groups (`int`, defaults to 8):
+            GroupNorm groups of the U-Net blocks (diffusers' `norm_num_groups`); 1 normalises each feature map as a
+            whole, the closest to the paper's plain LayerNorm (section 4.3).
         unet_skip_connections (`str`, defaults to `"fine"`):
             Which down-path levels are joined to the up path: `"all"`, `"coarse"` (every level but the
             full-resolution one), `"fine"` (the full-resolution level only) or `"none"`. Coarse skips see the whole
@@ -87,6 +90,7 @@ class TransfusionConfig(PreTrainedConfig):
     patch_encoder: str = "linear"
     unet_block_out_channels: list[int] | None = None
     unet_layers_per_block: int = 1
+    unet_norm_num_groups: int = 8
     unet_skip_connections: str = "fine"
     image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
@@ -155,10 +159,13 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must have log2(patch_size) + 1 = "
                     f"{levels} entries for `patch_size`={self.patch_size}."
                 )
-            if any(channels % 8 != 0 or channels <= 0 for channels in self.unet_block_out_channels):
+            groups = self.unet_norm_num_groups
+            if not isinstance(groups, int) or groups <= 0:
+                raise ValueError(f"`unet_norm_num_groups` must be a positive integer, got {groups!r}.")
+            if any(channels % groups != 0 or channels <= 0 for channels in self.unet_block_out_channels):
                 raise ValueError(
-                    f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of 8 "
-                    "(GroupNorm with 8 groups)."
+                    f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of "
+                    f"`unet_norm_num_groups`={groups} (GroupNorm splits the channels into that many groups)."
                 )
         # Check the type first, so a non-number (e.g. None) gets the field's ValueError, not a TypeError.
         if not isinstance(self.diffusion_loss_weight, (int, float)) or self.diffusion_loss_weight < 0:

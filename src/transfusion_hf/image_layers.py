@@ -146,11 +146,11 @@ def mark_default_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def _resnet_block(in_channels: int, out_channels: int, temb_channels: int) -> ResnetBlock2D:
+def _resnet_block(in_channels: int, out_channels: int, temb_channels: int, groups: int) -> ResnetBlock2D:
     # Plain GroupNorm with the timestep added between the convs ("default" time embedding norm): the paper replaces
-    # the U-Net's adaptive norms by plain ones (section 4.3). 8 groups: the config checks multiples of 8.
+    # the U-Net's adaptive norms by plain ones (section 4.3). The config checks that `groups` divides the channels.
     return ResnetBlock2D(
-        in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, groups=8, eps=1e-6
+        in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, groups=groups, eps=1e-6
     )
 
 
@@ -170,14 +170,14 @@ class TransfusionUNetPatchEncoder(nn.Module):
         for level, out_channels in enumerate(channels):
             blocks = []
             for _ in range(config.unet_layers_per_block):
-                blocks.append(_resnet_block(in_channels, out_channels, temb_channels))
+                blocks.append(_resnet_block(in_channels, out_channels, temb_channels, config.unet_norm_num_groups))
                 in_channels = out_channels
             self.levels.append(nn.ModuleList(blocks))
             is_last = level == len(channels) - 1
             self.downsamplers.append(
                 nn.Identity() if is_last else Downsample2D(out_channels, use_conv=True, name="op")
             )
-        self.norm_out = nn.GroupNorm(8, channels[-1], eps=1e-6)
+        self.norm_out = nn.GroupNorm(config.unet_norm_num_groups, channels[-1], eps=1e-6)
         self.act = nn.SiLU()
         self.proj = nn.Conv2d(channels[-1], config.hidden_size, 1)
         mark_default_init(self)
@@ -224,13 +224,15 @@ class TransfusionUNetPatchDecoder(nn.Module):
         for level in reversed(range(len(channels))):
             out_channels = channels[level]
             skip_channels = channels[level] if level in self.skip_levels else 0
-            blocks = [_resnet_block(in_channels + skip_channels, out_channels, temb_channels)]
+            blocks = [
+                _resnet_block(in_channels + skip_channels, out_channels, temb_channels, config.unet_norm_num_groups)
+            ]
             for _ in range(config.unet_layers_per_block - 1):
-                blocks.append(_resnet_block(out_channels, out_channels, temb_channels))
+                blocks.append(_resnet_block(out_channels, out_channels, temb_channels, config.unet_norm_num_groups))
             self.levels.append(nn.ModuleList(blocks))
             self.upsamplers.append(Upsample2D(out_channels, use_conv=True) if level > 0 else nn.Identity())
             in_channels = out_channels
-        self.norm_out = nn.GroupNorm(8, channels[0], eps=1e-6)
+        self.norm_out = nn.GroupNorm(config.unet_norm_num_groups, channels[0], eps=1e-6)
         self.act = nn.SiLU()
         self.conv_out = mark_zero_init(nn.Conv2d(channels[0], config.latent_channels, 3, padding=1))
         mark_default_init(self)
