@@ -46,6 +46,19 @@ RECIPE = [
 # fmt: on
 
 
+def recipe_for(train_overrides: list[str]) -> list[str]:
+    """The demo's training flags, adjusted to the overrides: logit-normal times exist for rectified flow only, so a
+    run that switches to `--prediction_type epsilon` / `v_prediction` (and sets no sampling) draws times uniformly."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--prediction_type", default="flow_prediction")
+    parser.add_argument("--timestep_sampling", default=None)
+    overrides, _ = parser.parse_known_args(train_overrides)
+    if overrides.prediction_type != "flow_prediction" and overrides.timestep_sampling is None:
+        index = RECIPE.index("--timestep_sampling")
+        return RECIPE[:index] + RECIPE[index + 2 :]
+    return list(RECIPE)
+
+
 def plot_loss_curve(log_path: Path, output: Path) -> None:
     import matplotlib
 
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if not args.skip_training:
-        train_args = train_transfusion.parse_args(RECIPE + ["--output_dir", str(output_dir)] + train_overrides)
+        train_args = train_transfusion.parse_args(recipe_for(train_overrides) + ["--output_dir", str(output_dir)] + train_overrides)
         train_transfusion.main(train_args)
     trained = time.time()
     pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
