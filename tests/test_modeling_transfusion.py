@@ -22,7 +22,7 @@ from tiny_configs import (
     tiny_config,
     tiny_qwen2_config,
 )
-from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal, TransfusionOutput
 from transfusion_hf.loss_transfusion import diffusion_loss
 
 
@@ -67,7 +67,7 @@ def test_perturbing_one_patch_changes_exactly_its_image_and_after(patch_encoder,
 
     boi, image_end = image_spans(batch["input_ids"][0], config)[image_index]
     length = int(batch["attention_mask"][0].sum())
-    hidden_change = (after.hidden_states[0] - before.hidden_states[0]).abs().amax(dim=-1)
+    hidden_change = (after.hidden_states[-1][0] - before.hidden_states[-1][0]).abs().amax(dim=-1)
     logits_change = (after.logits[0] - before.logits[0]).abs().amax(dim=-1)
     # Nothing up to and including `<boi>` moves (causal), bitwise.
     assert torch.equal(hidden_change[: boi + 1], torch.zeros(boi + 1))
@@ -80,7 +80,7 @@ def test_perturbing_one_patch_changes_exactly_its_image_and_after(patch_encoder,
     assert torch.equal(prediction_change[:image_index], torch.zeros(image_index))
     assert (prediction_change[image_index:3] > 1e-7).all(), prediction_change
     # Rows are independent: row 1 (and its image 3) does not move at all.
-    assert torch.equal(after.hidden_states[1], before.hidden_states[1])
+    assert torch.equal(after.hidden_states[-1][1], before.hidden_states[-1][1])
     assert prediction_change[3] == 0
     assert image_end <= length
 
@@ -94,8 +94,8 @@ def test_without_block_mask_images_would_be_causal():
     perturbed = {key: value.clone() for key, value in batch.items()}
     perturbed["latents"][0, :, 2:4, 2:4] += 1.0
     with torch.no_grad():
-        before = model(**batch, output_hidden_states=True).hidden_states
-        after = model(**perturbed, output_hidden_states=True).hidden_states
+        before = model(**batch, output_hidden_states=True).hidden_states[-1]
+        after = model(**perturbed, output_hidden_states=True).hidden_states[-1]
     first_patch = 3  # two text tokens, <boi>, then patch 0
     assert not torch.allclose(before[0, first_patch], after[0, first_patch], atol=1e-6)
 
@@ -172,6 +172,133 @@ def test_flash_attention_refused_by_set_attn_implementation():
     model = make_model()
     with pytest.raises(ValueError, match=FLASH_ERROR):
         model.set_attn_implementation("flash_attention_2")
+
+
+def test_flash_attention_for_the_backbone_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match=FLASH_ERROR):
+        model.set_attn_implementation({"text_config": "flash_attention_2"})
+    assert model.model.config._attn_implementation == "sdpa"
+    # Set behind the model's back (no check there): mixed input is still refused rather than run plain causal.
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    batch = mixed_batch(model.config, [[2, 2]], seed=5)
+    with pytest.raises(ValueError, match=FLASH_ERROR):
+        model(batch["input_ids"], latents=batch["latents"], timesteps=batch["timesteps"])
+
+
+def test_no_private_transformers_method_overridden_for_the_flash_error():
+    # The refusal lives in `__init__` and the public `set_attn_implementation` (see the tests above).
+    ours = [cls for cls in TransfusionForMixedModal.__mro__ if cls.__module__.startswith("transfusion_hf")]
+    assert len(ours) == 2 and all("_check_and_adjust_attn_implementation" not in vars(cls) for cls in ours)
+
+
+# ============================================================================================ outputs (Llama's conventions)
+def test_output_hidden_states_are_every_layer():
+    config = tiny_config()
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2, 1], [2, 3]], seed=8)
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"], output_hidden_states=True)
+        plain = model(**batch, labels=batch["input_ids"])
+    num_layers = config.text_config.num_hidden_layers
+    assert isinstance(out.hidden_states, tuple) and len(out.hidden_states) == num_layers + 1
+    shape = (*batch["input_ids"].shape, config.hidden_size)
+    assert all(layer.shape == shape for layer in out.hidden_states)
+    # Layers differ from one another (each is a layer's own output, not one tensor repeated).
+    assert all(not torch.equal(a, b) for a, b in zip(out.hidden_states, out.hidden_states[1:]))
+    # The first is the backbone's input: the image embeddings scattered in at the placeholders, text embeddings
+    # elsewhere; the last is what the LM head reads (after the final norm).
+    image_positions = batch["input_ids"] == config.image_token_id
+    with torch.no_grad():
+        image_embeds, _ = model.encode_images(batch["latents"], batch["timesteps"])
+        text_embeds = model.get_input_embeddings()(batch["input_ids"])
+    torch.testing.assert_close(out.hidden_states[0][image_positions], image_embeds.reshape(-1, config.hidden_size))
+    torch.testing.assert_close(out.hidden_states[0][~image_positions], text_embeds[~image_positions])
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+    # Asking for them changes nothing else; not asking returns none.
+    assert plain.hidden_states is None and plain.attentions is None
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(out.diffusion_predictions, plain.diffusion_predictions)
+
+
+def test_return_dict_false_gives_the_dict_fields_as_a_tuple():
+    config = tiny_config()
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2, 1], [2, 3]], seed=9)
+    kwargs = {"labels": batch["input_ids"], "output_hidden_states": True}
+    with torch.no_grad():
+        as_dict = model(**batch, **kwargs)
+        as_tuple = model(**batch, **kwargs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and not isinstance(as_tuple, TransfusionOutput)
+    expected = (
+        as_dict.loss,
+        as_dict.lm_loss,
+        as_dict.diffusion_loss,
+        as_dict.logits,
+        as_dict.diffusion_predictions,
+        as_dict.cache,
+        as_dict.hidden_states,
+    )
+    assert len(as_tuple) == len(expected) == len(as_dict.to_tuple())
+    for got, want in zip(as_tuple, expected):
+        if isinstance(want, tuple):
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+        elif isinstance(want, torch.Tensor):
+            assert torch.equal(got, want)
+        else:
+            assert type(got) is type(want)  # the cache
+    # `config.return_dict=False` is the default of the call, as in every transformers model.
+    model.config.return_dict = False
+    try:
+        with torch.no_grad():
+            from_config = model(**batch, **kwargs)
+            assert isinstance(model(**batch, **kwargs, return_dict=True), TransfusionOutput)
+    finally:
+        model.config.return_dict = True
+    assert isinstance(from_config, tuple) and torch.equal(from_config[0], as_dict.loss)
+
+
+def test_kwargs_reach_the_backbone_output_attentions_with_eager():
+    config = tiny_config(attn_implementation="eager")
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2]], seed=10)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    length = batch["input_ids"].shape[1]
+    heads = config.text_config.num_attention_heads
+    assert len(out.attentions) == config.text_config.num_hidden_layers
+    assert all(layer.shape == (1, heads, length, length) for layer in out.attentions)
+    # The weights show the Transfusion mask: the first patch attends to the last patch of its own image
+    # (bidirectional), the last text token before <boi> attends to nothing after it (causal).
+    boi = 3
+    first_patch, last_patch = boi + 1, boi + config.num_patches
+    for layer in out.attentions:
+        assert (layer[0, :, first_patch, last_patch] > 0).all()
+        assert (layer[0, :, boi - 1, boi:] == 0).all()
+        torch.testing.assert_close(layer.sum(-1), torch.ones(1, heads, length))
+
+
+def test_pixel_values_are_the_latents_of_a_pixel_space_model():
+    config = tiny_config(latent_channels=3)
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2, 1]], seed=11)
+    batch.pop("diffusion_targets")
+    with torch.no_grad():
+        from_latents = model(**batch)
+        pixel_values = batch.pop("latents")
+        from_pixels = model(**batch, pixel_values=pixel_values)
+    assert torch.equal(from_pixels.diffusion_predictions, from_latents.diffusion_predictions)
+    assert torch.equal(from_pixels.logits, from_latents.logits)
+    with pytest.raises(ValueError, match="Both `latents` and `pixel_values`"):
+        model(**batch, pixel_values=pixel_values, latents=pixel_values)
+
+
+def test_pixel_values_refused_by_a_latent_model():
+    config = tiny_config()  # 4-channel VAE latents
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2]], seed=12)
+    with pytest.raises(ValueError, match=r"`pixel_values` has shape \(1, 3, 8, 8\).*vae\.encode\(pixel_values\)"):
+        model(batch["input_ids"], pixel_values=torch.zeros(1, 3, 8, 8), timesteps=torch.zeros(1))
 
 
 # ============================================================================================ text-only parity
@@ -379,9 +506,9 @@ def test_kv_cache_image_block_matches_uncached(patch_encoder):
             torch.testing.assert_close(
                 step.diffusion_predictions, reference.diffusion_predictions[1:], atol=1e-5, rtol=1e-5
             )
-            torch.testing.assert_close(
-                step.hidden_states, reference.hidden_states[:, len(prefix) :], atol=1e-5, rtol=1e-5
-            )
+            assert len(step.hidden_states) == len(reference.hidden_states) == config.text_config.num_hidden_layers + 1
+            for step_layer, reference_layer in zip(step.hidden_states, reference.hidden_states):
+                torch.testing.assert_close(step_layer, reference_layer[:, len(prefix) :], atol=1e-5, rtol=1e-5)
             assert cache.get_seq_length() == len(prefix) + num_patches
             cache.crop(-num_patches)
             assert cache.get_seq_length() == len(prefix)

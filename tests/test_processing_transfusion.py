@@ -10,10 +10,11 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from transformers import AutoProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline_components import CAPTIONS, get_tokenizer  # noqa: E402
+from pipeline_components import CAPTIONS, get_tokenizer, get_transformer, get_vae  # noqa: E402
 from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
 from transfusion_hf.processing_transfusion import (  # noqa: E402
     TransfusionDataCollator,
@@ -97,6 +98,24 @@ def test_marker_image_count_mismatch_names_counts(processor):
         processor("no marker", images=image)
     with pytest.raises(ValueError, match=r"1 image markers.*0 images"):
         processor("<image>")
+
+
+def test_images_given_per_text_must_match_each_texts_markers(processor):
+    image = PIL.Image.new("RGB", (8, 8))
+    # Same total (2 markers, 2 images) but the first text's image is given to the second one.
+    with pytest.raises(ValueError, match=r"text\[0\] holds 2 image markers .* images\[0\] has 1 images"):
+        processor(["<image> <image>", "none"], images=[[image], [image]])
+    with pytest.raises(ValueError, match=r"`images` holds 1 lists \(one per text\) but 2 texts"):
+        processor(["<image> <image>", "none"], images=[[image, image]])
+    out = processor(["<image> <image>", "none"], images=[[image, image], []])
+    assert out["pixel_values"].shape[0] == 2
+
+
+def test_bad_text_and_image_types_name_the_value(processor):
+    with pytest.raises(ValueError, match=r"text\[1\]=3"):
+        processor(["a cat", 3])
+    with pytest.raises(ValueError, match=r"images\[0\] has type str"):
+        processor("a <image>", images=["cat.png"])
 
 
 def test_decode_drops_special_tokens(processor):
@@ -192,6 +211,17 @@ def test_save_and_load_round_trip(processor, tmp_path):
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
 
 
+def test_auto_processor_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is TransfusionProcessor
+    assert (loaded.image_size, loaded.num_image_tokens, loaded.resize_mode) == (IMAGE_SIZE, NUM_IMAGE_TOKENS, "crop")
+    image = np.random.RandomState(0).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+    a = processor(["a cat <image>", "dog"], images=[image])
+    b = loaded(["a cat <image>", "dog"], images=[image])
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_special_tokens_and_pad_are_added_to_a_bare_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -227,6 +257,56 @@ def test_invalid_arguments():
         TransfusionProcessor(tokenizer, resize_mode="zoom")
     with pytest.raises(ValueError, match="num_image_tokens"):
         TransfusionProcessor(tokenizer, num_image_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------- into the model
+def mixed_images() -> list:
+    """A PIL image of another size and mode, and a uint8 pixel array."""
+    return [PIL.Image.new("L", (20, 12), 200), np.random.RandomState(1).randint(0, 256, (8, 8, 3)).astype(np.uint8)]
+
+
+def test_processor_output_feeds_a_pixel_space_model():
+    tokenizer = get_tokenizer()
+    model = get_transformer(tokenizer, latent_channels=3)  # 4x4 pixels, 4 patches per image
+    processor = TransfusionProcessor(tokenizer, image_size=4, num_image_tokens=model.config.num_patches)
+    inputs = processor(text=["a red circle <image>", "<image> a blue square on black"], images=mixed_images())
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "timesteps"}
+    assert inputs["pixel_values"].shape == (2, 3, 4, 4) and torch.equal(inputs["timesteps"], torch.zeros(2))
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"], diffusion_targets=torch.ones(2, 3, 4, 4))
+        as_latents = model(
+            inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            latents=inputs["pixel_values"],
+            timesteps=inputs["timesteps"],
+        )
+    assert torch.isfinite(out.loss) and out.lm_loss > 0 and out.diffusion_loss > 0
+    assert torch.equal(out.diffusion_predictions, as_latents.diffusion_predictions)
+    # Captioning straight from the processor's output (the images are clean context).
+    prompt = processor(text="<image> a", images=mixed_images()[:1], padding_side="left")
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "num_return_sequences": 2}
+    generated = model.generate(**prompt, **kwargs)
+    latents = prompt.pop("pixel_values")
+    assert torch.equal(generated, model.generate(**prompt, latents=latents, **kwargs))
+    assert generated.shape == (2, prompt["input_ids"].shape[1] + 3)
+
+
+def test_processor_output_feeds_a_latent_model_through_a_vae():
+    tokenizer = get_tokenizer()
+    model = get_transformer(tokenizer)  # 4-channel 4x4 latents
+    vae = get_vae()  # 8x8 images -> 4x4 latents
+    processor = TransfusionProcessor(tokenizer, image_size=8, num_image_tokens=model.config.num_patches)
+    inputs = processor(text=["a red circle <image>", "<image> a blue square"], images=mixed_images())
+    # Without the VAE step the model says what to do.
+    with pytest.raises(ValueError, match=r"`pixel_values` has shape \(2, 3, 8, 8\).*vae\.encode"):
+        model(**inputs)
+    with torch.no_grad():
+        latents = vae.encode(inputs.pop("pixel_values")).latent_dist.mode()
+        inputs["latents"] = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        out = model(**inputs, labels=inputs["input_ids"], diffusion_targets=torch.zeros_like(inputs["latents"]))
+    assert inputs["latents"].shape == (2, 4, 4, 4)
+    assert torch.isfinite(out.loss) and out.lm_loss > 0 and out.diffusion_loss > 0
+    assert out.diffusion_predictions.shape == (2, 4, 4, 4)
 
 
 # ------------------------------------------------------------------------------------------------ collator

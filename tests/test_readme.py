@@ -5,6 +5,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,15 +17,19 @@ def usage_snippets() -> list[str]:
 
 
 def test_readme_has_usage_snippets():
-    assert len(usage_snippets()) >= 2
+    assert len(usage_snippets()) >= 3
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_readme_usage_snippet_runs(index, capsys):
     namespace: dict = {}
     exec(compile(usage_snippets()[index], f"README.md snippet {index}", "exec"), namespace)
     if index == 0:
         assert namespace["out"].loss is not None and namespace["out"].diffusion_predictions.shape == (1, 4, 4, 4)
+    elif index == 1:  # processor -> VAE latents -> model
+        assert type(namespace["processor"]).__name__ == "TransfusionProcessor"
+        assert namespace["inputs"]["latents"].shape == (2, 4, 4, 4)
+        assert torch.isfinite(namespace["out"].loss) and namespace["out"].diffusion_predictions.shape == (2, 4, 4, 4)
     else:
         assert len(namespace["images"]) == 2
         parts = namespace["parts"]

@@ -81,7 +81,8 @@ def test_unet_encoder_keeps_the_signal_at_every_level():
     timesteps = torch.tensor([0.0, 300.0, 600.0, 999.0])
     with torch.no_grad():
         tokens, skips = model.image_encoder(latents, timesteps)
-        hidden_states = model(**image_only_inputs(config, latents, timesteps), output_hidden_states=True).hidden_states
+        outputs = model(**image_only_inputs(config, latents, timesteps), output_hidden_states=True)
+        hidden_states = outputs.hidden_states[0]  # the backbone's input embeddings
     assert [tuple(skip.shape[1:]) for skip in skips] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
     stds = [float(skip.std()) for skip in skips]
     assert all(0.05 <= std <= 5.0 for std in stds), stds

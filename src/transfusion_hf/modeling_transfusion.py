@@ -17,7 +17,8 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
 from .image_layers import build_patch_layers
@@ -37,8 +38,13 @@ class TransfusionOutput(ModelOutput):
         diffusion_predictions (`torch.FloatTensor` of shape `(num_images, C, H, W)`, *optional*): in the units of
             `config.prediction_type`.
         cache (`Cache`, *optional*): the KV cache, when `use_cache=True`.
-        hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*): the
-            backbone's last hidden states, when `output_hidden_states=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone's hidden states, when
+            `output_hidden_states=True`: the input embeddings (images already scattered in) and the output of every
+            layer, `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, hidden_size)`; the last
+            one is after the final norm (the states the LM head and the image decoder read).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the backbone's attention weights, one tensor of shape
+            `(batch_size, num_heads, sequence_length, past_length + sequence_length)` per layer, when
+            `output_attentions=True` (eager attention only: the fused kernels do not return them).
     """
 
     loss: torch.FloatTensor | None = None
@@ -47,7 +53,8 @@ class TransfusionOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     diffusion_predictions: torch.FloatTensor | None = None
     cache: Cache | None = None
-    hidden_states: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _refuse_flash_attention(attn_implementation: str | None) -> None:
@@ -57,6 +64,14 @@ def _refuse_flash_attention(attn_implementation: str | None) -> None:
             f"attn_implementation={attn_implementation!r} is not supported: flash attention cannot express the "
             "bidirectional attention inside images. Use 'sdpa' (default), 'eager' or 'flex_attention'."
         )
+
+
+def _requested_implementations(attn_implementation: str | dict | None) -> list[str | None]:
+    """Every implementation named in `set_attn_implementation`'s argument (a string, or nested per-sub-config
+    dicts such as `{"text_config": "eager"}`)."""
+    if isinstance(attn_implementation, dict):
+        return [name for value in attn_implementation.values() for name in _requested_implementations(value)]
+    return [attn_implementation]
 
 
 class TransfusionPreTrainedModel(PreTrainedModel):
@@ -71,16 +86,12 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
-    def _check_and_adjust_attn_implementation(
-        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
-    ) -> str:
-        # With `_supports_flash_attn = False`, transformers' own refusal (raised here, at `__init__`,
-        # `from_pretrained(attn_implementation=...)` and `set_attn_implementation`) reads "does not support Flash
-        # Attention yet, please request support", so the explicit check in `__init__` was never reached. Say why.
-        _refuse_flash_attention(attn_implementation)
-        return super()._check_and_adjust_attn_implementation(
-            attn_implementation, is_init_check=is_init_check, allow_all_kernels=allow_all_kernels
-        )
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
+        """transformers' `set_attn_implementation`, refusing flash attention (for the model or `text_config`)
+        with the reason, before transformers' own generic "does not support Flash Attention yet" error."""
+        for implementation in _requested_implementations(attn_implementation):
+            _refuse_flash_attention(implementation)
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Output layers of the image path start at zero (DiT), flagged on the leaf layer because modules without
@@ -111,10 +122,12 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: TransfusionConfig):
-        super().__init__(config)
-        # The top-level implementation is checked by `_check_and_adjust_attn_implementation` above; the backbone's own
-        # (a `text_config` set separately) is checked here, before the backbone is built.
+        # Before `PreTrainedModel.__init__`, whose own refusal (`_supports_flash_attn = False`) only says "does not
+        # support Flash Attention yet". `from_pretrained(attn_implementation=...)` and `from_config` set the config
+        # before building the model, so they reach this check too; `set_attn_implementation` is checked above.
+        _refuse_flash_attention(config._attn_implementation)
         _refuse_flash_attention(config.text_config._attn_implementation)
+        super().__init__(config)
         self.model = AutoModel.from_config(config.text_config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.image_encoder, self.image_decoder = build_patch_layers(config)
@@ -236,7 +249,73 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             )
         return num_images
 
+    def _latents_from_pixel_values(
+        self, latents: torch.Tensor | None, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The images as latents: a pixel-space model (no VAE) takes the `pixel_values` of `TransfusionProcessor`
+        as they are; a model on VAE latents refuses them, saying how to encode them."""
+        if pixel_values is None:
+            return latents
+        if latents is not None:
+            raise ValueError("Both `latents` and `pixel_values` were given: pass the images once.")
+        config = self.config
+        expected = (config.latent_channels, config.latent_size, config.latent_size)
+        if config.latent_channels != 3 or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`pixel_values` has shape {tuple(pixel_values.shape)}, but this model takes `latents` of shape "
+                f"(num_images, *{expected}). A model on VAE latents needs the pixels encoded first: "
+                "`latents = (vae.encode(pixel_values).latent_dist.mode() - shift_factor) * scaling_factor`; a "
+                f"pixel-space model needs the processor's `image_size` equal to `latent_size`={config.latent_size}."
+            )
+        return pixel_values.to(self.dtype)
+
+    def _embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        latents: torch.Tensor | None,
+        timesteps: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.LongTensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor] | None]:
+        """Token embeddings with the images scattered in at their placeholders, and the attention mask.
+
+        Returns:
+            `(inputs_embeds, mask, image_positions, skips)`: embeddings `(batch_size, sequence_length, hidden_size)`;
+            the 2D `attention_mask`, or the Transfusion block mask when there are images; the `(batch_size,
+            sequence_length)` placeholder positions (None without images); the U-Net skips (or None).
+        """
+        if input_ids is None:
+            if inputs_embeds is None or latents is not None:
+                raise ValueError("`input_ids` are required: they locate the image placeholders.")
+            return inputs_embeds, attention_mask, None, None
+        hidden_inputs = self.get_input_embeddings()(input_ids)
+        if not self._check_image_inputs(input_ids, latents, timesteps):
+            return hidden_inputs, attention_mask, None, None
+        # `set_attn_implementation` refuses flash attention, but the backbone's own (e.g. `model.model.
+        # set_attn_implementation`, which Llama allows) would silently drop the image blocks: refuse mixed input.
+        _refuse_flash_attention(self.model.config._attn_implementation)
+        image_positions = input_ids == self.config.image_token_id
+        image_embeds, skips = self.encode_images(latents, timesteps)
+        # Reading order of `image_positions` (row-major) is the order of `latents`.
+        hidden_inputs = hidden_inputs.masked_scatter(
+            image_positions[..., None], image_embeds.reshape(-1, image_embeds.shape[-1]).to(hidden_inputs.dtype)
+        )
+        mask = build_transfusion_mask(
+            self.model.config,
+            hidden_inputs,
+            input_ids,
+            self.config.image_token_id,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            bidirectional_images=self.config.image_attention == "bidirectional",
+        )
+        return hidden_inputs, mask, image_positions, skips
+
     # ------------------------------------------------------------------------------------------------ forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -251,10 +330,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> TransfusionOutput | tuple:
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TransfusionOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -275,38 +353,17 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 KV cache of the prefix; the new positions are `input_ids`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*):
                 Compute logits for the last `logits_to_keep` positions only (0 = all).
+            pixel_values (`torch.Tensor` of shape `(num_images, 3, latent_size, latent_size)`, *optional*):
+                Images in [-1, 1] as [`TransfusionProcessor`] returns them, for a pixel-space model (no VAE,
+                `latent_channels=3`): they are its latents. Give `latents` or `pixel_values`, not both.
+            kwargs (`TransformersKwargs`, *optional*):
+                Passed to the backbone, as in Llama: `output_hidden_states`, `output_attentions` (eager attention),
+                ... `return_dict=False` returns a tuple of the non-None fields of [`TransfusionOutput`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None:
-            if inputs_embeds is None or latents is not None:
-                raise ValueError("`input_ids` are required: they locate the image placeholders.")
-            hidden_inputs = inputs_embeds
-        else:
-            hidden_inputs = self.get_input_embeddings()(input_ids)
-        num_images = self._check_image_inputs(input_ids, latents, timesteps) if input_ids is not None else 0
-
-        skips = None
-        mask = attention_mask
-        if num_images:
-            # `set_attn_implementation({"text_config": "flash_attention_2"})` reaches the backbone only;
-            # flash would silently drop the image blocks (plain causal attention), so refuse mixed input then.
-            _refuse_flash_attention(self.model.config._attn_implementation)
-            image_positions = input_ids == self.config.image_token_id
-            image_embeds, skips = self.encode_images(latents, timesteps)
-            # Reading order of `image_positions` (row-major) is the order of `latents`.
-            hidden_inputs = hidden_inputs.masked_scatter(
-                image_positions[..., None], image_embeds.reshape(-1, image_embeds.shape[-1]).to(hidden_inputs.dtype)
-            )
-            mask = build_transfusion_mask(
-                self.model.config,
-                hidden_inputs,
-                input_ids,
-                self.config.image_token_id,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-                bidirectional_images=self.config.image_attention == "bidirectional",
-            )
+        latents = self._latents_from_pixel_values(latents, pixel_values)
+        hidden_inputs, mask, image_positions, skips = self._embed_inputs(
+            input_ids, inputs_embeds, attention_mask, latents, timesteps, cache, position_ids
+        )
         outputs = self.model(
             inputs_embeds=hidden_inputs,
             attention_mask=mask,
@@ -319,23 +376,23 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         predictions = None
-        if num_images:
-            image_hidden = hidden_states[image_positions].reshape(num_images, self.config.num_patches, -1)
+        if image_positions is not None:
+            image_hidden = hidden_states[image_positions].reshape(latents.shape[0], self.config.num_patches, -1)
             predictions = self.image_decoder(image_hidden, timesteps, skips)
 
         loss, lm_loss, diff_loss = self._compute_losses(
             logits, labels, input_ids, attention_mask, predictions, diffusion_targets, diffusion_loss_weights
         )
-        output = TransfusionOutput(
+        return TransfusionOutput(
             loss=loss,
             lm_loss=lm_loss,
             diffusion_loss=diff_loss,
             logits=logits,
             diffusion_predictions=predictions,
             cache=outputs.cache if use_cache is not False else None,
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _compute_losses(
         self,
@@ -371,7 +428,10 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         # `generate` (num_return_sequences > 1, beams) repeat_interleaves every tensor kwarg on dim 0,
         # but `latents` / `timesteps` are per image, not per row: a row with images (a, b) expanded twice got (a, a)
         # and (b, b). Repeat each row's own images as a block instead, matching the expanded rows' reading order.
-        latents = model_kwargs.pop("latents", None)
+        # A pixel-space model's `pixel_values` (the processor's output) are its latents: from here on they are.
+        latents = self._latents_from_pixel_values(
+            model_kwargs.pop("latents", None), model_kwargs.pop("pixel_values", None)
+        )
         timesteps = model_kwargs.pop("timesteps", None)
         if expand_size > 1 and latents is not None and input_ids is not None:
             images_per_row = (image_block_ids(input_ids, self.config.image_token_id).amax(dim=1) + 1).tolist()

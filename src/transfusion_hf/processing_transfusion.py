@@ -132,32 +132,59 @@ class TransfusionProcessor(ProcessorMixin):
         return_tensors: str = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Tokenize a batch of texts with image markers and preprocess its images.
+        """Tokenize a batch of texts with image markers and preprocess its images: everything the model's forward
+        takes, in pixel space.
+
+        A pixel-space model (no VAE) takes the output as it is: `model(**processor(text=..., images=...))`. A model
+        on VAE latents takes `latents` made from `pixel_values` by the VAE (see the README, "Use it").
 
         Args:
             text (`str` or `list[str]`): each `image_token` marks where an image goes.
-            images: one image per marker, flat in reading order or one list per text.
+            images: one image per marker (PIL, numpy or torch, see [`images_to_pixel_values`]), flat in reading
+                order, or one list per text.
             padding_side (`str`): `"right"` for training, `"left"` for generation.
             add_eos (`bool`): end every sequence with EOS.
 
         Returns:
-            `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)`, and `pixel_values`
-            `(num_images, 3, image_size, image_size)` when there are images.
+            `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)` and, when there are
+            images, `pixel_values` `(num_images, 3, image_size, image_size)` in [-1, 1] and `timesteps`
+            `(num_images,)` of zeros: the images enter as clean context (for training, replace images and
+            timesteps by noised ones, see [`TransfusionNoiser`]).
         """
         texts = [text] if isinstance(text, str) else list(text or [""])
+        for index, item in enumerate(texts):
+            if not isinstance(item, str):
+                raise ValueError(f"`text` must be a string or a list of strings, got text[{index}]={item!r}.")
         flat_images = flatten_images(images)
-        markers = sum(item.count(self.image_token) for item in texts)
-        if markers != len(flat_images):
-            raise ValueError(
-                f"`text` holds {markers} image markers ({self.image_token!r}) but {len(flat_images)} images were "
-                "given: put one marker where each image goes."
-            )
+        self._check_image_counts(texts, images, flat_images)
         sequences = [self.encode_parts(self.split_text(item), add_eos=add_eos) for item in texts]
         input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat_images:
             data["pixel_values"] = self.preprocess_images(flat_images)
+            data["timesteps"] = torch.zeros(len(flat_images))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_image_counts(self, texts: list[str], images, flat_images: list) -> None:
+        """One image per marker, in total and, for images given as one list per text, text by text."""
+        markers = [item.count(self.image_token) for item in texts]
+        if sum(markers) != len(flat_images):
+            raise ValueError(
+                f"`text` holds {sum(markers)} image markers ({self.image_token!r}) but {len(flat_images)} images "
+                "were given: put one marker where each image goes."
+            )
+        nested = isinstance(images, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in images)
+        if not nested:
+            return
+        if len(images) != len(texts):
+            raise ValueError(f"`images` holds {len(images)} lists (one per text) but {len(texts)} texts were given.")
+        for index, (count, row_images) in enumerate(zip(markers, images)):
+            row_count = len(row_images) if isinstance(row_images, (list, tuple)) else 1
+            if row_count != count:
+                raise ValueError(
+                    f"text[{index}] holds {count} image markers ({self.image_token!r}) but images[{index}] has "
+                    f"{row_count} images."
+                )
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated ids; image blocks and special tokens are dropped by default."""
