@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if not args.skip_training:
-        train_args = train_transfusion.parse_args(recipe_for(train_overrides) + ["--output_dir", str(output_dir)] + train_overrides)
+        train_args = train_transfusion.parse_args(
+            recipe_for(train_overrides) + ["--output_dir", str(output_dir)] + train_overrides
+        )
         train_transfusion.main(train_args)
     trained = time.time()
     pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
