@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.processing_transfusion import special_token_ids
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center", "a green star"]
@@ -53,9 +54,7 @@ def build_pipeline(hidden_size: int, num_layers: int, num_heads: int, latent_siz
         latent_channels=4,
         latent_size=latent_size,
         patch_size=2,
-        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **special_token_ids(tokenizer),
     )
     torch.manual_seed(0)
     model = TransfusionForMixedModal(config).eval()

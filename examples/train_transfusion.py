@@ -26,23 +26,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
 from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
+from transfusion_hf.latents_transfusion import pixels_to_latents
 from transfusion_hf.noising import TransfusionNoiser
-from transfusion_hf.pipeline_transfusion import TransfusionPipeline, pixels_to_latents
-from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.processing_transfusion import (
+    TransfusionDataCollator,
+    TransfusionProcessor,
+    add_special_tokens,
+    special_token_ids,
+)
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
     CleanImageErrorTracker,
@@ -57,13 +57,18 @@ from transfusion_hf.visualization import make_grid
 
 logger = logging.getLogger("train_transfusion")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-INFERENCE_SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "flow_euler": FlowMatchEulerDiscreteScheduler,
+# Short names of `--inference_scheduler`; which schedulers fit which prediction type is the pipeline's knowledge
+# (`TransfusionPipeline._compatibles`), and any scheduler class it lists is a choice too.
+SCHEDULER_ALIASES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
+INFERENCE_SCHEDULER_CHOICES = sorted(SCHEDULER_ALIASES) + sorted(
+    {scheduler.__name__ for kind in PREDICTION_TYPES for scheduler in TransfusionPipeline.compatible_schedulers(kind)}
+)
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -170,7 +175,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--validation_steps", type=int, default=0, help="0 disables validation during training.")
     run.add_argument("--validation_prompts", nargs="*", default=None)
     run.add_argument("--num_validation_captions", type=int, default=4)
-    run.add_argument("--inference_scheduler", choices=sorted(INFERENCE_SCHEDULERS), default=None)
+    run.add_argument(
+        "--inference_scheduler",
+        choices=INFERENCE_SCHEDULER_CHOICES,
+        default=None,
+        help="Validation and saved-pipeline scheduler (one that fits the prediction type); default: DPM-Solver++ "
+        "(dpm), FlowMatchEuler (flow_euler) for flow matching.",
+    )
     run.add_argument("--num_inference_steps", type=int, default=25)
     run.add_argument("--guidance_scale", type=float, default=3.0)
     run.add_argument("--logging_steps", type=int, default=10)
@@ -193,7 +204,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
-    build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
+    noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
+    inference_scheduler(args, noiser.scheduler)
     return args
 
 
@@ -226,7 +238,7 @@ def build_tokenizer(args: argparse.Namespace, captions: list[str]):
         # No pretrained tokenizer: a byte-level BPE learned from the captions (never meets an unknown character).
         return train_bpe_tokenizer(captions, vocab_size=args.tokenizer_vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    add_special_tokens(tokenizer, ("<boi>", "<eoi>", "<image>"))
+    add_special_tokens(tokenizer)
     return tokenizer
 
 
@@ -250,9 +262,7 @@ def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, laten
         **preset,
         "latent_channels": latent_channels,
         "latent_size": latent_size,
-        "boi_token_id": tokenizer.convert_tokens_to_ids("<boi>"),
-        "eoi_token_id": tokenizer.convert_tokens_to_ids("<eoi>"),
-        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+        **special_token_ids(tokenizer),
         "diffusion_loss_weight": args.diffusion_loss_weight,
     }
     for name in IMAGE_FIELD_FLAGS:
@@ -326,15 +336,21 @@ def build_noiser(args: argparse.Namespace, prediction_type: str) -> TransfusionN
 
 
 def inference_scheduler(args: argparse.Namespace, train_scheduler):
-    name = args.inference_scheduler or (
-        "flow_euler" if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler) else "dpm"
-    )
+    """The sampling scheduler of `--inference_scheduler`, built from the training scheduler's config by the pipeline
+    (raises a ValueError naming the flag when it does not fit the prediction type)."""
+    prediction_type = TransfusionPipeline.scheduler_prediction_type(train_scheduler)
+    name = args.inference_scheduler or ("flow_euler" if prediction_type == "flow_prediction" else "dpm")
     overrides = {}
-    if train_scheduler.config.get("prediction_type") == "epsilon":
+    if prediction_type == "epsilon":
         # The cosine schedule's last step has alpha_bar ~ 2e-9 (zero SNR), where an epsilon prediction says nothing
         # about the image: x0 = (x_t - sigma * eps) / 5e-5. Start below it, as diffusers' "leading" spacing does.
         overrides = {"timestep_spacing": "leading", "steps_offset": 1}
-    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler.config, **overrides)
+    try:
+        return TransfusionPipeline.scheduler_from_config(
+            SCHEDULER_ALIASES.get(name, name), train_scheduler.config, prediction_type, **overrides
+        )
+    except ValueError as error:
+        raise ValueError(f"--inference_scheduler={name}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -597,7 +613,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.gradient_checkpointing:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
         model.activation_checkpointing_enable()
-    new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<boi>", "<eoi>", "<image>")]
+    new_token_ids = list(special_token_ids(tokenizer).values())
     if args.lora_rank:
         model = apply_lora(args, model, new_token_ids if base_model else [])
     accelerator.print(

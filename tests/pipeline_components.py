@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.processing_transfusion import special_token_ids
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 
 CAPTIONS = [
@@ -71,9 +72,7 @@ def get_transformer(
         latent_channels=latent_channels,
         latent_size=latent_size,
         patch_size=patch_size,
-        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **special_token_ids(tokenizer),
         prediction_type=prediction_type,
         timestep_embedding_dim=32,
     )

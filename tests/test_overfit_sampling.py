@@ -17,7 +17,7 @@ import torch
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
-from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import CleanImageErrorTracker, warmup_cosine_schedule
 
@@ -86,9 +86,7 @@ def build_model(tokenizer, prediction_type: str, patch_encoder: str) -> Transfus
         patch_encoder=patch_encoder,
         unet_block_out_channels=[16, 32, 32] if patch_encoder == "unet" else None,
         prediction_type=prediction_type,
-        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **special_token_ids(tokenizer),
         timestep_embedding_dim=32,
     )
     config._attn_implementation = "sdpa"

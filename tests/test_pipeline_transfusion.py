@@ -451,9 +451,9 @@ def test_text_after_a_generated_image_sees_it(pipe):
     denoise, next_token = pipe._denoise, pipe._next_token
 
     def spy_denoise(*args, **kwargs):
-        result = denoise(*args, **kwargs)
-        latents_seen.append(result[0])
-        return result
+        latents = denoise(*args, **kwargs)
+        latents_seen.append(latents)
+        return latents
 
     def spy_next(logits, *args):
         logits_seen.append(logits.clone())

@@ -19,8 +19,10 @@ from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
 from transfusion_hf.processing_transfusion import (  # noqa: E402
     TransfusionDataCollator,
     TransfusionProcessor,
+    add_special_tokens,
     images_to_pixel_values,
     pad_sequences,
+    special_token_ids,
 )
 
 NUM_IMAGE_TOKENS = 4
@@ -417,3 +419,31 @@ def test_collator_max_length(processor):
     collator = TransfusionDataCollator(processor, noiser, max_length=NUM_IMAGE_TOKENS + 4)
     with pytest.raises(ValueError, match="max_length"):
         collator(make_examples(2))
+
+
+def test_special_token_ids_are_the_config_fields():
+    tokenizer = get_tokenizer()
+    ids = special_token_ids(tokenizer)
+    processor = TransfusionProcessor(tokenizer, num_image_tokens=2)
+    assert ids == {name: getattr(processor, name) for name in ("boi_token_id", "eoi_token_id", "image_token_id")}
+    assert [tokenizer.convert_ids_to_tokens(ids[name]) for name in ids] == ["<boi>", "<eoi>", "<image>"]
+    # Other token strings, as the processor takes them.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<img>"]})
+    assert special_token_ids(tokenizer, image_token="<img>")["image_token_id"] == tokenizer.convert_tokens_to_ids(
+        "<img>"
+    )
+
+
+def test_special_token_ids_of_a_tokenizer_without_them_raises_naming_the_token():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    for unk_token in ("<unk>", None):  # a missing token maps to the unknown token's id, or to None without one
+        vocab = {"<unk>": 0, "a": 1, "<boi>": 2, "<eoi>": 3}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk_token)
+        with pytest.raises(ValueError, match="no '<image>' token \\(for `image_token_id`\\).*add_special_tokens"):
+            special_token_ids(tokenizer)
+        add_special_tokens(tokenizer)
+        assert special_token_ids(tokenizer)["image_token_id"] == len(vocab)

@@ -31,6 +31,7 @@ from transfusion_hf.image_layers import TransfusionTimestepEmbedding, sinusoidal
 from transfusion_hf.loss_transfusion import diffusion_loss
 from transfusion_hf.masking_transfusion import build_transfusion_mask
 from transfusion_hf.noising import TransfusionNoiser
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor
 from transfusion_hf.training_utils import CleanImageErrorTracker
 
@@ -632,6 +633,14 @@ BASE = ["--dataset_name", "shapes", "--report_to", "none"]
             ["--timestep_sampling", "logit_normal", "--logit_std", "0", "--prediction_type", "flow_prediction"],
             "logit_std",
         ),
+        (
+            ["--model_config", "tiny", "--prediction_type", "epsilon", "--inference_scheduler", "flow_euler"],
+            "inference",
+        ),
+        (
+            ["--prediction_type", "flow_prediction", "--inference_scheduler", "EulerDiscreteScheduler"],
+            "inference_scheduler=EulerDiscreteScheduler.*does not fit.*flow_prediction",
+        ),
         (["--model_config", "no_such_preset"], "model_config"),
         (["--model_config", "/nonexistent/model.json"], "model_config"),
     ],
@@ -699,6 +708,36 @@ def test_epsilon_inference_scheduler_starts_below_zero_snr(train_transfusion):
             assert scheduler.config.prediction_type == "v_prediction" and first == 999
         else:
             assert first == 1000
+
+
+@pytest.mark.parametrize(
+    ("flag", "prediction_type", "expected"),
+    [
+        ("ddpm", "epsilon", "DDPMScheduler"),
+        ("ddim", "v_prediction", "DDIMScheduler"),
+        ("dpm", "flow_prediction", "DPMSolverMultistepScheduler"),
+        ("euler", "epsilon", "EulerDiscreteScheduler"),
+        ("flow_euler", "flow_prediction", "FlowMatchEulerDiscreteScheduler"),
+        ("UniPCMultistepScheduler", "flow_prediction", "UniPCMultistepScheduler"),
+        ("HeunDiscreteScheduler", "v_prediction", "HeunDiscreteScheduler"),
+    ],
+)
+def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classes(
+    train_transfusion, flag, prediction_type, expected
+):
+    """The flag's short names still work, and every class of `TransfusionPipeline._compatibles` is a choice; the
+    scheduler is set up for the prediction type (flow sigmas for a solver on a flow model)."""
+    args = train_transfusion.parse_args(
+        BASE + ["--model_config", "tiny", "--prediction_type", prediction_type, "--inference_scheduler", flag]
+    )
+    train_scheduler = train_transfusion.training_scheduler(prediction_type)
+    scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+    assert type(scheduler).__name__ == expected
+    assert TransfusionPipeline.scheduler_prediction_type(scheduler) == prediction_type
+    if prediction_type == "flow_prediction" and "use_flow_sigmas" in scheduler.config:
+        assert scheduler.config.use_flow_sigmas is True
+    if prediction_type != "flow_prediction":
+        assert scheduler.config.beta_schedule == "squaredcos_cap_v2"  # the training schedule, whatever the class
 
 
 def test_new_model_flags_reach_the_config(train_transfusion):

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline_components import CAPTIONS  # noqa: E402
+from transfusion_hf.processing_transfusion import special_token_ids  # noqa: E402
 from transfusion_hf.tokenization_transfusion import SPECIAL_TOKENS, train_bpe_tokenizer  # noqa: E402
 
 
@@ -54,7 +55,8 @@ def test_byte_level_has_no_unknown_tokens(tokenizer, text):
 
 def test_decode_skips_special_tokens(tokenizer):
     ids = tokenizer("a red circle", add_special_tokens=False).input_ids
-    boi, image, eoi = tokenizer.convert_tokens_to_ids(["<boi>", "<image>", "<eoi>"])
+    special = special_token_ids(tokenizer)
+    boi, image, eoi = special["boi_token_id"], special["image_token_id"], special["eoi_token_id"]
     full = [tokenizer.bos_token_id, *ids, boi, image, image, eoi, tokenizer.eos_token_id]
     assert tokenizer.decode(full, skip_special_tokens=True).strip() == "a red circle"
 
@@ -66,7 +68,7 @@ def test_save_and_reload(tokenizer, tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     text = "a green star 🎉"
     assert reloaded(text).input_ids == tokenizer(text).input_ids
-    assert reloaded.convert_tokens_to_ids("<image>") == tokenizer.convert_tokens_to_ids("<image>")
+    assert special_token_ids(reloaded) == special_token_ids(tokenizer)
     assert reloaded.pad_token == "<pad>"
 
 

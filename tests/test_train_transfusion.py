@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from transfusion_hf.data.image_text import CorruptImageError
 from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.processing_transfusion import special_token_ids
 from transfusion_hf.training_utils import NonFiniteLossError, check_finite, list_checkpoints, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,7 @@ def test_lora_trainable_parameters(tiny_llms, tied):
     model, base = train_transfusion.build_model(args, tokenizer, latent_channels=3, latent_size=32)
     assert base == str(tiny_llms[tied])
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>", "<image>")]
+    new_ids = list(special_token_ids(tokenizer).values())
     assert min(new_ids) >= 300  # appended after the LLM's vocabulary
     peft_model = train_transfusion.apply_lora(args, model, new_ids)
     trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
@@ -299,7 +300,7 @@ def test_pretrained_llm_with_lora_end_to_end(tmp_path, tiny_llm):
     # The new special-token rows trained: the final rows differ from those saved at step 2.
     checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
     tokenizer = pipe.tokenizer
-    new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>")]
+    new_ids = [special_token_ids(tokenizer)[field] for field in ("boi_token_id", "eoi_token_id")]
     for module, weight in (("model.embed_tokens", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight")):
         [delta_key] = [key for key in checkpoint if f"{module}.token_adapter.trainable_tokens_delta" in key]
         assert not torch.allclose(checkpoint[delta_key][:2], merged[weight][new_ids]), module

@@ -7,7 +7,7 @@ from .configuration_transfusion import TransfusionConfig
 from .modeling_transfusion import TransfusionForMixedModal, TransfusionOutput, TransfusionPreTrainedModel
 from .noising import TransfusionNoiser
 from .pipeline_transfusion import TransfusionPipeline, TransfusionPipelineOutput
-from .processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from .processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
 from .tokenization_transfusion import train_bpe_tokenizer
 
 # Registration makes `AutoConfig` / `AutoModel.from_pretrained` resolve `model_type="transfusion"` once imported.
@@ -30,5 +30,6 @@ __all__ = [
     "TransfusionPipelineOutput",
     "TransfusionPreTrainedModel",
     "TransfusionProcessor",
+    "special_token_ids",
     "train_bpe_tokenizer",
 ]

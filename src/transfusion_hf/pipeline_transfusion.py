@@ -7,85 +7,37 @@ image positions against it; the clean image is then written into the cache and `
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
+
+# diffusers' own `retrieve_timesteps` (custom `timesteps` / `sigmas`): PixArt-alpha's is marked "Copied from" Stable
+# Diffusion's and is the same code; the Stable Diffusion module would also import CLIP's image processors (and warn
+# where torchvision is missing) for a function that needs none of them.
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
 
+from .cache_transfusion import ReservedDynamicCache
+from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .modeling_transfusion import TransfusionForMixedModal
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
 
 logger = logging.get_logger(__name__)
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-
-
-class _ReservedDynamicLayer(DynamicLayer):
-    """A `DynamicLayer` that keeps `reserve` free slots after its content (benchmark fix).
-
-    The denoising loop appends the image positions to the prefix cache and crops them off again at every step. A plain
-    `DynamicLayer` appends with `torch.cat`, which copies the whole prefix each time (22% of a step at a 1024-token
-    prompt, and growing with it); here the new states are copied into the free slots and `crop` (inherited) only
-    shortens the view, so a step costs the same whatever the prefix length, apart from attention itself. The layer
-    is used under `no_grad` only: the slots are overwritten in place.
-    """
-
-    def __init__(self, reserve: int):
-        super().__init__()
-        self.reserve = reserve
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        new_length = length + key_states.shape[-2]
-        buffer = self._key_buffer
-        # The content must still be the head of the buffer (not replaced by a reorder, reset, ...) and fit in it.
-        fits = (
-            buffer is not None
-            and self.keys.data_ptr() == buffer.data_ptr()
-            and self.keys.dtype == key_states.dtype
-            and buffer.shape[:2] == key_states.shape[:2]
-            and buffer.shape[-1] == key_states.shape[-1]
-            and new_length <= buffer.shape[-2]
-        )
-        if not fits:
-            shape = (*key_states.shape[:2], new_length + self.reserve, key_states.shape[-1])
-            self._key_buffer = key_states.new_empty(shape)
-            self._value_buffer = value_states.new_empty((*shape[:3], value_states.shape[-1]))
-            if length:
-                self._key_buffer[..., :length, :] = self.keys
-                self._value_buffer[..., :length, :] = self.values
-        self._key_buffer[..., length:new_length, :] = key_states
-        self._value_buffer[..., length:new_length, :] = value_states
-        self.keys = self._key_buffer[..., :new_length, :]
-        self.values = self._value_buffer[..., :new_length, :]
-        return self.keys, self.values
-
-
-def pixels_to_latents(vae: AutoencoderKL | None, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Pixel values `(n, 3, H, W)` in [-1, 1] -> clean latents `(n, C, h, w)` scaled for the model:
-    `(z - shift_factor) * scaling_factor` with the VAE's mode, or the pixels themselves without a VAE.
-
-    The training script encodes its data with this function too, so training and inference latents always agree.
-    """
-    if vae is None:
-        return pixel_values
-    latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
-    shift = vae.config.get("shift_factor") or 0.0
-    return (latents - shift) * vae.config.scaling_factor
 
 
 @dataclass
@@ -106,14 +58,58 @@ class TransfusionPipeline(DiffusionPipeline):
 
     Args:
         transformer ([`TransfusionForMixedModal`]): the model.
-        scheduler: any diffusers scheduler whose prediction type fits the model's (DDPM, DDIM, DPMSolverMultistep,
-            Euler for `epsilon`/`v_prediction`; FlowMatchEuler for `flow_prediction`).
+        scheduler ([`SchedulerMixin`]): a diffusers scheduler whose prediction type is the model's; those known to
+            sample right are listed, per prediction type, in `_compatibles` (see [`compatible_schedulers`] and
+            [`scheduler_from_config`]).
         vae ([`AutoencoderKL`], *optional*): without one, the model works in pixel space (`latent_channels=3`).
         tokenizer (*optional*): a transformers tokenizer or a [`TransfusionProcessor`]; needed for text prompts.
     """
 
+    # The VAE encodes the context images before the transformer runs and decodes after it; with
+    # `enable_model_cpu_offload()` each moves to the accelerator when its forward (or encode/decode) runs.
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae", "tokenizer"]
+    # What `callback_on_step_end` may ask for: the latents after the step (a callback may return new ones) and the
+    # (guided) model prediction of the step.
+    _callback_tensor_inputs = ["latents", "noise_pred"]
+    # diffusers scheduler classes that sample right with a model of each prediction type, built from the pipeline's
+    # scheduler config by `scheduler_from_config` (each is checked with an exact predictor in
+    # tests/test_pipeline_transfusion.py). Left out: KDPM2Ancestral (NaN at 10 steps on the cosine schedule), PNDM
+    # (v prediction off by 0.2 at 10 steps), SA-Solver and DEIS on flow (off by 0.3 to 0.7), LMS (needs scipy), and
+    # samplers for distilled models (LCM, TCD).
+    _compatibles = {
+        "epsilon": [
+            "DDPMScheduler",
+            "DDIMScheduler",
+            "DEISMultistepScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "EulerDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "UniPCMultistepScheduler",
+        ],
+        "v_prediction": [
+            "DDPMScheduler",
+            "DDIMScheduler",
+            "DEISMultistepScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "EulerDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "UniPCMultistepScheduler",
+        ],
+        "flow_prediction": [
+            "FlowMatchEulerDiscreteScheduler",
+            "FlowMatchHeunDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "UniPCMultistepScheduler",
+        ],
+    }
 
     def __init__(
         self, transformer: TransfusionForMixedModal, scheduler, vae: AutoencoderKL | None = None, tokenizer=None
@@ -143,15 +139,85 @@ class TransfusionPipeline(DiffusionPipeline):
                         f"{name}={getattr(config, name)}."
                     )
 
-    # ------------------------------------------------------------------------------------------- validation
+    # ------------------------------------------------------------------------------------------- schedulers
     @staticmethod
-    def _checked_scheduler(transformer: TransfusionForMixedModal, scheduler, vae):
+    def scheduler_prediction_type(scheduler: SchedulerMixin) -> str:
+        """The units a scheduler expects from the model: its `prediction_type`, or `"flow_prediction"` for the
+        flow-matching schedulers, which have no such field."""
+        if "prediction_type" in scheduler.config:
+            return scheduler.config.prediction_type
+        return "flow_prediction" if type(scheduler).__name__.startswith("FlowMatch") else "epsilon"
+
+    @classmethod
+    def compatible_schedulers(cls, prediction_type: str) -> list[type[SchedulerMixin]]:
+        """The diffusers scheduler classes of `_compatibles` for a model of `prediction_type`.
+
+        Args:
+            prediction_type (`str`): `"epsilon"`, `"v_prediction"` or `"flow_prediction"` (`config.prediction_type`).
+        """
+        if prediction_type not in cls._compatibles:
+            raise ValueError(f"`prediction_type` must be one of {sorted(cls._compatibles)}, got {prediction_type!r}.")
+        return [getattr(diffusers, name) for name in cls._compatibles[prediction_type]]
+
+    @classmethod
+    def scheduler_from_config(
+        cls,
+        scheduler_class: str | type[SchedulerMixin],
+        config: FrozenDict | dict,
+        prediction_type: str,
+        **kwargs,
+    ) -> SchedulerMixin:
+        """Build a compatible scheduler from another scheduler's config (diffusers' `from_config`), set up for a model
+        of `prediction_type`: the noise schedule the model was trained on (betas, number of training steps, the shift
+        of a flow schedule, carried over between `shift` (FlowMatch) and `flow_shift` (solvers)), its
+        `prediction_type`, and flow sigmas for multistep solvers on a flow model.
+
+        Args:
+            scheduler_class (`str` or `type`): a class of `_compatibles[prediction_type]`, or its name.
+            config (`FrozenDict` or `dict`): a scheduler config, e.g. `pipe.scheduler.config` or the training one.
+            prediction_type (`str`): the model's `config.prediction_type`.
+            kwargs: further config overrides (e.g. `timestep_spacing="leading"`).
+
+        Example: `pipe.scheduler = TransfusionPipeline.scheduler_from_config("UniPCMultistepScheduler",
+        pipe.scheduler.config, pipe.transformer.config.prediction_type)`.
+        """
+        name = scheduler_class if isinstance(scheduler_class, str) else scheduler_class.__name__
+        allowed = [compatible.__name__ for compatible in cls.compatible_schedulers(prediction_type)]
+        if name not in allowed:
+            raise ValueError(
+                f"The scheduler {name} does not fit a model with prediction_type={prediction_type!r}: use one of "
+                f"{allowed}."
+            )
+        scheduler_class = getattr(diffusers, name)
+        parameters = inspect.signature(scheduler_class.__init__).parameters
+        # `from_config` gives a different class its own defaults for every field the source config left at its
+        # default (HeunDiscrete: beta_end=0.012 against DDPM's 0.02), which would sample another noise schedule than
+        # the model learned: the schedule is passed explicitly.
+        schedule = (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "rescale_betas_zero_snr",
+        )
+        overrides = {key: config[key] for key in schedule if key in config and key in parameters}
+        if "prediction_type" in parameters:
+            overrides["prediction_type"] = prediction_type
+        if prediction_type == "flow_prediction" and "use_flow_sigmas" in parameters:
+            overrides["use_flow_sigmas"] = True
+        if "flow_shift" in parameters and "shift" in config:
+            overrides["flow_shift"] = config["shift"]
+        if "shift" in parameters and "flow_shift" in config:
+            overrides["shift"] = config["flow_shift"]
+        return scheduler_class.from_config(config, **{**overrides, **kwargs})
+
+    # ------------------------------------------------------------------------------------------- validation
+    @classmethod
+    def _checked_scheduler(cls, transformer: TransfusionForMixedModal, scheduler: SchedulerMixin, vae):
         """Refuse a scheduler that predicts other units than the model; turn off DDPM/DDIM sample clipping."""
         model_type = transformer.config.prediction_type
-        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-            scheduler_type = "flow_prediction"
-        else:
-            scheduler_type = scheduler.config.get("prediction_type", "epsilon")
+        scheduler_type = cls.scheduler_prediction_type(scheduler)
         if scheduler_type != model_type:
             raise ValueError(
                 f"The scheduler {type(scheduler).__name__} has prediction_type={scheduler_type!r} but the model "
@@ -185,13 +251,59 @@ class TransfusionPipeline(DiffusionPipeline):
                 f"{what} needs {length} positions, more than the model's context (max_position_embeddings={limit})."
             )
 
+    def check_inputs(
+        self,
+        height: int | None,
+        width: int | None,
+        guidance_scale: float,
+        num_inference_steps: int,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> None:
+        """Validate the call arguments before any work, naming the bad argument and its value."""
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != self.image_size:
+                raise ValueError(
+                    f"`{name}`={value} does not fit the latent grid: this model makes {self.image_size}x"
+                    f"{self.image_size} images (latent_size={self.transformer.config.latent_size}, vae scale "
+                    f"{self.vae_scale_factor})."
+                )
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise ValueError(
+                f"`num_inference_steps`={num_inference_steps} and `num_images_per_prompt`={num_images_per_prompt} "
+                "must be >= 1."
+            )
+        unknown = [
+            name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs
+        ]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}, which this pipeline does not have: use names "
+                f"from {self._callback_tensor_inputs}."
+            )
+
+    # ------------------------------------------------------------------------------------- call state (diffusers)
+    @property
+    def num_timesteps(self) -> int:
+        """Scheduler steps of the current (or last) denoising loop."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a `callback_on_step_end` to skip the remaining steps of the current image,
+        as in diffusers' pipelines."""
+        return self._interrupt
+
     # ----------------------------------------------------------------------------------------------- latents
     # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Images -> clean latents `(num_images, C, h, w)` scaled like the training data."""
-        pixel_values = images_to_pixel_values(images, self.image_size).to(self.device)
-        return pixels_to_latents(self.vae, pixel_values).to(self.transformer.dtype)
+        """Images -> clean latents `(num_images, C, h, w)` scaled like the training data, on the execution device."""
+        device = self._execution_device
+        pixel_values = images_to_pixel_values(images, self.image_size).to(device)
+        return pixels_to_latents(self.vae, pixel_values).to(device, self.transformer.dtype)
 
     # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
@@ -199,35 +311,61 @@ class TransfusionPipeline(DiffusionPipeline):
         """Latents -> images of `output_type` ("pil", "np", "pt", or "latent" to return them as they are)."""
         if output_type == "latent":
             return latents
-        if self.vae is not None:
-            shift = self.vae.config.get("shift_factor") or 0.0
-            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-            latents = self.vae.decode(latents).sample
-        return self.image_processor.postprocess(latents.float().clamp(-1, 1), output_type=output_type)
+        pixels = latents_to_pixels(self.vae, latents)
+        return self.image_processor.postprocess(pixels.float().clamp(-1, 1), output_type=output_type)
+
+    def prepare_latents(
+        self,
+        num_images: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The starting noise `(num_images, C, h, w)` in float32, scaled by the scheduler's `init_noise_sigma`.
+
+        Call after the scheduler's timesteps are set: `init_noise_sigma` of Euler-type schedulers depends on them
+        (e.g. 157 before vs 9.5 after for EulerDiscrete with timestep_spacing="leading" and 3 steps).
+        """
+        config = self.transformer.config
+        shape = (num_images, config.latent_channels, config.latent_size, config.latent_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}.")
+        # Given latents are unit noise too and get the scheduler's scale like drawn ones (as in diffusers'
+        # pipelines), so `latents=randn` and `generator=` agree for Euler-type schedulers.
+        return latents.to(device, torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def prepare_extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict:
+        """`scheduler.step` keyword arguments: the generator, for the schedulers whose step takes one (diffusers'
+        pipelines check the signature the same way; UniPC, DEIS, PNDM take none)."""
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            return {"generator": generator}
+        return {}
 
     # --------------------------------------------------------------------------------------------- denoising
     def _prefill(
-        self, prefixes: list[list[int]], prefix_latents: torch.Tensor | None = None
+        self,
+        prefixes: list[list[int]],
+        prefix_latents: torch.Tensor | None = None,
+        device: torch.device | None = None,
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Run left-padded prefixes once into a fresh cache. Returns the cache, their ids and their attention mask.
 
         `prefix_latents` are the clean latents (t = 0) of the images already inside the prefixes, in reading order.
         """
+        device = device or self._execution_device
         pad = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
         input_ids, attention_mask = pad_sequences(prefixes, pad, padding_side="left")
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        cache = DynamicCache(config=self.transformer.config.text_config)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         # Full-attention layers keep room for the image positions that every denoising step appends and crops.
-        num_patches = self.transformer.config.num_patches
-        cache.layers = [
-            _ReservedDynamicLayer(num_patches) if type(layer) is DynamicLayer else layer for layer in cache.layers
-        ]
+        cache = ReservedDynamicCache(self.transformer.config.text_config, reserve=self.transformer.config.num_patches)
         # a prefix holding images (interleaved generation, editing) needs their latents, or the model refuses
         # the placeholders.
         timesteps = None
         if prefix_latents is not None:
-            prefix_latents = prefix_latents.to(self.device, self.transformer.dtype)
-            timesteps = torch.zeros(prefix_latents.shape[0], device=self.device)
+            prefix_latents = prefix_latents.to(device, self.transformer.dtype)
+            timesteps = torch.zeros(prefix_latents.shape[0], device=device)
         self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -249,9 +387,10 @@ class TransfusionPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """One model evaluation of the image positions; with a cache only they are computed, then dropped again."""
         rows, num_patches = latents.shape[0], self.transformer.config.num_patches
-        image_ids = torch.full((rows, num_patches), self.transformer.config.image_token_id, device=self.device)
+        device = prefix_ids.device
+        image_ids = torch.full((rows, num_patches), self.transformer.config.image_token_id, device=device)
         image_mask = torch.ones_like(image_ids)
-        timesteps = timestep.reshape(-1).to(self.device).float().expand(rows)
+        timesteps = timestep.reshape(-1).to(device).float().expand(rows)
         if cache is None:
             output = self.transformer(
                 input_ids=torch.cat([prefix_ids, image_ids], dim=1),
@@ -284,13 +423,15 @@ class TransfusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None,
         use_kv_cache: bool,
         prefix_latents: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, torch.Tensor]:
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> torch.Tensor:
         """Sample `num_images` images after `prefixes` (conditional rows first, then unconditional rows with CFG).
 
         `prefix_latents`: clean latents of the images inside the prefixes, in reading order (needs the KV cache).
-
-        Returns the final latents `(num_images, C, h, w)`, the prefix cache (None without caching), and the prefix ids
-        and mask of all rows.
+        The other arguments are those of `__call__`. Returns the final latents `(num_images, C, h, w)`.
         """
         if prefix_latents is not None and not use_kv_cache:
             raise ValueError("Prefixes holding images are only supported with `use_kv_cache=True`.")
@@ -298,38 +439,66 @@ class TransfusionPipeline(DiffusionPipeline):
         scheduler = self._checked_scheduler(self.transformer, self.scheduler, self.vae)
         if scheduler is not self.scheduler:
             self.scheduler = scheduler
-        config = self.transformer.config
+        device = self._execution_device
         do_cfg = guidance_scale > 1.0
-        # set the timesteps before drawing the noise: `init_noise_sigma` of Euler-type schedulers depends on
-        # them (e.g. 157 before vs 9.5 after for EulerDiscrete with timestep_spacing="leading" and 3 steps).
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (num_images, config.latent_channels, config.latent_size, config.latent_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}.")
-        # Given latents are unit noise too and get the scheduler's scale like drawn ones (as in diffusers'
-        # pipelines), so `latents=randn` and `generator=` agree for Euler-type schedulers.
-        latents = latents.to(self.device, torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self._check_length(max(len(prefix) for prefix in prefixes) + config.num_patches + 1, "The prompt")
+        # After the timesteps are set: `init_noise_sigma` (in `prepare_latents`) depends on them.
+        timesteps, _ = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        latents = self.prepare_latents(num_images, generator, latents, device)
+        self._check_length(
+            max(len(prefix) for prefix in prefixes) + self.transformer.config.num_patches + 1, "The prompt"
+        )
         if use_kv_cache:
-            cache, prefix_ids, prefix_mask = self._prefill(prefixes, prefix_latents)
+            cache, prefix_ids, prefix_mask = self._prefill(prefixes, prefix_latents, device)
         else:
             cache = None
             pad = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
-            prefix_ids, prefix_mask = (tensor.to(self.device) for tensor in pad_sequences(prefixes, pad, "left"))
-        for timestep in self.progress_bar(self.scheduler.timesteps):
+            prefix_ids, prefix_mask = (tensor.to(device) for tensor in pad_sequences(prefixes, pad, "left"))
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             if hasattr(self.scheduler, "scale_model_input"):
-                model_input = self.scheduler.scale_model_input(model_input, timestep)
-            prediction = self._predict(
-                model_input.to(self.transformer.dtype), timestep, prefix_ids, prefix_mask, cache
-            ).float()
+                model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self._predict(model_input.to(self.transformer.dtype), t, prefix_ids, prefix_mask, cache)
+            noise_pred = noise_pred.float()
             if do_cfg:
-                conditional, unconditional = prediction.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(prediction, timestep, latents, generator=generator).prev_sample
-        return latents, cache, prefix_ids, prefix_mask
+                conditional, unconditional = noise_pred.chunk(2)
+                noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "noise_pred": noise_pred}
+                callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs or []}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = self._callback_latents(callback_outputs, latents)
+        return latents
+
+    @staticmethod
+    def _callback_latents(callback_outputs: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The latents a step callback hands back (diffusers: its returned dict may hold new `"latents"`)."""
+        if not isinstance(callback_outputs, dict):
+            raise ValueError(
+                f"`callback_on_step_end` must return a dict (of the tensors it changes), got "
+                f"{type(callback_outputs).__name__}."
+            )
+        new_latents = callback_outputs.get("latents", latents)
+        if not isinstance(new_latents, torch.Tensor) or new_latents.shape != latents.shape:
+            shape = tuple(new_latents.shape) if isinstance(new_latents, torch.Tensor) else type(new_latents).__name__
+            raise ValueError(
+                f"`callback_on_step_end` returned latents of shape {shape}, expected {tuple(latents.shape)}."
+            )
+        return new_latents.to(latents.device, latents.dtype)
+
+    @staticmethod
+    def _callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs: list[str]) -> list[str]:
+        """diffusers' callback objects (`PipelineCallback`, `MultiPipelineCallbacks`) declare their own inputs."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return callback_on_step_end.tensor_inputs
+        return callback_on_step_end_tensor_inputs
 
     # ------------------------------------------------------------------------------------------ text-to-image
     @torch.no_grad()
@@ -347,6 +516,13 @@ class TransfusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         use_kv_cache: bool = True,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> TransfusionPipelineOutput | tuple:
         r"""Text-to-image.
 
@@ -355,7 +531,7 @@ class TransfusionPipeline(DiffusionPipeline):
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch of guidance (default: no
                 text, as seen with caption dropout in training).
             height, width (`int`, *optional*): must equal the model's image size (`latent_size * vae scale`).
-            num_inference_steps (`int`): denoising steps.
+            num_inference_steps (`int`): denoising steps (ignored when `timesteps` or `sigmas` are given).
             guidance_scale (`float`): classifier-free guidance scale; 1 or less disables guidance.
             num_images_per_prompt (`int`): images per prompt.
             generator (`torch.Generator`, *optional*): for reproducible sampling.
@@ -364,22 +540,21 @@ class TransfusionPipeline(DiffusionPipeline):
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`): return a [`TransfusionPipelineOutput`] instead of a tuple.
             use_kv_cache (`bool`): prefill the prompt once and reuse it at every step (same result, faster).
+            timesteps (`list[int]`, *optional*): custom timesteps, for schedulers whose `set_timesteps` takes them
+                (DDPM, Euler, DPMSolverMultistep, FlowMatchEuler, ...; others raise), through diffusers'
+                `retrieve_timesteps`.
+            sigmas (`list[float]`, *optional*): custom sigmas, likewise (Euler, FlowMatchEuler, UniPC, ...).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called after
+                every scheduler step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`; it returns a dict,
+                whose `"latents"` (same shape) replace the latents. Set `pipe._interrupt = True` in it to stop early.
+            callback_on_step_end_tensor_inputs (`list[str]`): names from `_callback_tensor_inputs`: `"latents"`
+                `(batch_size * num_images_per_prompt, C, h, w)` after the step, `"noise_pred"` (same shape) the guided
+                model prediction of the step.
         """
         processor = self._require_processor("TransfusionPipeline.__call__")
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != self.image_size:
-                raise ValueError(
-                    f"`{name}`={value} does not fit the latent grid: this model makes {self.image_size}x"
-                    f"{self.image_size} images (latent_size={self.transformer.config.latent_size}, vae scale "
-                    f"{self.vae_scale_factor})."
-                )
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
-        if num_inference_steps < 1 or num_images_per_prompt < 1:
-            raise ValueError(
-                f"`num_inference_steps`={num_inference_steps} and `num_images_per_prompt`={num_images_per_prompt} "
-                "must be >= 1."
-            )
+        tensor_inputs = self._callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(height, width, guidance_scale, num_inference_steps, num_images_per_prompt, tensor_inputs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if negative_prompt is not None else ""
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
@@ -391,8 +566,18 @@ class TransfusionPipeline(DiffusionPipeline):
         prefixes = [processor.encode_parts([text]) + [processor.boi_token_id] for text in prompts]
         if guidance_scale > 1.0:
             prefixes += [processor.encode_parts([text]) + [processor.boi_token_id] for text in negatives]
-        latents, _, _, _ = self._denoise(
-            prefixes, len(prompts), num_inference_steps, guidance_scale, generator, latents, use_kv_cache
+        latents = self._denoise(
+            prefixes,
+            len(prompts),
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            latents,
+            use_kv_cache,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
         )
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
@@ -432,16 +617,18 @@ class TransfusionPipeline(DiffusionPipeline):
         generate_kwargs.setdefault("do_sample", False)
         # never sample the bare image placeholder as text (it would reach the model without latents and raise).
         generate_kwargs.setdefault("suppress_tokens", [processor.image_token_id])
+        device = self._execution_device
         output = self.transformer.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
             latents=latents,
-            timesteps=torch.zeros(len(images), device=self.device),
+            timesteps=torch.zeros(len(images), device=device),
             max_new_tokens=max_new_tokens,
             eos_token_id=[token for token in stop if token is not None],
             pad_token_id=processor.tokenizer.pad_token_id,
             **generate_kwargs,
         )
+        self.maybe_free_model_hooks()
         return processor.batch_decode(output[:, input_ids.shape[1] :])
 
     # ------------------------------------------------------------------------------------------- interleaved
@@ -458,6 +645,13 @@ class TransfusionPipeline(DiffusionPipeline):
         logits_processor: LogitsProcessorList | None = None,
         max_images: int = 4,
         generator: torch.Generator | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> list[str | PIL.Image.Image]:
         """Interleaved generation: text is sampled; on `<boi>` an image is denoised and written into the context, then
         `<eoi>` is appended and text continues (paper, section 3.4). Images given in `parts` enter as clean context,
@@ -471,13 +665,16 @@ class TransfusionPipeline(DiffusionPipeline):
             logits_processor (`LogitsProcessorList`, *optional*): transformers logits processors for the text steps.
             max_images (`int`): stop making images after this many.
             generator (`torch.Generator`, *optional*): for text sampling and image noise.
+            timesteps, sigmas, callback_on_step_end, callback_on_step_end_tensor_inputs: as in `__call__`, for every
+                generated image (the step index restarts at 0 for each image; `"latents"` are `(1, C, h, w)`).
 
         Returns:
             The generated continuation as an ordered list of strings and PIL images.
         """
         processor = self._require_processor("generate")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        tensor_inputs = self._callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(None, None, guidance_scale, num_inference_steps, 1, tensor_inputs)
+        device = self._execution_device
         parts = [parts] if isinstance(parts, str) else list(parts)
         layout = [part if isinstance(part, str) else None for part in parts]
         context_images = [part for part in parts if not isinstance(part, str)]
@@ -491,7 +688,7 @@ class TransfusionPipeline(DiffusionPipeline):
         # keep the clean latents of every image in the context (given or generated, in order): re-prefilling the
         # context for an image needs them, as its placeholders cannot go through the model without latents.
         context_latents = self.encode_images(context_images) if context_images else None
-        cache, next_logits = self._consume(context_ids, None, context_latents)
+        cache, next_logits = self._consume(context_ids, None, context_latents, device)
         while new_tokens < max_new_tokens:
             # the bare placeholder is not text; sampled, it would reach the model without latents and raise.
             next_logits[:, processor.image_token_id] = float("-inf")
@@ -504,7 +701,7 @@ class TransfusionPipeline(DiffusionPipeline):
                 break
             if token != processor.boi_token_id:
                 text_ids.append(token)
-                cache, next_logits = self._consume([token], cache, None)
+                cache, next_logits = self._consume([token], cache, None, device)
                 continue
             if text_ids:
                 outputs.append(processor.decode(text_ids))
@@ -516,7 +713,7 @@ class TransfusionPipeline(DiffusionPipeline):
             if guidance_scale > 1.0:
                 prefixes.append(processor.encode_parts([]) + [processor.boi_token_id])
             # The conditional row comes first, so the context images (all in row 0) are first in reading order.
-            latents, _, _, _ = self._denoise(
+            latents = self._denoise(
                 prefixes,
                 1,
                 num_inference_steps,
@@ -525,12 +722,16 @@ class TransfusionPipeline(DiffusionPipeline):
                 None,
                 use_kv_cache=True,
                 prefix_latents=context_latents,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=tensor_inputs,
             )
             num_images += 1
             outputs.extend(self.decode_latents(latents.to(self.transformer.dtype), "pil"))
             # Write the clean image (t = 0) into the text cache once, then <eoi>: text continues after the image.
             block = [processor.boi_token_id] + image_ids + [processor.eoi_token_id]
-            cache, next_logits = self._consume(block, cache, latents.to(self.transformer.dtype))
+            cache, next_logits = self._consume(block, cache, latents.to(self.transformer.dtype), device)
             context_ids.extend(block[1:])
             clean = latents.to(self.transformer.dtype)
             context_latents = clean if context_latents is None else torch.cat([context_latents, clean])
@@ -540,13 +741,13 @@ class TransfusionPipeline(DiffusionPipeline):
         return outputs
 
     def _consume(
-        self, ids: list[int], cache: DynamicCache | None, latents: torch.Tensor | None
+        self, ids: list[int], cache: DynamicCache | None, latents: torch.Tensor | None, device: torch.device
     ) -> tuple[DynamicCache, torch.Tensor]:
         """Append ids (and the clean images among them) to the text cache; returns it and the next-token logits."""
         if cache is None:
             cache = DynamicCache(config=self.transformer.config.text_config)
-        input_ids = torch.tensor([ids], device=self.device)
-        timesteps = torch.zeros(latents.shape[0], device=self.device) if latents is not None else None
+        input_ids = torch.tensor([ids], device=device)
+        timesteps = torch.zeros(latents.shape[0], device=device) if latents is not None else None
         output = self.transformer(
             input_ids=input_ids, latents=latents, timesteps=timesteps, cache=cache, use_cache=True, logits_to_keep=1
         )
@@ -633,4 +834,4 @@ class TransfusionPipeline(DiffusionPipeline):
         )
 
 
-__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "pixels_to_latents"]
+__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput"]

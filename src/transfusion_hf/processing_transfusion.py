@@ -18,6 +18,9 @@ from transformers import BatchFeature, ProcessorMixin
 from .noising import TransfusionNoiser
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+# The image layout's special tokens: `<boi> <image>*N <eoi>`.
+BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<boi>", "<eoi>", "<image>"
+IMAGE_SPECIAL_TOKENS = (BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN)
 
 
 class TransfusionProcessor(ProcessorMixin):
@@ -46,9 +49,9 @@ class TransfusionProcessor(ProcessorMixin):
         image_size: int = 32,
         num_image_tokens: int = 16,
         resize_mode: str = "crop",
-        boi_token: str = "<boi>",
-        eoi_token: str = "<eoi>",
-        image_token: str = "<image>",
+        boi_token: str = BOI_TOKEN,
+        eoi_token: str = EOI_TOKEN,
+        image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -236,16 +239,47 @@ def images_to_pixel_values(
     return processor.preprocess(converted, height=image_size, width=image_size, resize_mode=resize_mode)
 
 
-def add_special_tokens(tokenizer, tokens: Sequence[str]) -> int:
+def add_special_tokens(tokenizer, tokens: Sequence[str] = IMAGE_SPECIAL_TOKENS) -> int:
     """Add the image special tokens, and a pad token, to a tokenizer that lacks them; returns how many were added.
 
     Resize the model's embeddings to `len(tokenizer)` afterwards.
+
+    Args:
+        tokenizer: a transformers tokenizer (changed in place).
+        tokens (`Sequence[str]`, defaults to `("<boi>", "<eoi>", "<image>")`): the image special tokens.
     """
     missing = [token for token in tokens if token not in tokenizer.get_vocab()]
     added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
     if tokenizer.pad_token is None:
         added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return added
+
+
+def special_token_ids(
+    tokenizer, boi_token: str = BOI_TOKEN, eoi_token: str = EOI_TOKEN, image_token: str = IMAGE_TOKEN
+) -> dict[str, int]:
+    """The ids of the image special tokens, keyed by the [`TransfusionConfig`] fields that hold them, so a config
+    is built with `TransfusionConfig(..., **special_token_ids(tokenizer))`.
+
+    Args:
+        tokenizer: a transformers tokenizer holding the tokens (`train_bpe_tokenizer`, or any tokenizer after
+            [`add_special_tokens`]).
+        boi_token, eoi_token, image_token (`str`): the token strings, as in [`TransfusionProcessor`].
+
+    Returns:
+        `dict[str, int]`: `{"boi_token_id": ..., "eoi_token_id": ..., "image_token_id": ...}`.
+    """
+    ids = {}
+    for field, token in (("boi_token_id", boi_token), ("eoi_token_id", eoi_token), ("image_token_id", image_token)):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        # A missing token maps to the unknown token's id (or None where there is none), never to an error.
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise ValueError(
+                f"The tokenizer has no {token!r} token (for `{field}`): add it with "
+                "`transfusion_hf.processing_transfusion.add_special_tokens(tokenizer)`."
+            )
+        ids[field] = token_id
+    return ids
 
 
 def flatten_images(images) -> list:
@@ -367,4 +401,5 @@ __all__ = [
     "add_special_tokens",
     "images_to_pixel_values",
     "pad_sequences",
+    "special_token_ids",
 ]
