@@ -20,6 +20,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .configuration_transfusion import TransfusionConfig
+from .hub import push_model_to_hub
 from .image_layers import build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
 from .masking_transfusion import build_transfusion_mask, image_block_ids
@@ -153,8 +154,6 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         """transformers' `push_to_hub` (same arguments and behaviour), writing the Transfusion model card on every
         push. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir`, `base_model`, `datasets`, ...).
         """
-        from .hub import push_model_to_hub
-
         return push_model_to_hub(
             self,
             repo_id,
