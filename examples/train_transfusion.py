@@ -7,9 +7,10 @@ a Hub data set, a local image folder, or the built-in captioned shapes.
 
 The paper's recipe is the default (section 4.1) except for the objective: lambda = 5, 80/20 caption-first/image-first
 pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1, gradient clipping 1.0,
-warmup then cosine to 5% of the peak learning rate. The presets train rectified flow: the paper's epsilon prediction
-on DDPM's cosine schedule (`--prediction_type epsilon`, best with `--snr_gamma 5 --snr_weighting truncated_min_snr`)
-draws the mean image at small scale (README, "Why the paper's recipe did not draw").
+warmup then cosine to 5% of the peak learning rate (transformers' `cosine_warmup_with_min_lr` schedule). The presets train
+rectified flow: the paper's epsilon prediction on DDPM's cosine schedule (`--prediction_type epsilon`, best with
+`--snr_gamma 5 --snr_weighting truncated_min_snr`) draws the mean image at small scale (README, "Why the paper's recipe
+did not draw").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectCo
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, SchedulerType, get_scheduler
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
@@ -51,12 +52,23 @@ from transfusion_hf.training_utils import (
     checkpoint_step,
     resolve_checkpoint,
     save_checkpoint,
-    warmup_cosine_schedule,
 )
 from transfusion_hf.visualization import make_grid
 
 logger = logging.getLogger("train_transfusion")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# transformers' schedules that need only the warmup and total steps (reduce_lr_on_plateau and greedy step on a metric,
+# warmup_stable_decay needs its own phase lengths).
+LR_SCHEDULERS = [
+    kind.value
+    for kind in SchedulerType
+    if kind not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY, SchedulerType.WARMUP_STABLE_DECAY)
+]
+MIN_LR_SCHEDULERS = (SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value, SchedulerType.COSINE_WITH_MIN_LR.value)
+# Warmup (step + 1) / warmup_steps (the first step already learns), then cosine to the floor at the last step.
+# `cosine_with_min_lr` is the same with a warmup from 0, one step later.
+DEFAULT_LR_SCHEDULER = SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value
+DEFAULT_MIN_LR_RATIO = 0.05  # the paper: 3e-4 -> 1.5e-5
 # Short names of `--inference_scheduler`; which schedulers fit which prediction type is the pipeline's knowledge
 # (`TransfusionPipeline._compatibles`), and any scheduler class it lists is a choice too.
 SCHEDULER_ALIASES = {
@@ -154,7 +166,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--max_train_steps", type=int, default=2000)
     optim.add_argument("--max_train_time_minutes", type=float, default=None, help="Stop early after this wall time.")
     optim.add_argument("--learning_rate", type=float, default=3e-4)
-    optim.add_argument("--min_lr_ratio", type=float, default=0.05)
+    optim.add_argument(
+        "--lr_scheduler",
+        choices=LR_SCHEDULERS,
+        default=DEFAULT_LR_SCHEDULER,
+        help="A schedule of `transformers.get_scheduler`; those with a warmup take --lr_warmup_steps.",
+    )
+    optim.add_argument(
+        "--min_lr_ratio",
+        type=float,
+        default=None,
+        help=f"Floor of {' and '.join(MIN_LR_SCHEDULERS)}, relative to the peak (default {DEFAULT_MIN_LR_RATIO}).",
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=100)
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.95)
@@ -202,6 +225,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.min_lr_ratio is not None and args.lr_scheduler not in MIN_LR_SCHEDULERS:
+        raise ValueError(
+            f"--min_lr_ratio={args.min_lr_ratio} has no effect with --lr_scheduler={args.lr_scheduler}: use one of "
+            f"{list(MIN_LR_SCHEDULERS)}."
+        )
+    if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
@@ -305,6 +335,26 @@ def apply_lora(args: argparse.Namespace, model: TransfusionForMixedModal, new_to
         trainable_token_indices=trainable_tokens,
     )
     return get_peft_model(model, lora_config)
+
+
+def build_lr_scheduler(
+    args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_processes: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' `get_scheduler(args.lr_scheduler)`, counted in optimizer steps of all processes.
+
+    Accelerate's prepared scheduler steps once per process at every optimizer step (and not on accumulation steps),
+    so the warmup and total lengths are scaled by the number of processes.
+    """
+    specific = {}
+    if args.lr_scheduler in MIN_LR_SCHEDULERS:
+        specific["min_lr_rate"] = DEFAULT_MIN_LR_RATIO if args.min_lr_ratio is None else args.min_lr_ratio
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+        scheduler_specific_kwargs=specific,
+    )
 
 
 def training_scheduler(prediction_type: str):
@@ -482,7 +532,13 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                     accelerator, args.output_dir, global_step, args.checkpoints_total_limit
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                if ema is not None:
+                    # Validate the weights the run saves (the average), then give training its own weights back.
+                    ema.store(trainable_parameters(model))
+                    ema.copy_to(trainable_parameters(model))
                 run_validation(args, accelerator, model, components, components["examples"], global_step)
+                if ema is not None:
+                    ema.restore(trainable_parameters(model))
             out_of_time = args.max_train_time_minutes and time.time() - started > 60 * args.max_train_time_minutes
             if global_step >= args.max_train_steps or out_of_time:
                 if out_of_time:
@@ -641,14 +697,10 @@ def main(argv: list[str] | None = None) -> Path:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_scheduler = warmup_cosine_schedule(
-        optimizer,
-        args.lr_warmup_steps * accelerator.num_processes,
-        args.max_train_steps * accelerator.num_processes,
-        args.min_lr_ratio,
-    )
+    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    ema = EMAModel(trainable_parameters(model), decay=args.ema_decay) if args.use_ema else None
+    # The average of the trainable weights; `foreach` updates them all in a few fused kernels per step.
+    ema = EMAModel(trainable_parameters(model), decay=args.ema_decay, foreach=True) if args.use_ema else None
     state = {
         "global_step": 0,
         "epoch": 0,
@@ -663,6 +715,9 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            # Accelerate loads custom states onto the CPU: bring the averages back next to the weights.
+            ema.to(accelerator.device)
         state["skip_batches"] = state["batches_in_epoch"]
         collator.num_batches = state["micro_batches"]
         state["last_checkpoint"] = checkpoint

@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
 from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
-from transfusion_hf.training_utils import warmup_cosine_schedule
 from transfusion_hf.visualization import make_grid
 
 logger = logging.getLogger("train_vae")
@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     model = VAELoss(vae, args.reconstruction_loss, args.kl_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    lr_scheduler = warmup_cosine_schedule(
+    lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
         optimizer,
-        args.lr_warmup_steps * accelerator.num_processes,
-        args.max_train_steps * accelerator.num_processes,
-        args.min_lr_ratio,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        min_lr_rate=args.min_lr_ratio,
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if accelerator.is_main_process and args.report_to != "none":

@@ -6,6 +6,7 @@ Everything runs against `hub_server.LocalHub` (a real HTTP server on 127.0.0.1) 
 
 from __future__ import annotations
 
+import ast
 import configparser
 import json
 import textwrap
@@ -21,6 +22,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from safetensors.torch import save_file
 from transformers import AutoModel
 
+import transfusion_hf
 from hub_fixtures import local_hub  # noqa: F401
 from pipeline_components import NUM_PATCHES, get_generator, get_pipeline, get_tokenizer, get_transformer
 from transfusion_hf import TransfusionForMixedModal
@@ -28,6 +30,7 @@ from transfusion_hf.hub import (
     PICKLE_SUFFIXES,
     TEMPLATE_PATH,
     build_model_card,
+    card_files,
     push_pipeline_to_hub,
     upload_to_hub,
 )
@@ -342,6 +345,83 @@ def test_card_metadata_from_training_summary(model, tmp_path):
     # A round trip through text keeps the metadata.
     reloaded = ModelCard(str(card))
     assert reloaded.data.to_dict() == card.data.to_dict()
+
+
+def test_card_from_a_saved_folder_equals_the_card_from_the_object(pipe, model, run_dir, tmp_path):
+    """A saved folder gives the card of the object it was saved from (configs and safetensors headers only)."""
+    pipe.save_pretrained(run_dir)
+    from_folder = build_model_card(run_dir, "me/pipe", output_dir=run_dir)
+    assert str(from_folder) == str(build_model_card(pipe, "me/pipe", output_dir=run_dir))
+    assert "| VAE | `AutoencoderKL`, 4 latent channels, 2x downsampling |" in from_folder.text
+    assert f"({pipe.transformer.num_parameters():,})" in from_folder.text
+    model.save_pretrained(tmp_path / "model")
+    assert str(build_model_card(tmp_path / "model", "me/m")) == str(build_model_card(model, "me/m"))
+    files = card_files(run_dir, "me/pipe", output_dir=run_dir)
+    assert files == {"README.md": str(from_folder).encode(), "samples.png": run_dir / "samples.png"}
+    with pytest.raises(ValueError, match="is not a saved Transfusion model or pipeline"):
+        build_model_card(tmp_path, "me/x")
+
+
+def test_push_a_saved_folder_refuses_save_options(hub, pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`variant`='fp16' and `max_shard_size`=None apply when saving"):
+        push_pipeline_to_hub(tmp_path, "nope", variant="fp16")
+    with pytest.raises(ValueError, match="holds no saved pipeline"):
+        push_pipeline_to_hub(tmp_path / "transformer", "nope")
+    assert ("model", f"{hub.user}/nope") not in hub.repos
+
+
+def module_level_imports(path: Path) -> tuple[set[str], set[str]]:
+    """The relative imports of a module: (at module level, inside functions), `if TYPE_CHECKING:` blocks left out."""
+    top, nested = set(), set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test) == "TYPE_CHECKING":
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level:
+                (nested if in_function else top).add(child.module or "")
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(ast.parse(path.read_text()), False)
+    return top, nested
+
+
+def test_no_import_circle_between_hub_model_and_pipeline(hub, pipe, run_dir):
+    """hub.py imports neither the model nor the pipeline module, anywhere (they import it, at module level).
+
+    Proof at run time: a fresh interpreter imports `transfusion_hf.hub` with the package's `__init__` left out (it
+    imports every module on purpose, to register the Auto classes), builds the card of a saved pipeline folder and
+    pushes that folder; neither `modeling_transfusion` nor `pipeline_transfusion` gets imported.
+    """
+    package = Path(transfusion_hf.__file__).parent
+    hub_top, hub_nested = module_level_imports(package / "hub.py")
+    assert hub_top == {"configuration_transfusion"} and not hub_nested
+    for name in ("modeling_transfusion", "pipeline_transfusion"):
+        top, nested = module_level_imports(package / f"{name}.py")
+        assert "hub" in top and "hub" not in nested, name
+
+    pipe.save_pretrained(run_dir)
+    expected_card = str(build_model_card(run_dir, "org/no-circle", output_dir=run_dir))
+    code = textwrap.dedent(
+        f"""
+        import json, sys, types
+
+        package = types.ModuleType("transfusion_hf")
+        package.__path__ = [{str(package)!r}]
+        sys.modules["transfusion_hf"] = package  # the package without its __init__
+        import transfusion_hf.hub as hub
+
+        card = hub.build_model_card({str(run_dir)!r}, "org/no-circle", output_dir={str(run_dir)!r})
+        hub.push_pipeline_to_hub({str(run_dir)!r}, "org/no-circle")
+        loaded = sorted(name for name in sys.modules if name.startswith("transfusion_hf."))
+        print(json.dumps({{"modules": loaded, "card": str(card)}}))
+        """
+    )
+    result = json.loads(hub.run_python(code, extra_env={"OMP_NUM_THREADS": "1"}).stdout.strip().splitlines()[-1])
+    assert result["modules"] == ["transfusion_hf.configuration_transfusion", "transfusion_hf.hub"]
+    assert result["card"] == expected_card
+    assert set(hub.list_files("org/no-circle")) == PIPELINE_FILES
 
 
 # ------------------------------------------------------------------------------------------- fresh processes

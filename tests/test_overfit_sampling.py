@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
-from transfusion_hf.training_utils import CleanImageErrorTracker, warmup_cosine_schedule
+from transfusion_hf.training_utils import CleanImageErrorTracker
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_transfusion.py"
 IMAGE_SIZE = 8
@@ -96,7 +97,7 @@ def build_model(tokenizer, prediction_type: str, patch_encoder: str) -> Transfus
 
 def train(model, collator, examples, steps: int, learning_rate: float) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = warmup_cosine_schedule(optimizer, warmup_steps=steps // 20, total_steps=steps)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup_lr_rate(optimizer, steps // 20, steps, min_lr_rate=0.05)
     model.train()
     losses = []
     for _ in range(steps):

@@ -29,7 +29,13 @@ from transfusion_hf.data.image_text import CorruptImageError
 from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import special_token_ids
-from transfusion_hf.training_utils import NonFiniteLossError, check_finite, list_checkpoints, resolve_checkpoint
+from transfusion_hf.training_utils import (
+    NonFiniteLossError,
+    check_finite,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_transfusion.py"
@@ -441,6 +447,91 @@ def test_accumulation_ema_and_gradient_checkpointing(tmp_path):
     raw = load_file(out / "checkpoint-3" / "model.safetensors")
     assert all(not torch.equal(final[key], raw[key]) for key in ("model.layers.0.self_attn.q_proj.weight",
                                                                  "image_decoder.proj.weight"))  # fmt: skip
+
+
+def ema_averages(checkpoint: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA's averages saved in `checkpoint`, by parameter name (EMAModel keeps one per trainable parameter, in
+    `model.parameters()` order; it is the second object registered for checkpointing, after the loop state)."""
+    state = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert state["optimization_step"] == checkpoint_step(checkpoint) and len(state["shadow_params"]) == len(names)
+    return dict(zip(names, state["shadow_params"]))
+
+
+def test_ema_resume_is_exact_and_saved_weights_are_the_average(tmp_path, monkeypatch):
+    """With --use_ema, a run that dies at step 5 and resumes from checkpoint-3 continues the average exactly: the final
+    weights (the average) equal the uninterrupted run's, and they are the EMA's averages of the last checkpoint."""
+    ema_args = [*RESUME_ARGS, "--use_ema", "--ema_decay", "0.9", "--learning_rate", "1e-2"]
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    run_main(reference, *ema_args)
+
+    real_check = train_transfusion.check_finite
+
+    def crash_at_5(loss, step, last_checkpoint):
+        if step == 5:
+            raise InjectedCrash
+        real_check(loss, step, last_checkpoint)
+
+    monkeypatch.setattr(train_transfusion, "check_finite", crash_at_5)
+    with pytest.raises(InjectedCrash):
+        run_main(crashed, *ema_args)
+    monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+    run_main(crashed, *ema_args, "--resume_from_checkpoint", "latest")
+    assert losses_by_step(crashed) == losses_by_step(reference)
+
+    expected = TransfusionPipeline.from_pretrained(reference).transformer
+    resumed = TransfusionPipeline.from_pretrained(crashed).transformer.state_dict()
+    averages = ema_averages(reference / "checkpoint-12", expected)
+    raw = load_file(reference / "checkpoint-12" / "model.safetensors")
+    for name, value in expected.state_dict().items():
+        assert torch.equal(resumed[name], value), name
+        assert torch.equal(value, averages[name]), name
+    assert not torch.equal(averages["image_decoder.proj.weight"], raw["image_decoder.proj.weight"])
+
+
+def test_ema_validation_leaves_training_weights_alone(tmp_path):
+    """Validation draws with the EMA's averages (store / copy_to / restore): training then goes on from its own
+    weights, so the losses equal those of a run without validation."""
+    common = [*SHAPES[:-1], "24", "--max_train_steps", "6", "--checkpointing_steps", "0", "--logging_steps", "1",
+              "--use_ema", "--lr_warmup_steps", "0", "--learning_rate", "1e-2"]  # fmt: skip
+    run_main(tmp_path / "plain", *common)
+    run_main(tmp_path / "validated", *common, "--validation_steps", "2")
+    assert len(list((tmp_path / "validated" / "validation").glob("step-*.png"))) == 3
+    assert losses_by_step(tmp_path / "validated") == losses_by_step(tmp_path / "plain")
+
+
+def test_lr_scheduler_flags():
+    """`--lr_scheduler` takes transformers' schedule names. The default warms up from the first step ((step + 1) /
+    warmup_steps, as the script's own schedule did) and decays to `--min_lr_ratio` of the peak at the last step."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+
+    def learning_rates(*flags: str) -> list[float]:
+        """The learning rate of each of the 10 training steps (2 of warmup)."""
+        args = train_transfusion.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
+                                             "--learning_rate", "1.0", *flags])  # fmt: skip
+        optimizer = torch.optim.SGD([parameter], lr=args.learning_rate)
+        scheduler = train_transfusion.build_lr_scheduler(args, optimizer, num_processes=1)
+        rates = []
+        for _ in range(args.max_train_steps):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    default = learning_rates()
+    assert default[:2] == [0.5, 1.0] and default[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(default[1:], default[2:]))
+    assert learning_rates("--min_lr_ratio", "0.2")[-1] == pytest.approx(0.2)
+    from_zero = learning_rates("--lr_scheduler", "cosine_with_min_lr")
+    assert from_zero[:3] == [0.0, 0.5, 1.0] and from_zero[3:] == default[2:-1]  # one step later
+    assert learning_rates("--lr_scheduler", "linear")[-1] == pytest.approx(1 / 8)
+    assert set(learning_rates("--lr_scheduler", "constant")) == {1.0}
+    with pytest.raises(ValueError, match=r"--min_lr_ratio=0.2 has no effect with --lr_scheduler=linear"):
+        learning_rates("--lr_scheduler", "linear", "--min_lr_ratio", "0.2")
+    with pytest.raises(ValueError, match=r"--min_lr_ratio must be in \[0, 1\], got 1.5"):
+        learning_rates("--min_lr_ratio", "1.5")
+    with pytest.raises(SystemExit):  # argparse: not a schedule name
+        learning_rates("--lr_scheduler", "reduce_lr_on_plateau")
 
 
 def test_model_presets_parse():

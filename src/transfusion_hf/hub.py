@@ -4,6 +4,9 @@
 same as transformers' `push_to_hub` (`commit_message`, `commit_description`, `private`, `token`, `revision`,
 `create_pr`) and write a Transfusion model card (README.md) on every push. Weights are always safetensors.
 
+This module imports neither the model nor the pipeline module (they import it): it works on whatever has their
+attributes (duck typing), or on the folders they were saved to, so there is no import circle.
+
 From the command line, push a training output folder (the saved pipeline, plus `training_summary.json`,
 `metrics.json` and `samples.png` when present) to a repo::
 
@@ -16,17 +19,21 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from safetensors import safe_open
 
-if TYPE_CHECKING:
+from .configuration_transfusion import TransfusionConfig
+
+if TYPE_CHECKING:  # annotations only: importing them here would make an import circle
     from .modeling_transfusion import TransfusionForMixedModal
     from .pipeline_transfusion import TransfusionPipeline
 
@@ -58,6 +65,7 @@ _TRAINING_LABELS = {
 
 __all__ = [
     "build_model_card",
+    "card_files",
     "create_repo",
     "load_run_artifacts",
     "push_model_to_hub",
@@ -85,10 +93,14 @@ def load_run_artifacts(output_dir: str | os.PathLike | None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- model card
 def _is_hub_id(name: Any) -> bool:
-    """A plausible Hub repo id (`name` or `namespace/name`), not a local path."""
+    """A valid Hub repo id (`name` or `namespace/name`), not a local path."""
     if not isinstance(name, str) or not name or os.path.exists(name) or name.startswith((".", "/", "~")):
         return False
-    return re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) is not None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -132,8 +144,90 @@ def _eval_results(metrics: Mapping[str, Any], dataset: str) -> list[EvalResult]:
     return results
 
 
+def _saved_parameter_count(folder: Path) -> int:
+    """Parameters in the safetensors files of a saved model, from their headers (no weights are read). Each tensor
+    name counts once, so variants of the same weights (`model.fp16.safetensors`, ...) do not add up."""
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = handle.get_slice(name).get_shape()
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def _describe(source: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike) -> dict[str, Any]:
+    """What the card says about the model: from a model or pipeline object (duck typed: a pipeline has a
+    `transformer`), or from the folder `save_pretrained` wrote (configs and safetensors headers, no weights loaded).
+
+    Returns:
+        `dict` with `config` (a [`TransfusionConfig`]), `num_parameters`, `is_pipeline`, and for a pipeline
+        `scheduler` (class name), `vae` (class name or None), `vae_config` and `vae_parameters`.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        is_pipeline = hasattr(source, "transformer")
+        model = source.transformer if is_pipeline else source
+        facts = {"config": model.config, "num_parameters": model.num_parameters(), "is_pipeline": is_pipeline}
+        if is_pipeline:
+            vae = getattr(source, "vae", None)
+            facts.update(
+                scheduler=type(source.scheduler).__name__,
+                vae=type(vae).__name__ if vae is not None else None,
+                vae_config=vae.config if vae is not None else None,
+                vae_parameters=sum(p.numel() for p in vae.parameters()) if vae is not None else None,
+            )
+        return facts
+    folder = Path(source)
+    if (folder / "model_index.json").is_file():
+        index = json.loads((folder / "model_index.json").read_text())
+        vae = (index.get("vae") or [None, None])[1]
+        return {
+            "config": TransfusionConfig.from_pretrained(folder / "transformer"),
+            "num_parameters": _saved_parameter_count(folder / "transformer"),
+            "is_pipeline": True,
+            "scheduler": index["scheduler"][1],
+            "vae": vae,
+            "vae_config": json.loads((folder / "vae" / "config.json").read_text()) if vae else None,
+            "vae_parameters": _saved_parameter_count(folder / "vae") if vae else None,
+        }
+    if (folder / "config.json").is_file():
+        config = TransfusionConfig.from_pretrained(folder)
+        return {"config": config, "num_parameters": _saved_parameter_count(folder), "is_pipeline": False}
+    raise ValueError(f"`{source}` is not a saved Transfusion model or pipeline (no model_index.json or config.json).")
+
+
+def _pipeline_fields(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline rows of the card: image size, VAE and scheduler."""
+    vae_config = facts["vae_config"]
+    # diffusers' convention (and TransfusionPipeline's): one halving per VAE level after the first.
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config is not None else 1
+    if facts["vae"] is None:
+        vae = "none (the model works on pixels)"
+    else:
+        vae = f"`{facts['vae']}`, {vae_config['latent_channels']} latent channels, {scale}x downsampling"
+    return {
+        "image_size": facts["config"].latent_size * scale,
+        "scheduler": facts["scheduler"],
+        "vae": vae,
+        "vae_parameters": _format_count(facts["vae_parameters"]) if facts["vae"] is not None else None,
+    }
+
+
+def _training_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The "Training" table: the run's summary with readable labels."""
+    rows = []
+    for key, value in summary.items():
+        if value is None or key == "num_parameters":  # the model's own count is in the "Model" table
+            continue
+        if key == "dataset":
+            value = BUILTIN_DATASETS.get(value, f"`{value}`")
+        elif key == "base_model":
+            value = f"`{value}`"
+        rows.append((_TRAINING_LABELS.get(key, key), _format_value(value)))
+    return rows
+
+
 def build_model_card(
-    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline,
+    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
     repo_id: str | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
@@ -150,8 +244,12 @@ def build_model_card(
 ) -> ModelCard:
     """The model card (README.md) of a Transfusion model or pipeline, filled from the model and the run.
 
+    huggingface_hub renders it (`ModelCard.from_template` with `ModelCardData`, whose `eval_results` become the
+    `model-index`) and diffusers adds the tags (`populate_model_card`).
+
     Args:
-        model_or_pipeline: a [`TransfusionForMixedModal`] or a [`TransfusionPipeline`].
+        model_or_pipeline: a [`TransfusionForMixedModal`] or a [`TransfusionPipeline`], or a folder either was
+            saved to (read from its configs and safetensors headers; no weights are loaded).
         repo_id (`str`, *optional*): the repo the card describes (title and usage snippet).
         output_dir (*optional*): a training output folder: `metrics.json`, `training_summary.json` and `samples.png`
             are read from it when present (explicit `metrics` / `training_summary` / `sample_image` win).
@@ -159,7 +257,7 @@ def build_model_card(
             name tells the task (`t2i_*`, `fid*`, `clip*` -> text-to-image, `caption_*` -> image-to-text).
         training_summary (`dict`, *optional*): `global_step`, `dataset`, `base_model`, ... of the run.
         sample_image (*optional*): an image to embed; the card links to its file name, so upload it next to the card
-            ([`write_model_card`] does).
+            ([`card_files`] and [`write_model_card`] do).
         license (`str`): a Hub license identifier.
         base_model (`str`, *optional*): the pretrained LLM the backbone started from (default: the summary's).
         datasets (*optional*): Hub data set ids for the metadata (default: the summary's data set if it is one).
@@ -175,10 +273,8 @@ def build_model_card(
     summary = dict(training_summary if training_summary is not None else found["training_summary"] or {})
     sample_image = sample_image if sample_image is not None else found["sample_image"]
 
-    is_pipeline = hasattr(model_or_pipeline, "transformer")
-    model = model_or_pipeline.transformer if is_pipeline else model_or_pipeline
-    config = model.config
-    text_config = config.text_config
+    facts = _describe(model_or_pipeline)
+    config = facts["config"]
     repo_id = repo_id or getattr(config, "_name_or_path", None) or "transfusion-model"
     model_name = repo_id.rstrip("/").split("/")[-1]
 
@@ -193,34 +289,22 @@ def build_model_card(
         license=license,
         library_name=library_name,
         pipeline_tag="text-to-image",
-        tags=list(dict.fromkeys([*DEFAULT_TAGS, *(tags or [])])),
         base_model=base_model,
         datasets=dataset_ids or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
-
-    training_rows = []
-    for key, value in summary.items():
-        if value is None or key == "num_parameters":  # the model's own count is in the "Model" table
-            continue
-        if key == "dataset":
-            value = BUILTIN_DATASETS.get(value, f"`{value}`")
-        elif key == "base_model":
-            value = f"`{value}`"
-        training_rows.append((_TRAINING_LABELS.get(key, key), _format_value(value)))
-
     fields: dict[str, Any] = {
         "repo_id": repo_id,
         "model_name": model_name,
-        "is_pipeline": is_pipeline,
+        "is_pipeline": facts["is_pipeline"],
         "paper_url": PAPER_URL,
-        "backbone_type": text_config.model_type,
-        "num_layers": getattr(text_config, "num_hidden_layers", "?"),
+        "backbone_type": config.text_config.model_type,
+        "num_layers": getattr(config.text_config, "num_hidden_layers", "?"),
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
-        "num_parameters": _format_count(model.num_parameters()),
-        "num_parameters_exact": f"{model.num_parameters():,}",
+        "num_parameters": _format_count(facts["num_parameters"]),
+        "num_parameters_exact": f"{facts['num_parameters']:,}",
         "patch_encoder": config.patch_encoder,
         "patch_size": config.patch_size,
         "latent_size": config.latent_size,
@@ -228,56 +312,72 @@ def build_model_card(
         "num_patches": config.num_patches,
         "prediction_type": config.prediction_type,
         "base_model": base_model,
-        "training_rows": training_rows,
+        "training_rows": _training_rows(summary),
         "metric_rows": [(name, _format_value(value)) for name, value in metrics.items()],
         "sample_image": Path(sample_image).name if sample_image is not None else None,
         "sample_caption": "Images for held-out prompts (prompt under each image)." if sample_image else None,
         "example_prompt": example_prompt or "a small red circle in the top left",
+        **(_pipeline_fields(facts) if facts["is_pipeline"] else {}),
     }
-    if is_pipeline:
-        vae = getattr(model_or_pipeline, "vae", None)
-        scheduler = model_or_pipeline.scheduler
-        fields.update(
-            image_size=model_or_pipeline.image_size,
-            scheduler=type(scheduler).__name__,
-            vae=(
-                f"`{type(vae).__name__}`, {vae.config.latent_channels} latent channels, "
-                f"{model_or_pipeline.vae_scale_factor}x downsampling"
-                if vae is not None
-                else "none (the model works on pixels)"
-            ),
-            vae_parameters=_format_count(sum(p.numel() for p in vae.parameters())) if vae is not None else None,
-        )
-    return ModelCard.from_template(card_data, template_path=str(template_path or TEMPLATE_PATH), **fields)
+    # Not diffusers' `load_or_create_model_card`: it renders diffusers' training template (TODO sections) or
+    # huggingface_hub's generic one, and takes no template of ours; or it keeps the card the repo already has, which
+    # would describe an earlier run. This card is rebuilt from the weights pushed.
+    card = ModelCard.from_template(card_data, template_path=str(template_path or TEMPLATE_PATH), **fields)
+    return populate_model_card(card, tags=list(dict.fromkeys([*DEFAULT_TAGS, *(tags or [])])))
+
+
+def _card_and_sample(model_or_pipeline, repo_id: str | None, card_kwargs: dict) -> tuple[ModelCard, Path | None]:
+    found = load_run_artifacts(card_kwargs.get("output_dir"))
+    sample_image = card_kwargs.get("sample_image") or found["sample_image"]
+    card = build_model_card(model_or_pipeline, repo_id, **card_kwargs)
+    return card, Path(sample_image) if sample_image is not None else None
+
+
+def card_files(
+    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
+    repo_id: str | None = None,
+    **card_kwargs,
+) -> dict[str, bytes | Path]:
+    """The files a card needs in the repo: `README.md` (the card, [`build_model_card`] arguments) and the sample
+    image it embeds, as `{path in the repo: content bytes or local file}` (for [`upload_to_hub`]'s `extra_files`)."""
+    card, sample_image = _card_and_sample(model_or_pipeline, repo_id, card_kwargs)
+    files: dict[str, bytes | Path] = {"README.md": str(card).encode()}
+    if sample_image is not None:
+        files[sample_image.name] = sample_image
+    return files
 
 
 def write_model_card(
     folder: str | os.PathLike,
-    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline,
+    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
     repo_id: str | None = None,
     **card_kwargs,
 ) -> ModelCard:
     """Build the card ([`build_model_card`] arguments), save it as `folder/README.md` and copy the sample image
     it embeds into `folder`."""
-    found = load_run_artifacts(card_kwargs.get("output_dir"))
-    sample_image = card_kwargs.get("sample_image") or found["sample_image"]
-    card = build_model_card(model_or_pipeline, repo_id, **card_kwargs)
-    if sample_image is not None:
-        shutil.copyfile(sample_image, Path(folder) / Path(sample_image).name)
+    card, sample_image = _card_and_sample(model_or_pipeline, repo_id, card_kwargs)
     card.save(Path(folder) / "README.md")
+    target = Path(folder) / sample_image.name if sample_image is not None else None
+    if target is not None and target.resolve() != sample_image.resolve():
+        shutil.copyfile(sample_image, target)
     return card
 
 
 # --------------------------------------------------------------------------------------------------- uploading
-def _check_no_pickles(folder: str | os.PathLike) -> None:
-    pickles = [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise ValueError(f"Refusing to push pickle-based files (safetensors only): {sorted(pickles)}.")
-
-
 def create_repo(repo_id: str, *, private: bool | None = None, token: bool | str | None = None) -> str:
     """Create the model repo if needed (`private` only applies to a new repo); returns the full `namespace/name`."""
     return HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+
+
+def _pipeline_file_patterns(folder: str | os.PathLike) -> list[str]:
+    """`allow_patterns` for the files of the pipeline saved in `folder`: `model_index.json` and the folders of the
+    components it lists, so that the rest of a training output folder (checkpoints, logs) stays local."""
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"`{folder}` holds no saved pipeline (no model_index.json).")
+    index = json.loads(index_path.read_text())
+    components = [name for name, value in index.items() if not name.startswith("_") and value and value[1]]
+    return ["model_index.json", *(f"{name}/*" for name in components)]
 
 
 def upload_to_hub(
@@ -291,14 +391,39 @@ def upload_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     path_in_repo: str | None = None,
+    allow_patterns: str | list[str] | None = None,
+    extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
 ) -> CommitInfo:
     """Upload `folder` to the model repo `repo_id` in one commit, like transformers' `push_to_hub` does.
 
     The repo is created if needed; a `revision` that names a new branch is created from `main` first; `create_pr`
     opens a pull request (against `revision` when given) instead of committing. Pickle-based weight files are
-    refused. Returns the [`huggingface_hub.CommitInfo`] (a `str`: the commit URL; `.pr_url` for a pull request).
+    refused.
+
+    Args:
+        folder: the local folder.
+        repo_id (`str`): `name` (in your namespace) or `namespace/name`.
+        path_in_repo (`str`, *optional*): the repo folder to upload into (default: the root).
+        allow_patterns (*optional*): only the files of `folder` matching these (huggingface_hub's patterns).
+        extra_files (*optional*): `{path in the repo: bytes or local file}` uploaded in the same commit (a card).
+
+    Returns:
+        [`huggingface_hub.CommitInfo`]: a `str` (the commit URL), with `.oid` and `.pr_url` for a pull request.
     """
-    _check_no_pickles(folder)
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
+    local = [path.relative_to(folder).as_posix() for path in sorted(Path(folder).rglob("*")) if path.is_file()]
+    files: dict[str, bytes | str] = {
+        name: str(Path(folder) / name) for name in filter_repo_objects(local, allow_patterns=allow_patterns)
+    }
+    files.update(
+        {
+            name: content if isinstance(content, bytes) else str(content)
+            for name, content in (extra_files or {}).items()
+        }
+    )
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(f"Refusing to push pickle-based files (safetensors only): {pickles}.")
     repo_id = create_repo(repo_id, private=private, token=token)
     api = HfApi()
     if revision is not None and not revision.startswith("refs/pr/"):
@@ -308,11 +433,8 @@ def upload_to_hub(
             # Without write access a pull request can still target an existing branch (as in transformers).
             if not (create_pr and error.response is not None and error.response.status_code == 403):
                 raise
-    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
     operations = [
-        CommitOperationAdd(path_in_repo=prefix + path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-        for path in sorted(Path(folder).rglob("*"))
-        if path.is_file()
+        CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content) for name, content in files.items()
     ]
     # `create_commit`, not `upload_folder`: only it opens a pull request against a branch other than `main`.
     return api.create_commit(
@@ -342,12 +464,12 @@ def push_model_to_hub(
 ) -> CommitInfo:
     """`TransfusionForMixedModal.push_to_hub`: transformers' arguments and behaviour, plus the Transfusion card.
 
-    `card_kwargs` go to [`build_model_card`] (`output_dir`, `metrics`, `license`, `base_model`, `datasets`, ...).
+    `model` is anything with the model's `save_pretrained`, `config` and `num_parameters`. `card_kwargs` go to
+    [`build_model_card`] (`output_dir`, `metrics`, `license`, `base_model`, `datasets`, ...).
     """
     repo_id = create_repo(repo_id, private=private, token=token)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        write_model_card(folder, model, repo_id, tags=tags, **card_kwargs)
         return upload_to_hub(
             folder,
             repo_id,
@@ -356,6 +478,7 @@ def push_model_to_hub(
             token=token,
             revision=revision,
             create_pr=create_pr,
+            extra_files=card_files(model, repo_id, tags=tags, **card_kwargs),
         )
 
 
@@ -378,38 +501,49 @@ def push_pipeline_to_hub(
     """Push a [`TransfusionPipeline`] (all components, safetensors) and its model card to `repo_id`.
 
     Args:
-        pipeline: the pipeline, or a folder it was saved to (loaded first; `output_dir` then defaults to it).
+        pipeline: the pipeline, or a folder it was saved to: that folder's pipeline files (`model_index.json` and
+            the component folders) are pushed as they are, without loading them; `output_dir` then defaults to it.
         repo_id (`str`): `name` (in your namespace) or `namespace/name`.
         output_dir (*optional*): the training output folder: `training_summary.json`, `metrics.json` and
             `samples.png` there go into the card (the image is uploaded too). Nothing else of it is uploaded.
         commit_message, commit_description, private, token, revision, create_pr: as in transformers'
             `push_to_hub` (`revision`: the branch to push to, created from `main` if new).
-        variant, max_shard_size: passed to `save_pretrained`.
+        variant, max_shard_size: passed to `save_pretrained` (a pipeline object only).
         subfolder (*optional*): push into this folder of the repo, without a card (as diffusers does).
         card_kwargs: for [`build_model_card`] (`license`, `base_model`, `datasets`, `tags`, `metrics`, ...).
 
     Returns:
         [`huggingface_hub.CommitInfo`]: a `str` (the commit URL), with `.oid` and `.pr_url`.
     """
-    if isinstance(pipeline, (str, os.PathLike)):
-        from .pipeline_transfusion import TransfusionPipeline
-
-        output_dir = pipeline if output_dir is None else output_dir
-        pipeline = TransfusionPipeline.from_pretrained(pipeline)
+    is_folder = isinstance(pipeline, (str, os.PathLike))
+    if is_folder and (variant is not None or max_shard_size is not None):
+        raise ValueError(
+            f"`variant`={variant!r} and `max_shard_size`={max_shard_size!r} apply when saving a pipeline object; "
+            f"the saved folder `{pipeline}` is pushed as it is."
+        )
+    if is_folder:
+        _pipeline_file_patterns(pipeline)  # a folder without a saved pipeline fails before any repo is created
     repo_id = create_repo(repo_id, private=private, token=token)
-    with tempfile.TemporaryDirectory() as folder:
-        pipeline.save_pretrained(folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
-        if not subfolder:
-            write_model_card(folder, pipeline, repo_id, output_dir=output_dir, **card_kwargs)
+    with tempfile.TemporaryDirectory() as temporary:
+        if is_folder:
+            folder, output_dir = Path(pipeline), pipeline if output_dir is None else output_dir
+        else:
+            folder = Path(temporary)
+            pipeline.save_pretrained(folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+        patterns = _pipeline_file_patterns(folder)
+        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        card = {} if subfolder else card_files(pipeline, repo_id, output_dir=output_dir, **card_kwargs)
         return upload_to_hub(
             folder,
             repo_id,
-            commit_message=commit_message or f"Upload {type(pipeline).__name__}",
+            commit_message=commit_message or f"Upload {class_name}",
             commit_description=commit_description,
             token=token,
             revision=revision,
             create_pr=create_pr,
             path_in_repo=subfolder,
+            allow_patterns=patterns,
+            extra_files=card,
         )
 
 

@@ -21,6 +21,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
+from .hub import push_model_to_hub
 from .image_layers import build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
 from .masking_transfusion import build_transfusion_mask, image_block_ids
@@ -166,8 +167,6 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         """transformers' `push_to_hub` (same arguments and behaviour), writing the Transfusion model card on every
         push. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir`, `base_model`, `datasets`, ...).
         """
-        from .hub import push_model_to_hub
-
         return push_model_to_hub(
             self,
             repo_id,

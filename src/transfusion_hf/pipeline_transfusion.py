@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, LogitsProcessorList
 
 from .cache_transfusion import ReservedDynamicCache
+from .hub import push_pipeline_to_hub
 from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .modeling_transfusion import TransfusionForMixedModal
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
@@ -815,8 +816,6 @@ class TransfusionPipeline(DiffusionPipeline):
         and the Transfusion model card. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir` of
         the run for metrics and samples, `base_model`, `datasets`, `license`, `tags`). Weights are safetensors only.
         """
-        from .hub import push_pipeline_to_hub
-
         if not safe_serialization:
             raise ValueError("TransfusionPipeline.push_to_hub only pushes safetensors (safe_serialization=True).")
         return push_pipeline_to_hub(

@@ -1,39 +1,16 @@
-"""Training helpers shared by the example scripts: learning-rate schedule, crash-safe checkpoints, loss checks."""
+"""Training helpers shared by the example scripts: crash-safe checkpoints, loss checks."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
-
-def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.05
-) -> LambdaLR:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (paper: 3e-4 -> 1.5e-5, a ratio of 0.05).
-
-    Args:
-        optimizer: the optimizer.
-        warmup_steps (`int`): steps of linear warmup from 0.
-        total_steps (`int`): the step at which the cosine reaches its floor.
-        min_lr_ratio (`float`): the floor, relative to the peak.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(warmup_steps, 1)
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -166,7 +143,6 @@ class CleanImageErrorTracker:
 
 __all__ = [
     "CleanImageErrorTracker",
-    "warmup_cosine_schedule",
     "list_checkpoints",
     "save_checkpoint",
     "resolve_checkpoint",
