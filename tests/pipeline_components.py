@@ -143,3 +143,14 @@ __all__ = [
     "get_vae",
     "perturb_",
 ]
+
+
+def make_pipe(components: dict, **overrides) -> TransfusionPipeline:
+    """A pipeline on shared (read-only) components with its own fresh scheduler (for the transformer's prediction
+    type, the overriding one when given); progress bar off."""
+    prediction_type = overrides.get("transformer", components["transformer"]).config.prediction_type
+    kwargs = dict(components, scheduler=get_scheduler(prediction_type))
+    kwargs.update(overrides)
+    pipe = TransfusionPipeline(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -18,7 +18,14 @@ from diffusers import (
 from diffusers.callbacks import PipelineCallback, SDCFGCutoffCallback
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline_components import get_dummy_components, get_generator, get_scheduler, get_tokenizer, get_transformer
+from pipeline_components import (
+    get_dummy_components,
+    get_generator,
+    get_scheduler,
+    get_tokenizer,
+    get_transformer,
+    make_pipe,
+)
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 
 STEPS = 3
@@ -43,16 +50,6 @@ def components():
 def models():
     tokenizer = get_tokenizer()
     return {kind: get_transformer(tokenizer, kind) for kind in ("epsilon", "v_prediction", "flow_prediction")}
-
-
-def make_pipe(components, **overrides) -> TransfusionPipeline:
-    """A pipeline on shared (read-only) components with its own fresh scheduler; progress bar off."""
-    prediction_type = overrides.get("transformer", components["transformer"]).config.prediction_type
-    kwargs = dict(components, scheduler=get_scheduler(prediction_type))
-    kwargs.update(overrides)
-    pipe = TransfusionPipeline(**kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture

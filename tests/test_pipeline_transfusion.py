@@ -30,6 +30,7 @@ from pipeline_components import (  # noqa: E402
     get_scheduler,
     get_tokenizer,
     get_transformer,
+    make_pipe,
 )
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline, TransfusionPipelineOutput  # noqa: E402
 from transfusion_hf.processing_transfusion import pad_sequences  # noqa: E402
@@ -51,15 +52,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def components():
     return get_dummy_components()
-
-
-def make_pipe(components, **overrides) -> TransfusionPipeline:
-    """A pipeline on shared (read-only) components with its own fresh scheduler; progress bar off."""
-    kwargs = dict(components, scheduler=get_scheduler(components["transformer"].config.prediction_type))
-    kwargs.update(overrides)
-    pipe = TransfusionPipeline(**kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture

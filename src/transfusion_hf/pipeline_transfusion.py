@@ -41,6 +41,21 @@ logger = logging.get_logger(__name__)
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 
 
+# Samplers of a DDPM-style noise schedule (betas): the same for epsilon and v models.
+_NOISE_SCHEDULE_SCHEDULERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "UniPCMultistepScheduler",
+]
+
+
 @dataclass
 class TransfusionPipelineOutput(BaseOutput):
     """Output of text-to-image.
@@ -79,30 +94,8 @@ class TransfusionPipeline(DiffusionPipeline):
     # (v prediction off by 0.2 at 10 steps), SA-Solver and DEIS on flow (off by 0.3 to 0.7), LMS (needs scipy), and
     # samplers for distilled models (LCM, TCD).
     _compatibles = {
-        "epsilon": [
-            "DDPMScheduler",
-            "DDIMScheduler",
-            "DEISMultistepScheduler",
-            "DPMSolverMultistepScheduler",
-            "DPMSolverSinglestepScheduler",
-            "EulerAncestralDiscreteScheduler",
-            "EulerDiscreteScheduler",
-            "HeunDiscreteScheduler",
-            "KDPM2DiscreteScheduler",
-            "UniPCMultistepScheduler",
-        ],
-        "v_prediction": [
-            "DDPMScheduler",
-            "DDIMScheduler",
-            "DEISMultistepScheduler",
-            "DPMSolverMultistepScheduler",
-            "DPMSolverSinglestepScheduler",
-            "EulerAncestralDiscreteScheduler",
-            "EulerDiscreteScheduler",
-            "HeunDiscreteScheduler",
-            "KDPM2DiscreteScheduler",
-            "UniPCMultistepScheduler",
-        ],
+        "epsilon": _NOISE_SCHEDULE_SCHEDULERS,
+        "v_prediction": _NOISE_SCHEDULE_SCHEDULERS,
         "flow_prediction": [
             "FlowMatchEulerDiscreteScheduler",
             "FlowMatchHeunDiscreteScheduler",
