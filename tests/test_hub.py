@@ -40,18 +40,38 @@ from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle in the top left"
 STEPS = 2
+# The code saved beside the weights, for loading without transfusion_hf (tests/test_remote_code.py): the model's
+# module and those it imports, and at a pipeline's root the pipeline's module and those it imports.
+MODEL_CODE = [
+    "configuration_transfusion.py",
+    "hub.py",
+    "image_layers.py",
+    "loss_transfusion.py",
+    "masking_transfusion.py",
+    "modeling_transfusion.py",
+]
+PIPELINE_CODE = [
+    *MODEL_CODE,
+    "cache_transfusion.py",
+    "latents_transfusion.py",
+    "noising.py",
+    "pipeline_transfusion.py",
+    "processing_transfusion.py",
+]
 # Files of a pushed pipeline repo whose output dir holds run artifacts (.gitattributes: the Hub's initial commit).
 PIPELINE_FILES = {
     ".gitattributes",
     "README.md",
     "samples.png",
     "model_index.json",
+    *PIPELINE_CODE,
     "scheduler/scheduler_config.json",
     "tokenizer/tokenizer.json",
     "tokenizer/tokenizer_config.json",
     "transformer/config.json",
     "transformer/generation_config.json",
     "transformer/model.safetensors",
+    *(f"transformer/{name}" for name in MODEL_CODE),
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 }
@@ -163,7 +183,9 @@ def test_model_push_and_load_by_repo_id(hub, model):
     assert info.startswith(hub.endpoint) and info.pr_url is None
     assert hub.history(repo_id)[0].title == "First push"
     files = hub.list_files(repo_id)
-    assert files == [".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert files == sorted(
+        [".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors", *MODEL_CODE]
+    )
 
     assert_same_model(TransfusionForMixedModal.from_pretrained(repo_id, use_safetensors=True), model)
     auto = AutoModel.from_pretrained(repo_id)

@@ -195,4 +195,8 @@ class TransfusionConfig(PreTrainedConfig):
         return self.text_config.vocab_size
 
 
+# `save_pretrained` copies this file beside config.json and names it in `auto_map`: `AutoConfig.from_pretrained(...,
+# trust_remote_code=True)` then loads the config where transfusion_hf is not installed.
+TransfusionConfig.register_for_auto_class()
+
 __all__ = ["TransfusionConfig"]

@@ -30,12 +30,16 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, M
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from safetensors import safe_open
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .configuration_transfusion import TransfusionConfig
 
-if TYPE_CHECKING:  # annotations only: importing them here would make an import circle
-    from .modeling_transfusion import TransfusionForMixedModal
-    from .pipeline_transfusion import TransfusionPipeline
+if TYPE_CHECKING:
+    # Annotations name the libraries' base classes, not the model and pipeline modules: those import this one, and
+    # their code saved beside the weights must not import in a circle, not even for type checkers (diffusers 0.42
+    # finds relative imports by text and recurses forever on a circle when it fetches a pipeline's code from the Hub).
+    from diffusers import DiffusionPipeline
+    from transformers import PreTrainedModel
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2408.11039"
@@ -155,7 +159,7 @@ def _saved_parameter_count(folder: Path) -> int:
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def _describe(source: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike) -> dict[str, Any]:
+def _describe(source: PreTrainedModel | DiffusionPipeline | str | os.PathLike) -> dict[str, Any]:
     """What the card says about the model: from a model or pipeline object (duck typed: a pipeline has a
     `transformer`), or from the folder `save_pretrained` wrote (configs and safetensors headers, no weights loaded).
 
@@ -227,7 +231,7 @@ def _training_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def build_model_card(
-    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
+    model_or_pipeline: PreTrainedModel | DiffusionPipeline | str | os.PathLike,
     repo_id: str | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
@@ -263,8 +267,8 @@ def build_model_card(
         datasets (*optional*): Hub data set ids for the metadata (default: the summary's data set if it is one).
         tags (*optional*): extra tags, after `transfusion`, `text-to-image`, `image-to-text`, ...
         library_name (`str`): defaults to `transfusion_hf`, not `diffusers` / `transformers`: the Hub's snippets for
-            those (`DiffusionPipeline.from_pretrained`, `AutoModel.from_pretrained` without the import) cannot load a
-            third-party class. The card carries the right snippet.
+            those (`DiffusionPipeline.from_pretrained`, `AutoModel.from_pretrained` without the import or
+            `trust_remote_code=True`) cannot load a third-party class. The card carries the right snippets.
         example_prompt (`str`, *optional*): the prompt of the usage snippet.
         template_path (*optional*): a Jinja template (default: the package's `templates/model_card.md`).
     """
@@ -334,7 +338,7 @@ def _card_and_sample(model_or_pipeline, repo_id: str | None, card_kwargs: dict) 
 
 
 def card_files(
-    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
+    model_or_pipeline: PreTrainedModel | DiffusionPipeline | str | os.PathLike,
     repo_id: str | None = None,
     **card_kwargs,
 ) -> dict[str, bytes | Path]:
@@ -349,7 +353,7 @@ def card_files(
 
 def write_model_card(
     folder: str | os.PathLike,
-    model_or_pipeline: TransfusionForMixedModal | TransfusionPipeline | str | os.PathLike,
+    model_or_pipeline: PreTrainedModel | DiffusionPipeline | str | os.PathLike,
     repo_id: str | None = None,
     **card_kwargs,
 ) -> ModelCard:
@@ -369,15 +373,33 @@ def create_repo(repo_id: str, *, private: bool | None = None, token: bool | str 
     return HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
 
 
+def _pipeline_code_files(folder: Path, index: Mapping[str, Any]) -> list[str]:
+    """The code files of a saved pipeline at the root of `folder`: the module `model_index.json` names in
+    `_class_name` (["pipeline_transfusion", "TransfusionPipeline"]) and every module it imports (relative imports,
+    recursively, found by transformers' own `get_relative_import_files`), for `trust_remote_code=True` loading."""
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, list):
+        return []  # a pipeline saved before its code was saved with it
+    entry = folder / f"{class_name[0]}.py"
+    if not entry.is_file():
+        raise ValueError(
+            f"`{folder}`'s model_index.json names the code file `{entry.name}` (`_class_name`="
+            f"{class_name}), but there is no such file beside it."
+        )
+    return [entry.name, *sorted(Path(path).name for path in get_relative_import_files(entry))]
+
+
 def _pipeline_file_patterns(folder: str | os.PathLike) -> list[str]:
-    """`allow_patterns` for the files of the pipeline saved in `folder`: `model_index.json` and the folders of the
-    components it lists, so that the rest of a training output folder (checkpoints, logs) stays local."""
+    """`allow_patterns` for the files of the pipeline saved in `folder`: `model_index.json`, the code files beside it
+    and the folders of the components it lists, so that the rest of a training output folder (checkpoints, logs)
+    stays local."""
     index_path = Path(folder) / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"`{folder}` holds no saved pipeline (no model_index.json).")
     index = json.loads(index_path.read_text())
     components = [name for name, value in index.items() if not name.startswith("_") and value and value[1]]
-    return ["model_index.json", *(f"{name}/*" for name in components)]
+    code_files = _pipeline_code_files(Path(folder), index)
+    return ["model_index.json", *code_files, *(f"{name}/*" for name in components)]
 
 
 def upload_to_hub(
@@ -449,7 +471,7 @@ def upload_to_hub(
 
 
 def push_model_to_hub(
-    model: TransfusionForMixedModal,
+    model: PreTrainedModel,
     repo_id: str,
     *,
     commit_message: str | None = None,
@@ -483,7 +505,7 @@ def push_model_to_hub(
 
 
 def push_pipeline_to_hub(
-    pipeline: TransfusionPipeline | str | os.PathLike,
+    pipeline: DiffusionPipeline | str | os.PathLike,
     repo_id: str,
     *,
     output_dir: str | os.PathLike | None = None,
@@ -532,6 +554,7 @@ def push_pipeline_to_hub(
             pipeline.save_pretrained(folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
         patterns = _pipeline_file_patterns(folder)
         class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        class_name = class_name[-1] if isinstance(class_name, list) else class_name  # [code file, class] or class
         card = {} if subfolder else card_files(pipeline, repo_id, output_dir=output_dir, **card_kwargs)
         return upload_to_hub(
             folder,

@@ -470,4 +470,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
+# `save_pretrained` copies this file and every module it imports (relative imports, recursively) beside the weights
+# and names it in config.json's `auto_map`: `AutoModel.from_pretrained(repo_or_dir, trust_remote_code=True)` then
+# loads the model where transfusion_hf is not installed. Where it is, `AutoModel` keeps the registered class.
+TransfusionForMixedModal.register_for_auto_class("AutoModel")
+
 __all__ = ["TransfusionOutput", "TransfusionPreTrainedModel", "TransfusionForMixedModal"]

@@ -8,6 +8,7 @@ image positions against it; the clean image is then written into the cache and `
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
 # diffusers' own `retrieve_timesteps` (custom `timesteps` / `sigmas`): PixArt-alpha's is marked "Copied from" Stable
 # Diffusion's and is the same code; the Stable Diffusion module would also import CLIP's image processors (and warn
@@ -30,11 +32,20 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, LogitsProcessorList
+from transformers.dynamic_module_utils import custom_object_save
 
+# Loaded from a folder with `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, this file goes into
+# diffusers' module cache with the modules it imports, but diffusers 0.42 does not copy the modules those import in
+# turn: so this file imports them too (the `noqa` lines; tests/test_remote_code.py checks that none is missing).
 from .cache_transfusion import ReservedDynamicCache
+from .configuration_transfusion import TransfusionConfig  # noqa: F401
 from .hub import push_pipeline_to_hub
+from .image_layers import build_patch_layers  # noqa: F401
 from .latents_transfusion import latents_to_pixels, pixels_to_latents
+from .loss_transfusion import diffusion_loss  # noqa: F401
+from .masking_transfusion import build_transfusion_mask  # noqa: F401
 from .modeling_transfusion import TransfusionForMixedModal
+from .noising import TransfusionNoiser  # noqa: F401
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
 
 logger = logging.get_logger(__name__)
@@ -768,11 +779,74 @@ class TransfusionPipeline(DiffusionPipeline):
         probabilities = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
 
+    # ---------------------------------------------------------------------------------- code beside the weights
+    # A saved pipeline carries its code, named in model_index.json the way diffusers names custom pipelines and
+    # components: `_class_name` ["pipeline_transfusion", "TransfusionPipeline"] (this file and the modules it imports,
+    # at the root) and transformer ["modeling_transfusion", "TransfusionForMixedModal"] (transformers' copy of the model
+    # code in transformer/, from `register_for_auto_class`). `DiffusionPipeline.from_pretrained(repo_or_dir,
+    # trust_remote_code=True)` then loads it where transfusion_hf is not installed.
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """diffusers' `save_config` (model_index.json, the last file `save_pretrained` writes), with this module and
+        the modules it imports (recursively; transformers' `custom_object_save`) saved beside it."""
+        os.makedirs(save_directory, exist_ok=True)
+        custom_object_save(self, save_directory)  # warns and saves nothing for a class defined in __main__
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_string(self) -> str:
+        """model_index.json, with the pipeline class and the transformer named by the code files saved with them."""
+        index = json.loads(super().to_json_string())
+        module = type(self).__module__
+        if module != "__main__":
+            index["_class_name"] = [module.rsplit(".", 1)[-1], type(self).__name__]
+        library, class_name = index.get("transformer") or (None, None)
+        # diffusers records a class from outside its loadable libraries by its module path; transformers saved that
+        # module in transformer/ when the class is registered for an Auto class.
+        has_code = getattr(getattr(self, "transformer", None), "_auto_class", None) is not None
+        if has_code and library not in (None, "__main__", *LOADABLE_CLASSES):
+            index["transformer"] = [library.rsplit(".", 1)[-1], class_name]
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
+        **kwargs,
+    ) -> dict[str, Any] | tuple[dict[str, Any], ...]:
+        """diffusers' `load_config`, reading the code entry `_class_name` ["pipeline_transfusion", ...] as this class:
+        `TransfusionPipeline.from_pretrained` builds this class, as a diffusers pipeline class builds itself, rather
+        than importing the copy of its code in the folder (which diffusers does for a list `_class_name`)."""
+        loaded = super().load_config(
+            pretrained_model_name_or_path,
+            return_unused_kwargs=return_unused_kwargs,
+            return_commit_hash=return_commit_hash,
+            **kwargs,
+        )
+        index = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(index.get("_class_name"), list):
+            index["_class_name"] = index["_class_name"][-1]
+        return loaded
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs) -> tuple[dict[str, Any], dict, dict]:
+        """diffusers' `extract_init_dict`, reading the transformer's code entry ["modeling_transfusion",
+        "TransfusionForMixedModal"] as the model class this module imports (by its module path, which diffusers
+        resolves among the imported modules). Called on the pipeline class whether it was imported from
+        transfusion_hf or from the code saved in the folder, so the transformer is always that module's class.
+        diffusers 0.42 would otherwise import transformer/modeling_transfusion.py again, which fails for a Hub repo:
+        its download fetches only that file of transformer/, not the modules it imports."""
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
+        module, class_name = TransfusionForMixedModal.__module__, TransfusionForMixedModal.__name__
+        if list(init_dict.get("transformer") or ()) == [module.rsplit(".", 1)[-1], class_name]:
+            init_dict["transformer"] = [module, class_name]
+        return init_dict, unused_kwargs, hidden_dict
+
     # --------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> TransfusionPipeline:
-        """Load from a local folder or a Hub repo id (downloaded first: diffusers cannot resolve a third-party
-        component class from a repo id by itself).
+        """Load from a local folder or a Hub repo id (downloaded first: diffusers' own download of a repo would import
+        the pipeline code saved in it, which needs `trust_remote_code=True`, instead of building this class).
 
         Args:
             pretrained_model_name_or_path: a folder written by `save_pretrained`, or a repo id.

@@ -395,6 +395,10 @@ class TransfusionDataCollator:
         return batch
 
 
+# `save_pretrained` copies this file (and the modules it imports) beside processor_config.json and names it in
+# `auto_map`: `AutoProcessor.from_pretrained(..., trust_remote_code=True)` loads it without transfusion_hf installed.
+TransfusionProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = [
     "TransfusionProcessor",
     "TransfusionDataCollator",
