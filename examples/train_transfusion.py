@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA), on
-a Hub data set, a local image folder, or the built-in captioned shapes.
+a Hub data set, a local image folder, or the built-in captioned shapes, optionally with text-only data mixed in and the
+sequences packed (`--text_dataset_name`, `--max_sequence_length`).
 
     accelerate launch examples/train_transfusion.py --dataset_name shapes --model_config small \
         --output_dir outputs/shapes --max_train_steps 3000
 
 The paper's recipe is the default (section 4.1) except for the objective: lambda = 5, 80/20 caption-first/image-first
-pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1, gradient clipping 1.0,
-warmup then cosine to 5% of the peak learning rate (transformers' `cosine_warmup_with_min_lr` schedule). The presets train
-rectified flow: the paper's epsilon prediction on DDPM's cosine schedule (`--prediction_type epsilon`, best with
-`--snr_gamma 5 --snr_weighting truncated_min_snr`) draws the mean image at small scale (README, "Why the paper's recipe
-did not draw").
+pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
+embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
+`cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
+cosine schedule (`--prediction_type epsilon`, best with `--snr_gamma 5 --snr_weighting truncated_min_snr`) draws the
+mean image at small scale (README, "Why the paper's recipe did not draw").
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -35,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, SchedulerType, get
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
 from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
+from transfusion_hf.data.text import load_text_dataset, text_only_examples
 from transfusion_hf.latents_transfusion import pixels_to_latents
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -48,10 +56,13 @@ from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
     CleanImageErrorTracker,
     NonFiniteLossError,
+    StepLosses,
     check_finite,
     checkpoint_step,
+    num_real_tokens,
     resolve_checkpoint,
     save_checkpoint,
+    weight_decay_parameter_groups,
 )
 from transfusion_hf.visualization import make_grid
 
@@ -69,6 +80,7 @@ MIN_LR_SCHEDULERS = (SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value, SchedulerTyp
 # `cosine_with_min_lr` is the same with a warmup from 0, one step later.
 DEFAULT_LR_SCHEDULER = SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value
 DEFAULT_MIN_LR_RATIO = 0.05  # the paper: 3e-4 -> 1.5e-5
+DEFAULT_TEXT_ONLY_SHARE = 0.5
 # Short names of `--inference_scheduler`; which schedulers fit which prediction type is the pipeline's knowledge
 # (`TransfusionPipeline._compatibles`), and any scheduler class it lists is a choice too.
 SCHEDULER_ALIASES = {
@@ -87,6 +99,42 @@ INFERENCE_SCHEDULER_CHOICES = sorted(SCHEDULER_ALIASES) + sorted(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
+
+    text = parser.add_argument_group("text-only data and packing")
+    text.add_argument(
+        "--text_dataset_name",
+        default=None,
+        help="Text-only data mixed in: a Hub data set id, a `datasets` builder name (text, json, ...) or a local "
+        ".txt (one document per line) / .jsonl file.",
+    )
+    text.add_argument("--text_dataset_config_name", default=None)
+    text.add_argument(
+        "--text_data_files",
+        nargs="+",
+        default=None,
+        help="Files of --text_dataset_name, or alone: local .txt / .jsonl / .json / .csv / .parquet files.",
+    )
+    text.add_argument("--text_dataset_split", default="train")
+    text.add_argument("--text_column", default="text", help="Column of the text data holding the documents.")
+    text.add_argument(
+        "--text_only_share",
+        type=float,
+        default=None,
+        help=f"Fraction of the training rows that are text-only (default {DEFAULT_TEXT_ONLY_SHARE} with text data).",
+    )
+    text.add_argument(
+        "--num_text_validation_rows",
+        type=int,
+        default=64,
+        help="Rows of the text data held out of training; their LM loss is logged as eval/text_lm_loss.",
+    )
+    text.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="Pack several sequences into each row of this many tokens (each attends only to itself, positions "
+        "restart per sequence); default: one padded row per sequence.",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -232,11 +280,36 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
+    check_text_and_packing_args(args)
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}.")
+    if args.lora_rank and args.text_model_name_or_path is None:
+        raise ValueError(
+            f"--lora_rank={args.lora_rank} needs --text_model_name_or_path: LoRA adapts a pretrained LLM, and over "
+            "the random frozen weights of a model trained from scratch it would train next to nothing."
+        )
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     inference_scheduler(args, noiser.scheduler)
     return args
+
+
+def check_text_and_packing_args(args: argparse.Namespace) -> None:
+    """The text-only data and packing flags (sets the default `--text_only_share`)."""
+    has_text = args.text_dataset_name is not None or bool(args.text_data_files)
+    if args.text_only_share is not None and not has_text:
+        raise ValueError(
+            f"--text_only_share={args.text_only_share} needs text-only data: --text_dataset_name or --text_data_files."
+        )
+    if args.text_only_share is None:
+        args.text_only_share = DEFAULT_TEXT_ONLY_SHARE if has_text else 0.0
+    if not 0 <= args.text_only_share < 1:
+        raise ValueError(f"--text_only_share must be in [0, 1), got {args.text_only_share}.")
+    if args.num_text_validation_rows < 0:
+        raise ValueError(f"--num_text_validation_rows must be >= 0, got {args.num_text_validation_rows}.")
+    if args.max_sequence_length is not None and args.max_sequence_length <= 0:
+        raise ValueError(f"--max_sequence_length must be positive, got {args.max_sequence_length}.")
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -424,6 +497,36 @@ def prepare_examples(args: argparse.Namespace, vae: AutoencoderKL | None, image_
     return examples
 
 
+def prepare_text_examples(args: argparse.Namespace, num_image_rows: int, accelerator) -> tuple[list[dict], list[str]]:
+    """The text-only training rows (`--text_only_share` of all rows) and the held-out texts, or nothing without text
+    data."""
+    if args.text_dataset_name is None and not args.text_data_files:
+        return [], []
+    dataset = load_text_dataset(
+        args.text_dataset_name,
+        args.text_dataset_config_name,
+        data_files=args.text_data_files,
+        split=args.text_dataset_split,
+        text_column=args.text_column,
+        cache_dir=args.cache_dir,
+    )
+    examples, held_out = text_only_examples(
+        dataset, num_image_rows, args.text_only_share, args.num_text_validation_rows, seed=args.seed
+    )
+    accelerator.print(
+        f"Text-only data: {len(examples)} training rows ({args.text_only_share:.0%} of all rows) from "
+        f"{len(dataset)} texts, {len(held_out)} held out for eval/text_lm_loss."
+    )
+    return examples, held_out
+
+
+def text_validation_batches(texts: list[str], processor, noiser, context: int, args) -> list[dict]:
+    """The held-out texts as padded text-only batches, collated once (no random draw touches a text-only row)."""
+    collator = TransfusionDataCollator(processor, noiser, max_length=context)
+    size = args.train_batch_size
+    return [collator([{"text": text} for text in texts[start : start + size]]) for start in range(0, len(texts), size)]
+
+
 # ------------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def run_validation(args, accelerator, model, components, examples, step: int) -> None:
@@ -471,9 +574,9 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
     )
-    log_path = Path(args.output_dir) / "logs" / "train_log.jsonl"
     started, window_tokens, window_start = time.time(), 0, time.time()
     ema = components["ema"]
+    step_losses = StepLosses()
     while global_step < args.max_train_steps:
         epoch_loader = dataloader
         if state["skip_batches"]:
@@ -485,7 +588,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
             state["micro_batches"] += 1
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
-                output = model(**batch)
+                output = training_forward(model, batch)
                 loss_to_check = output.loss.detach()
                 if accelerator.num_processes > 1:
                     # All processes must stop together: one that raised alone would leave the others hanging in the
@@ -498,7 +601,8 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            step_losses.add(output)
+            window_tokens += num_real_tokens(batch, components["tokenizer"].pad_token_id) * accelerator.num_processes
             components["clean_error"].update(batch, output.diffusion_predictions)
             if not accelerator.sync_gradients:
                 continue
@@ -507,25 +611,13 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
             if ema is not None:
                 ema.step(trainable_parameters(model))
             progress.update(1)
-            losses = {
-                "loss": output.loss.item(),
-                "lm_loss": output.lm_loss.item(),
-                "diffusion_loss": output.diffusion_loss.item(),
-            }
+            is_logging_step = global_step % args.logging_steps == 0 or global_step == args.max_train_steps
+            # The mean over the step's micro-steps; on logging steps also over processes (a collective, all log).
+            losses = step_losses.compute(accelerator if is_logging_step else None)
             progress.set_postfix({key: f"{value:.4f}" for key, value in losses.items()})
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                elapsed = time.time() - window_start
-                record = {
-                    "step": global_step,
-                    **losses,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                    **components["clean_error"].compute(),
-                }
-                accelerator.log(record, step=global_step)
-                if accelerator.is_main_process:
-                    with log_path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+            if is_logging_step:
+                tokens_per_second = window_tokens / max(time.time() - window_start, 1e-9)
+                log_step(args, accelerator, model, lr_scheduler, components, global_step, losses, tokens_per_second)
                 window_tokens, window_start = 0, time.time()
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 state["last_checkpoint"] = save_checkpoint(
@@ -551,6 +643,51 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
         state["batches_in_epoch"] = 0
     progress.close()
     return global_step
+
+
+def training_forward(model, batch: dict):
+    """The training forward: no KV cache (the backbone would otherwise build one at every step, for nothing)."""
+    return model(**batch, use_cache=False)
+
+
+def log_step(args, accelerator, model, lr_scheduler, components: dict, step: int, losses: dict, tokens_per_second):
+    """Write one record to the trackers and `logs/train_log.jsonl`. Every process calls it: the count of truncated
+    sequences is summed over processes, and the held-out text loss runs the (possibly sharded) model on all of them.
+    """
+    collator = components["collator"]
+    truncated = collator.num_truncated - components["truncated_logged"]
+    components["truncated_logged"] = collator.num_truncated
+    record = {
+        "step": step,
+        **losses,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "tokens_per_second": tokens_per_second,
+        # Sequences whose text was cut to fit the context since the last record (collated, all processes).
+        "truncated_sequences": int(accelerator.reduce(torch.tensor(truncated, device=accelerator.device), "sum")),
+        **components["clean_error"].compute(),
+    }
+    if components["text_validation_batches"]:
+        record["eval/text_lm_loss"] = text_lm_loss(model, components["text_validation_batches"], accelerator)
+    accelerator.log(record, step=step)
+    if accelerator.is_main_process:
+        with (Path(args.output_dir) / "logs" / "train_log.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def text_lm_loss(model, batches: list[dict], accelerator) -> float:
+    """The LM loss of the held-out text rows: the mean over their predicted tokens (every batch weighted by its
+    tokens), with the training weights, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        predicted = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(training_forward(model, batch).lm_loss) * predicted
+        count += predicted
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -636,6 +773,8 @@ def main(argv: list[str] | None = None) -> Path:
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A text-only batch leaves the image layers without gradients: DDP must look for unused parameters.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if args.text_only_share else None,
     )
     if accelerator.distributed_type == DistributedType.FSDP and (
         args.lora_rank or args.use_ema or args.validation_steps
@@ -664,7 +803,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.resolution % vae_scale:
         raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
     examples = prepare_examples(args, vae, args.resolution, accelerator)
-    tokenizer = build_tokenizer(args, [example["text"] for example in examples])
+    text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
+    tokenizer = build_tokenizer(args, [example["text"] for example in examples + text_examples])
     model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
     if args.gradient_checkpointing:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
@@ -681,17 +821,19 @@ def main(argv: list[str] | None = None) -> Path:
     noiser = build_noiser(args, model.config.prediction_type)
     train_scheduler = noiser.scheduler
     # Latents are in memory and collation is cheap: no worker processes, so the collator's batch counter is exact.
+    context = model.config.text_config.max_position_embeddings
     collator = TransfusionDataCollator(
         processor,
         noiser,
         seed=args.seed * 1000 + accelerator.process_index,
-        max_length=model.config.text_config.max_position_embeddings,
+        max_length=context,
+        max_sequence_length=args.max_sequence_length,
     )
     dataloader = torch.utils.data.DataLoader(
-        examples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
+        examples + text_examples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
     )
     optimizer = torch.optim.AdamW(
-        trainable_parameters(model),
+        weight_decay_parameter_groups(model, args.adam_weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -737,6 +879,9 @@ def main(argv: list[str] | None = None) -> Path:
         "examples": examples,
         "inference_scheduler": inference_scheduler(args, train_scheduler),
         "clean_error": CleanImageErrorTracker(noiser),
+        "collator": collator,
+        "truncated_logged": 0,
+        "text_validation_batches": text_validation_batches(held_out_texts, processor, noiser, context, args),
     }
     global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
     accelerator.wait_for_everyone()

@@ -85,3 +85,15 @@ def test_gpu_batch_layout(bench):
     per_row = (batch["input_ids"] == config.image_token_id).sum(dim=1)
     assert per_row.tolist() == [args.num_images * config.num_patches] * args.batch_size
     assert batch["latents"].shape[0] == args.batch_size * args.num_images
+
+
+def test_packing_quick(bench, tmp_path):
+    output = tmp_path / "packing.json"
+    result = bench("bench_packing").main(["--quick", "--output", str(output)])
+    rows = {row["layout"]: row for row in result["rows"]}
+    assert set(rows) == {"padded", "packed"}
+    # The same pairs in both layouts: same real tokens and the same loss; packed rows are max_sequence_length long.
+    assert rows["packed"]["real_tokens_per_step"] == rows["padded"]["real_tokens_per_step"]
+    assert result["first_batch_loss_difference"] < 1e-5
+    assert rows["packed"]["positions_per_step"] % 512 == 0 and rows["packed"]["real_tokens_per_s"] > 0
+    assert json.loads(output.read_text())["rows"][1]["layout"] == "packed"

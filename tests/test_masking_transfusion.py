@@ -238,6 +238,47 @@ def test_mistral_style_sliding_window_backbone(attn_implementation):
     assert torch.equal(allowed_pattern(mask, attn_implementation)[0], expected)
 
 
+def packed(documents: list[list[int]], length: int) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+    """One packed row: the documents back to back, positions restarting per document, padding as its own document.
+    Returns `(input_ids, position_ids, document_of_each_position)`, each of shape `(1, length)`."""
+    ids = [token for document in documents for token in document]
+    positions = [position for document in documents for position in range(len(document))]
+    document_of = [index for index, document in enumerate(documents) for _ in document]
+    tail = length - len(ids)
+    ids += [0] * tail
+    positions += list(range(tail))
+    document_of += [len(documents)] * tail
+    return torch.tensor([ids]), torch.tensor([positions]), torch.tensor([document_of])
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_documents_attend_only_inside_themselves(attn_implementation):
+    """Packed rows (positions restarting per document, no 2D mask): transformers' `create_causal_mask` keeps each
+    document to itself, and the images stay bidirectional inside their document, image-first or not."""
+    documents = [
+        build_row([("text", 3), ("image", 3), ("text", 1)]),  # caption-first
+        build_row([("text", 1), ("image", 4), ("text", 2)]),  # image-first (after its BOS)
+        build_row([("text", 4)]),  # text-only
+        build_row([("image", 2), ("image", 2)]),  # two images in one document stay apart
+    ]
+    input_ids, position_ids, document_of = packed(documents, length=sum(map(len, documents)) + 3)
+    mask = build_transfusion_mask(
+        text_config_for(attn_implementation),
+        torch.zeros(*input_ids.shape, HIDDEN),
+        input_ids,
+        IMAGE_TOKEN_ID,
+        position_ids=position_ids,
+    )
+    same_document = document_of[:, :, None] == document_of[:, None, :]
+    expected = naive_transfusion_mask(input_ids, IMAGE_TOKEN_ID) & same_document
+    assert torch.equal(allowed_pattern(mask, attn_implementation), expected)
+    # Without the restarting positions the row is one sequence: the documents would see each other.
+    unpacked = build_transfusion_mask(
+        text_config_for(attn_implementation), torch.zeros(*input_ids.shape, HIDDEN), input_ids, IMAGE_TOKEN_ID
+    )
+    assert allowed_pattern(unpacked, attn_implementation)[~same_document].any()
+
+
 @pytest.mark.slow
 def test_flex_attention_block_mask_matches_oracle():
     """flex_attention gets a BlockMask; its `mask_mod`, evaluated on every pair, is the paper's mask. Slow on CPU

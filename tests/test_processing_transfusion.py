@@ -20,7 +20,9 @@ from transfusion_hf.processing_transfusion import (  # noqa: E402
     TransfusionDataCollator,
     TransfusionProcessor,
     add_special_tokens,
+    first_fit_rows,
     images_to_pixel_values,
+    pack_sequences,
     pad_sequences,
     special_token_ids,
 )
@@ -414,11 +416,111 @@ def test_collator_targets_match_the_noiser(processor):
     )
 
 
-def test_collator_max_length(processor):
+def test_collator_truncates_long_captions_and_counts_them(processor):
+    """A caption longer than the context is cut (the image block, BOS and EOS kept), counted, and trained on."""
+    noiser = TransfusionNoiser(DDPMScheduler(clip_sample=False), image_first_probability=0.5)
+    long_caption = " ".join(CAPTIONS)
+    examples = [{"text": long_caption, "latents": torch.zeros(LATENT_SHAPE)}, *make_examples(3)]
+    short_ids = [len(text_ids(processor, example["text"])) for example in examples[1:]]
+    limit = NUM_IMAGE_TOKENS + 4 + max(short_ids)  # <bos> <boi> <image>*N <eoi> <eos> + the longest short caption
+    assert len(text_ids(processor, long_caption)) > max(short_ids)
+    collator = TransfusionDataCollator(processor, noiser, max_length=limit)
+    batch = collator(examples)
+    assert batch["input_ids"].shape[1] == limit and collator.num_truncated == 1
+    row = batch["input_ids"][0].tolist()
+    assert row[0] == processor.tokenizer.bos_token_id and row[-1] == processor.tokenizer.eos_token_id
+    assert row.count(processor.image_token_id) == NUM_IMAGE_TOKENS
+    caption = [token for token in row[1:-1] if token not in processor.image_block()]
+    assert caption == text_ids(processor, long_caption)[: len(caption)] and len(caption) == max(short_ids)
+    collator(examples[1:])
+    assert collator.num_truncated == 1  # the short captions are left whole
+
+
+def test_collator_refuses_a_limit_below_one_image(processor):
     noiser = TransfusionNoiser(DDPMScheduler(clip_sample=False))
-    collator = TransfusionDataCollator(processor, noiser, max_length=NUM_IMAGE_TOKENS + 4)
-    with pytest.raises(ValueError, match="max_length"):
-        collator(make_examples(2))
+    for name in ("max_length", "max_sequence_length"):
+        with pytest.raises(ValueError, match=f"`{name}`={NUM_IMAGE_TOKENS + 3} cannot hold a training sequence"):
+            TransfusionDataCollator(processor, noiser, **{name: NUM_IMAGE_TOKENS + 3})
+    with pytest.raises(ValueError, match="`max_sequence_length`=64 is longer than `max_length`=32"):
+        TransfusionDataCollator(processor, noiser, max_length=32, max_sequence_length=64)
+    with pytest.raises(ValueError, match="`max_sequence_length` must be a positive integer"):
+        TransfusionDataCollator(processor, noiser, max_sequence_length=0)
+
+
+def test_collator_text_only_examples(processor):
+    """Examples without latents are text-only rows (`[bos] text [eos]`, never dropped); the images of the others
+    keep the reading order."""
+    collator = make_collator(processor, seed=2, caption_dropout_probability=1.0, image_first_probability=0.0)
+    examples = make_examples(4)
+    examples[1] = {"text": "a text-only document"}
+    examples[3] = {"text": "another one", "latents": None}
+    batch = collator(examples)
+    bos, eos = processor.tokenizer.bos_token_id, processor.tokenizer.eos_token_id
+    for row in (1, 3):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert ids == [bos, *text_ids(processor, examples[row]["text"]), eos]
+    assert (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [NUM_IMAGE_TOKENS, 0] * 2
+    assert batch["latents"].shape == (2, *LATENT_SHAPE) and batch["timesteps"].shape == (2,)
+    # Without any image the batch has no image keys (the model takes it as text-only).
+    assert set(collator([examples[1], examples[3]])) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_first_fit_rows():
+    assert first_fit_rows([5, 4, 3, 2, 6], capacity=8) == [[0, 2], [1, 3], [4]]
+    assert first_fit_rows([8, 1], capacity=8) == [[0], [1]]
+    with pytest.raises(ValueError, match="Sequence 1 has 9 tokens, more than the row length 8"):
+        first_fit_rows([1, 9], capacity=8)
+
+
+def test_pack_sequences_positions_and_labels():
+    input_ids, labels, position_ids, rows = pack_sequences([[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 9, 2]], 0, 8)
+    assert rows == [[0, 1], [2]]
+    assert input_ids.tolist() == [[1, 5, 6, 2, 1, 7, 2, 0], [1, 8, 9, 9, 2, 0, 0, 0]]
+    assert position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 0, 1, 2]]
+    # No label at the first token of a sequence (never predicted from the one before) nor at padding.
+    assert labels.tolist() == [[-100, 5, 6, 2, -100, 7, 2, -100], [-100, 8, 9, 9, 2, -100, -100, -100]]
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_packed_collator_holds_the_padded_batch(processor, snr_gamma):
+    """Packing changes only the layout: the same sequences, and each image with its own noise, timestep and target,
+    in the reading order of the packed rows."""
+    examples = make_examples(10, seed=1)
+    for index, example in enumerate(examples):
+        example["text"] += " and more" * (index % 4) + f" {index}"  # distinct documents of mixed lengths
+    examples[2] = {"text": "text only"}
+    kwargs = {"image_first_probability": 0.5, "caption_dropout_probability": 0.0, "snr_gamma": snr_gamma}
+    padded = make_collator(processor, seed=7, **kwargs)(examples)
+    packer = make_collator(processor, seed=7, **kwargs)
+    packer.max_sequence_length = length = padded["input_ids"].shape[1] * 3 // 2
+    packed = packer(examples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[1] == length and packer.num_truncated == 0
+    assert packed["input_ids"].shape[0] < len(examples)  # several sequences per row
+
+    def documents(input_ids, starts):
+        """The id lists of each document, cut at the positions where `starts` is True."""
+        found = []
+        for row, row_starts in zip(input_ids.tolist(), starts.tolist()):
+            for token, start in zip(row, row_starts):
+                if start:
+                    found.append([])
+                found[-1].append(token)
+        return found
+
+    real = padded["attention_mask"].bool()
+    padded_documents = [row[mask].tolist() for row, mask in zip(padded["input_ids"], real)]
+    packed_documents = documents(packed["input_ids"], packed["position_ids"] == 0)
+    pad = processor.tokenizer.pad_token_id
+    packed_documents = [document for document in packed_documents if set(document) != {pad}]
+    assert sorted(packed_documents) == sorted(padded_documents)
+    # Images: example i's image is the k-th image of the padded batch; find where its document went.
+    image_rows = [index for index, document in enumerate(padded_documents) if processor.image_token_id in document]
+    order = [image_rows.index(padded_documents.index(document)) for document in packed_documents
+             if processor.image_token_id in document]  # fmt: skip
+    keys = ["latents", "timesteps", "diffusion_targets"] + (["diffusion_loss_weights"] if snr_gamma else [])
+    for key in keys:
+        assert torch.equal(packed[key], padded[key][order]), key
+    assert order != sorted(order)  # first-fit moved images: the reordering is exercised
 
 
 def test_special_token_ids_are_the_config_fields():

@@ -291,6 +291,14 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             return inputs_embeds, attention_mask, None, None
         hidden_inputs = self.get_input_embeddings()(input_ids)
         if not self._check_image_inputs(input_ids, latents, timesteps):
+            if cache is None and attention_mask is None and position_ids is not None:
+                # Packed sequences (positions restarting per sequence, no 2D mask): transformers finds their
+                # boundaries only when it builds the mask without a cache, and the backbone makes itself an empty
+                # one whenever `use_cache` is on. Built here without it, as for mixed input, they never leak.
+                mask = build_transfusion_mask(
+                    self.model.config, hidden_inputs, input_ids, self.config.image_token_id, position_ids=position_ids
+                )
+                return hidden_inputs, mask, None, None
             return hidden_inputs, attention_mask, None, None
         # `set_attn_implementation` refuses flash attention, but the backbone's own (e.g. `model.model.
         # set_attn_implementation`, which Llama allows) would silently drop the image blocks: refuse mixed input.

@@ -1,4 +1,4 @@
-"""Training helpers shared by the example scripts: crash-safe checkpoints, loss checks."""
+"""Training helpers shared by the example scripts: crash-safe checkpoints, loss checks, optimizer groups, logging."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -141,6 +142,87 @@ class CleanImageErrorTracker:
         return result
 
 
+def weight_decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: `weight_decay` on the weights of linear and conv layers,
+    none on biases, norms and embeddings.
+
+    Biases and norms are transformers' convention, `Trainer.get_decay_parameter_names` (by name pattern and
+    `nn.LayerNorm`). It keeps decay on embeddings and on `nn.GroupNorm` (the U-Net patch layers' norms, named `norm1`,
+    `norm2`, `norm_out`, which its patterns miss); those layer types, and peft's trainable rows of new tokens (rows of
+    the embedding), are taken out here with transformers' `get_parameter_names`.
+
+    Args:
+        model (`nn.Module`): the model (or its peft wrapper); parameters with `requires_grad=False` are left out.
+        weight_decay (`float`): the decay of the first group.
+
+    Returns:
+        `list[dict]`: `[{"params": [...], "weight_decay": weight_decay}, {"params": [...], "weight_decay": 0.0}]`.
+    """
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    # `get_decay_parameter_names` is a method that reads nothing from the Trainer: called without one, it gives
+    # exactly the Trainer's rule instead of a copy of its patterns.
+    by_trainer = set(Trainer.get_decay_parameter_names(None, model))
+    not_embedding_or_group_norm = set(get_parameter_names(model, [nn.Embedding, nn.GroupNorm, TrainableTokensLayer]))
+    decay = by_trainer & not_embedding_or_group_norm
+    groups: list[dict] = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups[0 if name in decay else 1]["params"].append(parameter)
+    return groups
+
+
+LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
+
+
+class StepLosses:
+    """The losses of one optimizer step, averaged over its gradient-accumulation micro-steps and over processes.
+
+    A micro-step without images has no diffusion loss: each loss is averaged over the micro-steps that have it.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {key: 0.0 for key in LOSS_KEYS}
+        self.counts = {key: 0 for key in LOSS_KEYS}
+
+    def add(self, output) -> None:
+        """Add the losses of one micro-step (a model output with `loss`, `lm_loss`, `diffusion_loss`)."""
+        for key in LOSS_KEYS:
+            value = getattr(output, key, None)
+            if value is not None:
+                self.sums[key] += float(value.detach())
+                self.counts[key] += 1
+
+    def compute(self, accelerator=None) -> dict[str, float]:
+        """The mean of each loss, over every process when `accelerator` is given (a collective: every process must
+        call it at the same step), then reset.
+
+        Returns:
+            `dict[str, float]`: the losses some micro-step had.
+        """
+        totals = torch.tensor([[self.sums[key], self.counts[key]] for key in LOSS_KEYS], dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        self.reset()
+        return {key: float(total / count) for key, (total, count) in zip(LOSS_KEYS, totals.tolist()) if count}
+
+
+def num_real_tokens(batch: dict, pad_token_id: int | None) -> int:
+    """Tokens of a batch that are not padding: the attention mask's, or for packed rows (no attention mask) those
+    that are not `pad_token_id` (transformers' `Trainer` counts "non_padding" tokens the same way; a tokenizer whose
+    pad token is its EOS then leaves the EOS tokens out)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if pad_token_id is None:
+        return batch["input_ids"].numel()
+    return int((batch["input_ids"] != pad_token_id).sum())
+
+
 __all__ = [
     "CleanImageErrorTracker",
     "list_checkpoints",
@@ -149,4 +231,7 @@ __all__ = [
     "checkpoint_step",
     "NonFiniteLossError",
     "check_finite",
+    "weight_decay_parameter_groups",
+    "StepLosses",
+    "num_real_tokens",
 ]

@@ -1,0 +1,248 @@
+"""examples/train_transfusion.py with text-only data, sequence packing and the training hygiene of issue 11: the
+held-out text LM loss, truncated captions counted, the logged loss averaged over micro-steps and processes, no KV cache
+in the training forward, no weight decay on biases, norms and embeddings, LoRA refused without a pretrained LLM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from test_train_transfusion import SHAPES, TINY, read_log, run_main, train_transfusion
+from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, tiny_config
+from transfusion_hf import TransfusionForMixedModal
+from transfusion_hf.data.text import load_text_dataset, text_only_examples, text_only_rows
+from transfusion_hf.modeling_transfusion import TransfusionOutput
+from transfusion_hf.noising import TransfusionNoiser
+from transfusion_hf.training_utils import StepLosses, num_real_tokens, weight_decay_parameter_groups
+
+WORDS = "the quick brown fox jumps over a lazy dog while red circles and blue squares dance".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    """As in test_train_transfusion: one thread, and accelerate's process-wide state reset after each run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def write_text_file(path: Path, num: int = 40, max_words: int = 30) -> Path:
+    """One document per line, of 3 to `max_words` words, and blank lines (which are dropped)."""
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(num):
+        count = int(torch.randint(3, max_words + 1, (), generator=generator))
+        lines.append(
+            " ".join(WORDS[int(index)] for index in torch.randint(0, len(WORDS), (count,), generator=generator))
+        )
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- text-only data
+def test_load_text_dataset_from_local_files(tmp_path):
+    text = load_text_dataset(str(write_text_file(tmp_path / "docs.txt", num=10)))
+    assert text.column_names == ["text"] and len(text) == 10  # blank lines dropped
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": f"document {index}", "id": index}) + "\n" for index in range(5)))
+    rows = load_text_dataset(data_files=[str(jsonl)], text_column="body")
+    assert rows["text"] == [f"document {index}" for index in range(5)]
+    with pytest.raises(ValueError, match=r"`text_column`='text' is not a column.*\['body', 'id'\]"):
+        load_text_dataset(str(jsonl))
+    with pytest.raises(ValueError, match="give files of one type"):
+        load_text_dataset(data_files=[str(jsonl), str(tmp_path / "docs.txt")])
+
+
+def test_text_only_examples_share_and_held_out_rows(tmp_path):
+    dataset = load_text_dataset(str(write_text_file(tmp_path / "docs.txt", num=10)))
+    assert text_only_rows(30, 0.25) == 10 and text_only_rows(30, 0.0) == 0
+    examples, held_out = text_only_examples(dataset, num_image_rows=30, share=0.5, num_held_out=4, seed=1)
+    assert len(examples) == 30 and len(held_out) == 4  # 6 training texts, cycled
+    assert all(set(example) == {"text"} for example in examples)
+    assert not {example["text"] for example in examples} & set(held_out)
+    assert len({example["text"] for example in examples}) == 6
+    with pytest.raises(ValueError, match="`text_only_share` must be in \\[0, 1\\), got 1.0"):
+        text_only_examples(dataset, 30, 1.0)
+    with pytest.raises(ValueError, match="has 10 non-empty rows: holding out 10 leaves none"):
+        text_only_examples(dataset, 30, 0.5, num_held_out=10)
+
+
+def test_text_data_packing_and_accumulation_end_to_end(tmp_path, monkeypatch, capsys):
+    """Text-only rows mixed in, packed rows, 2 micro-steps per step: the run logs eval/text_lm_loss, and its logged
+    loss is the mean of the micro-steps' losses."""
+    micro_losses = []
+    real_forward = train_transfusion.training_forward
+
+    def recording_forward(model, batch):
+        output = real_forward(model, batch)
+        if model.training:  # the held-out text loss runs in eval mode
+            micro_losses.append(output.loss.item())
+        return output
+
+    monkeypatch.setattr(train_transfusion, "training_forward", recording_forward)
+    text = write_text_file(tmp_path / "docs.txt")
+    out = tmp_path / "run"
+    run_main(out, *SHAPES[:-1], "24", "--text_dataset_name", str(text), "--text_only_share", "0.25",
+             "--num_text_validation_rows", "6", "--max_sequence_length", "512", "--gradient_accumulation_steps", "2",
+             "--max_train_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "0")  # fmt: skip
+    assert "Text-only data: 8 training rows (25% of all rows) from 40 texts, 6 held out" in capsys.readouterr().out
+    records = read_log(out)
+    assert [record["step"] for record in records] == [1, 2, 3] and len(micro_losses) == 6
+    for record, first, second in zip(records, micro_losses[::2], micro_losses[1::2]):
+        assert record["loss"] == pytest.approx((first + second) / 2, rel=1e-6)
+        assert math.isfinite(record["eval/text_lm_loss"]) and record["truncated_sequences"] == 0
+    # The held-out loss follows the weights: it moves as training goes on.
+    assert len({record["eval/text_lm_loss"] for record in records}) == 3
+
+
+def test_captions_longer_than_the_context_are_truncated_and_counted(tmp_path):
+    """A model whose context is shorter than some captions trains anyway; the log counts the cut sequences."""
+    preset = json.loads((Path(train_transfusion.CONFIG_DIR) / "model_tiny.json").read_text())
+    preset["text_config"]["max_position_embeddings"] = 24  # 8x8 pixels, patch 2: 16 patches + 4 specials + 4 text
+    (tmp_path / "short.json").write_text(json.dumps(preset))
+    out = tmp_path / "run"
+    run_main(out, *SHAPES, "--model_config", str(tmp_path / "short.json"), "--resolution", "8",
+             "--max_train_steps", "2", "--logging_steps", "1", "--checkpointing_steps", "0")  # fmt: skip
+    records = read_log(out)
+    assert [record["step"] for record in records] == [1, 2]
+    assert sum(record["truncated_sequences"] for record in records) > 0
+
+
+# ------------------------------------------------------------------------------------------------------ hygiene
+def test_training_forward_builds_no_kv_cache():
+    model = TransfusionForMixedModal(tiny_config())
+    input_ids = torch.tensor([[1, 5, 6, 7, 2]])
+    assert model(input_ids=input_ids, labels=input_ids).cache is not None  # the backbone's default
+    assert train_transfusion.training_forward(model, {"input_ids": input_ids, "labels": input_ids}).cache is None
+
+
+def test_lora_without_a_pretrained_model_is_refused():
+    with pytest.raises(ValueError, match="--lora_rank=4 needs --text_model_name_or_path"):
+        train_transfusion.parse_args([*SHAPES, *TINY, "--lora_rank", "4"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--text_only_share", "0.3"], "--text_only_share=0.3 needs text-only data"),
+        (["--text_data_files", "a.txt", "--text_only_share", "1.0"], r"--text_only_share must be in \[0, 1\)"),
+        (["--max_sequence_length", "0"], "--max_sequence_length must be positive, got 0"),
+        (["--text_data_files", "a.txt", "--num_text_validation_rows", "-1"], "--num_text_validation_rows must be"),
+    ],
+)
+def test_text_and_packing_flags_are_checked(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
+    if "--text_data_files" in flags:  # the default share with text data
+        assert train_transfusion.parse_args([*SHAPES, *TINY, "--text_data_files", "a.txt"]).text_only_share == 0.5
+
+
+def decay_split(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    groups = weight_decay_parameter_groups(model, 0.1)
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0]
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return tuple({names[id(parameter)] for parameter in group["params"]} for group in groups)
+
+
+@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
+def test_no_weight_decay_on_biases_norms_and_embeddings(patch_encoder):
+    model = TransfusionForMixedModal(tiny_config(patch_encoder=patch_encoder))
+    decayed, kept = decay_split(model)
+    assert decayed | kept == {name for name, _ in model.named_parameters()} and not decayed & kept
+    for name in kept:
+        assert name.endswith("bias") or "norm" in name or "embed_tokens" in name or "position_embedding" in name, name
+    for name in decayed:
+        assert name.endswith("weight") and "norm" not in name and "embed_tokens" not in name, name
+    assert "model.layers.0.input_layernorm.weight" in kept and "model.norm.weight" in kept
+    assert "model.embed_tokens.weight" in kept and "model.layers.0.self_attn.q_proj.weight" in decayed
+    if patch_encoder == "unet":  # GroupNorm, named norm1 / norm_out (transformers' name patterns miss them)
+        assert "image_encoder.levels.0.0.norm1.weight" in kept and "image_decoder.norm_out.weight" in kept
+        assert "image_encoder.levels.0.0.conv1.weight" in decayed
+    else:
+        assert "patch_position_embedding.weight" in kept and "image_encoder.proj.weight" in decayed
+
+
+def test_weight_decay_groups_of_a_lora_model():
+    """Only trainable parameters: LoRA matrices decay; the new token rows (embedding rows) and biases do not."""
+    args = argparse.Namespace(lora_rank=4, lora_alpha=None)
+    new_token_ids = [BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID]
+    model = train_transfusion.apply_lora(args, TransfusionForMixedModal(tiny_config()), new_token_ids)
+    decayed, kept = decay_split(model)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert decayed | kept == trainable
+    assert any("lora_A" in name for name in decayed) and not any("lora_" in name for name in kept)
+    assert any("trainable_tokens_delta" in name for name in kept)
+    assert not any("trainable_tokens_delta" in name for name in decayed)
+
+
+def test_num_real_tokens():
+    padded = {"input_ids": torch.tensor([[1, 5, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    packed = {
+        "input_ids": torch.tensor([[1, 5, 2, 1, 2, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]]),
+    }
+    assert num_real_tokens(padded, pad_token_id=0) == 3 and num_real_tokens(packed, pad_token_id=0) == 5
+
+
+def output(loss: float, diffusion: float | None = None) -> TransfusionOutput:
+    return TransfusionOutput(
+        loss=torch.tensor(loss),
+        lm_loss=torch.tensor(loss / 2),
+        diffusion_loss=None if diffusion is None else torch.tensor(diffusion),
+    )
+
+
+def test_step_losses_average_the_micro_steps():
+    losses = StepLosses()
+    losses.add(output(1.0, diffusion=4.0))
+    losses.add(output(3.0))  # a text-only micro-step: no diffusion loss
+    assert losses.compute() == {"loss": 2.0, "lm_loss": 1.0, "diffusion_loss": 4.0}
+    assert losses.compute() == {}  # reset
+
+
+def average_over_two_processes():
+    """Run by `debug_launcher` in two real processes (gloo): process 0 had micro-steps 1 and 3, process 1 had 5 and 7
+    (with a diffusion loss only on process 1): every process gets the means over both."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    losses = StepLosses()
+    if accelerator.process_index == 0:
+        losses.add(output(1.0))
+        losses.add(output(3.0))
+    else:
+        losses.add(output(5.0, diffusion=2.0))
+        losses.add(output(7.0, diffusion=4.0))
+    assert losses.compute(accelerator) == {"loss": 4.0, "lm_loss": 2.0, "diffusion_loss": 3.0}
+
+
+def test_step_losses_average_over_processes():
+    from accelerate import debug_launcher
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the processes are forked from this one
+    debug_launcher(average_over_two_processes, num_processes=2)
+
+
+def test_text_validation_batches_are_text_only_and_padded():
+    from transfusion_hf.processing_transfusion import TransfusionProcessor
+    from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([" ".join(WORDS)] * 4, vocab_size=300)
+    processor = TransfusionProcessor(tokenizer, image_size=4, num_image_tokens=4)
+    noiser = TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), "flow_prediction")
+    args = argparse.Namespace(train_batch_size=2)
+    batches = train_transfusion.text_validation_batches(["a b", "the fox", "red dog"], processor, noiser, 64, args)
+    assert [batch["input_ids"].shape[0] for batch in batches] == [2, 1]
+    assert all(set(batch) == {"input_ids", "attention_mask", "labels"} for batch in batches)
