@@ -85,3 +85,14 @@ def test_gpu_batch_layout(bench):
     per_row = (batch["input_ids"] == config.image_token_id).sum(dim=1)
     assert per_row.tolist() == [args.num_images * config.num_patches] * args.batch_size
     assert batch["latents"].shape[0] == args.batch_size * args.num_images
+
+
+def test_data_memory_quick(bench, tmp_path, capsys):
+    """One tiny image folder through the training script in a child process: its peak RSS and encoding throughput."""
+    output = tmp_path / "data_memory.json"
+    result = bench("bench_data_memory").main(["--quick", "--sizes", "8", "--output", str(output)])
+    [row] = result["rows"]
+    assert row["images"] == 8 and 100 < row["peak_rss_mb"] < 10_000 and row["encode_images_per_s"] > 0
+    assert row["latent_cache_mb"] > 0 and result["peak_rss_ratio"] == 1.0
+    assert "| images | peak RSS (MB) |" in capsys.readouterr().out
+    assert json.loads(output.read_text())["rows"][0]["images"] == 8
