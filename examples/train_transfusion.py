@@ -17,14 +17,17 @@ mean image at small scale (README, "Why the paper's recipe did not draw").
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import sys
 import time
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -37,11 +40,12 @@ from accelerate.utils import (
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, SchedulerType, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SchedulerType, get_scheduler
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
-from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
+from transfusion_hf.data.image_text import add_data_arguments, check_image_text_source, load_dataset_from_args
+from transfusion_hf.data.latent_cache import LATENT_DTYPES, cache_latents, encoder_fingerprint
 from transfusion_hf.data.text import load_text_dataset, text_only_examples
 from transfusion_hf.latents_transfusion import pixels_to_latents
 from transfusion_hf.noising import TransfusionNoiser
@@ -98,7 +102,14 @@ INFERENCE_SCHEDULER_CHOICES = sorted(SCHEDULER_ALIASES) + sorted(
 # --------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(parser)
+    data = add_data_arguments(parser)
+    data.add_argument(
+        "--latent_cache_dir",
+        default=None,
+        help="Folder of the encoded-latent caches (default: transfusion_latents in --cache_dir or the datasets cache).",
+    )
+    data.add_argument("--encode_batch_size", type=int, default=64, help="Images per VAE call when encoding.")
+    data.add_argument("--latent_dtype", choices=LATENT_DTYPES, default="float32", help="dtype of the cached latents.")
 
     text = parser.add_argument_group("text-only data and packing")
     text.add_argument(
@@ -270,7 +281,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("Give exactly one data source: --dataset_name (or --dataset shapes) or --train_data_dir.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "resolution",
+        "encode_batch_size",
+    ):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.min_lr_ratio is not None and args.lr_scheduler not in MIN_LR_SCHEDULERS:
@@ -292,6 +309,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     preset = load_model_preset(args.model_config)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     inference_scheduler(args, noiser.scheduler)
+    check_model_fields(args, preset)
+    check_image_text_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     return args
 
 
@@ -312,6 +331,56 @@ def check_text_and_packing_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_sequence_length must be positive, got {args.max_sequence_length}.")
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (hub errors append URLs and hints), for a one-line `error: ...`."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
+def vae_latent_geometry(args: argparse.Namespace) -> tuple[int, int]:
+    """Latent channels and downsampling factor of `--vae_name_or_path` from its config.json alone (no weights), or
+    `(3, 1)` in pixel space."""
+    if args.vae_name_or_path is None:
+        return 3, 1
+    try:
+        config = AutoencoderKL.load_config(args.vae_name_or_path)
+    except OSError as error:
+        raise ValueError(
+            f"--vae_name_or_path={args.vae_name_or_path!r} cannot be loaded: {first_line(error)}"
+        ) from error
+    # config.json omits the fields left at their defaults: take those from AutoencoderKL's signature.
+    defaults = inspect.signature(AutoencoderKL.__init__).parameters
+    channels = config.get("latent_channels", defaults["latent_channels"].default)
+    blocks = config.get("block_out_channels", defaults["block_out_channels"].default)
+    return channels, 2 ** (len(blocks) - 1)
+
+
+def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
+    """Build the run's `TransfusionConfig` from the preset, the flags and the configs (no weights) of the VAE and the
+    pretrained LLM, so that a bad patch size, U-Net layout or resolution fails before any data is loaded. The special
+    token ids are placeholders (the tokenizer is trained on the data)."""
+    latent_channels, vae_scale = vae_latent_geometry(args)
+    if args.resolution % vae_scale:
+        raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    text_config = preset["text_config"]
+    if args.text_model_name_or_path is not None:
+        try:
+            text_config = AutoConfig.from_pretrained(args.text_model_name_or_path).to_dict()
+        except OSError as error:
+            name = args.text_model_name_or_path
+            raise ValueError(f"--text_model_name_or_path={name!r} cannot be loaded: {first_line(error)}") from error
+    fields = image_config_fields(args, preset, latent_channels, args.resolution // vae_scale)
+    config = TransfusionConfig(text_config=text_config, **fields)
+    # bos, <boi>, the image, <eoi>, eos: the shortest sequence must fit the backbone's positions.
+    max_positions = getattr(config.text_config, "max_position_embeddings", None)
+    if max_positions is not None and config.num_patches + 4 > max_positions:
+        raise ValueError(
+            f"--patch_size={config.patch_size} at --resolution={args.resolution} gives {config.num_patches} image "
+            f"positions (latent side {config.latent_size}), more than the backbone's max_position_embeddings="
+            f"{max_positions} allow: use a larger --patch_size or a VAE."
+        )
+
+
 # ------------------------------------------------------------------------------------------------ components
 def load_model_preset(name_or_path: str) -> dict:
     """A preset name of examples/configs (`model_{name}.json`) or a json path -> dict (keys starting with `_`
@@ -326,12 +395,13 @@ def load_model_preset(name_or_path: str) -> dict:
     return {key: value for key, value in preset.items() if not key.startswith("_")}
 
 
-def build_vae(args: argparse.Namespace) -> tuple[AutoencoderKL | None, int, int]:
-    """The frozen VAE (or None for pixel space), its downsampling factor and latent channels."""
+def build_vae(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[AutoencoderKL | None, int, int]:
+    """The frozen VAE on `device` (the accelerator: it encodes the data set, then decodes validation images), or None
+    for pixel space; its downsampling factor and latent channels."""
     if args.vae_name_or_path is None:
         return None, 1, 3
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
-    vae.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval().to(device)
     return vae, 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
 
 
@@ -357,22 +427,27 @@ IMAGE_FIELD_FLAGS = (
 )
 
 
+def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels: int, latent_size: int) -> dict:
+    """The image and diffusion fields of the run's `TransfusionConfig`: the preset's, overridden by the flags."""
+    fields = {key: value for key, value in preset.items() if key != "text_config"}
+    fields.update(latent_channels=latent_channels, latent_size=latent_size)
+    fields["diffusion_loss_weight"] = args.diffusion_loss_weight
+    for name in IMAGE_FIELD_FLAGS:
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.patch_position_embedding is not None:
+        fields["patch_position_embedding"] = args.patch_position_embedding == "true"
+    return fields
+
+
 def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, latent_size: int):
     """From scratch (a preset) or from a pretrained LLM; returns the model and the base model id (for the card)."""
     preset = load_model_preset(args.model_config)
     text_config = preset.pop("text_config")
     image_fields = {
-        **preset,
-        "latent_channels": latent_channels,
-        "latent_size": latent_size,
+        **image_config_fields(args, preset, latent_channels, latent_size),
         **special_token_ids(tokenizer),
-        "diffusion_loss_weight": args.diffusion_loss_weight,
     }
-    for name in IMAGE_FIELD_FLAGS:
-        if getattr(args, name) is not None:
-            image_fields[name] = getattr(args, name)
-    if args.patch_position_embedding is not None:
-        image_fields["patch_position_embedding"] = args.patch_position_embedding == "true"
     if args.text_model_name_or_path is None:
         text_config["vocab_size"] = len(tokenizer)
         config = TransfusionConfig(text_config=text_config, **image_fields)
@@ -477,24 +552,39 @@ def inference_scheduler(args: argparse.Namespace, train_scheduler):
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def prepare_examples(args: argparse.Namespace, vae: AutoencoderKL | None, image_size: int, accelerator) -> list[dict]:
-    """Load the data set and encode every image once (the VAE is frozen)."""
+def prepare_examples(
+    args: argparse.Namespace, vae: AutoencoderKL | None, image_size: int, accelerator
+) -> datasets.Dataset:
+    """Load the data set and encode every image once (the VAE is frozen) into the latent cache: each process encodes
+    its shard on its device, then all read every latent back memory-mapped (`text`, `latents` columns, torch format).
+    A rerun, a resumed run, or another run on the same data, VAE, resolution, crop and flip reuses the cache."""
     dataset = load_dataset_from_args(args)
-
-    examples, skipped = encode_latents(
+    default_cache_dir = Path(args.cache_dir or datasets.config.HF_DATASETS_CACHE) / "transfusion_latents"
+    cache = cache_latents(
         dataset,
         partial(pixels_to_latents, vae),
         image_size,
-        args.center_crop,
-        args.random_flip,
+        args.latent_cache_dir or default_cache_dir,
+        encoder_fingerprint(vae),
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        batch_size=args.encode_batch_size,
         strict=args.strict_data,
+        latent_dtype=args.latent_dtype,
+        state=accelerator,
     )
-    accelerator.print(
-        f"Encoded {len(examples)} images ({skipped} unreadable images skipped) from {len(dataset)} rows."
-    )
-    if not examples:
+    counts = f"{len(cache.dataset)} images ({cache.num_skipped} unreadable images skipped) from {cache.num_rows} rows"
+    if cache.reused:
+        accelerator.print(f"Read the latents of {counts} from the cache {cache.path}.")
+    else:
+        accelerator.print(f"Encoded {counts}.")
+        accelerator.print(
+            f"Encoding: {cache.num_encoded} images in {cache.encode_seconds:.1f} s ({cache.images_per_second:.1f} "
+            f"images/s) on the main process of {accelerator.num_processes}; cache {cache.path}."
+        )
+    if not len(cache.dataset):
         raise ValueError("No readable image-caption pair in the data set.")
-    return examples
+    return cache.dataset
 
 
 def prepare_text_examples(args: argparse.Namespace, num_image_rows: int, accelerator) -> tuple[list[dict], list[str]]:
@@ -799,12 +889,13 @@ def main(argv: list[str] | None = None) -> Path:
         f"device={accelerator.device}, mixed_precision={accelerator.mixed_precision}."
     )
 
-    vae, vae_scale, latent_channels = build_vae(args)
+    vae, vae_scale, latent_channels = build_vae(args, accelerator.device)
     if args.resolution % vae_scale:
         raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
     examples = prepare_examples(args, vae, args.resolution, accelerator)
     text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
-    tokenizer = build_tokenizer(args, [example["text"] for example in examples + text_examples])
+    # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
+    tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
     model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
     if args.gradient_checkpointing:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
@@ -820,7 +911,7 @@ def main(argv: list[str] | None = None) -> Path:
     processor = TransfusionProcessor(tokenizer, image_size=args.resolution, num_image_tokens=model.config.num_patches)
     noiser = build_noiser(args, model.config.prediction_type)
     train_scheduler = noiser.scheduler
-    # Latents are in memory and collation is cheap: no worker processes, so the collator's batch counter is exact.
+    # Latents are memory-mapped and collation is cheap: no worker processes, so the collator's batch counter is exact.
     context = model.config.text_config.max_position_embeddings
     collator = TransfusionDataCollator(
         processor,
@@ -830,7 +921,10 @@ def main(argv: list[str] | None = None) -> Path:
         max_sequence_length=args.max_sequence_length,
     )
     dataloader = torch.utils.data.DataLoader(
-        examples + text_examples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
+        torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collator,
     )
     optimizer = torch.optim.AdamW(
         weight_decay_parameter_groups(model, args.adam_weight_decay),
@@ -876,7 +970,8 @@ def main(argv: list[str] | None = None) -> Path:
         "vae": vae,
         "tokenizer": tokenizer,
         "ema": ema,
-        "examples": examples,
+        # Validation prompts and captions use a few training examples: keep only those in memory.
+        "examples": list(examples.select(range(min(len(examples), max(4, args.num_validation_captions))))),
         "inference_scheduler": inference_scheduler(args, train_scheduler),
         "clean_error": CleanImageErrorTracker(noiser),
         "collator": collator,

@@ -97,3 +97,14 @@ def test_packing_quick(bench, tmp_path):
     assert result["first_batch_loss_difference"] < 1e-5
     assert rows["packed"]["positions_per_step"] % 512 == 0 and rows["packed"]["real_tokens_per_s"] > 0
     assert json.loads(output.read_text())["rows"][1]["layout"] == "packed"
+
+
+def test_data_memory_quick(bench, tmp_path, capsys):
+    """One tiny image folder through the training script in a child process: its peak RSS and encoding throughput."""
+    output = tmp_path / "data_memory.json"
+    result = bench("bench_data_memory").main(["--quick", "--sizes", "8", "--output", str(output)])
+    [row] = result["rows"]
+    assert row["images"] == 8 and 100 < row["peak_rss_mb"] < 10_000 and row["encode_images_per_s"] > 0
+    assert row["latent_cache_mb"] > 0 and result["peak_rss_ratio"] == 1.0
+    assert "| images | peak RSS (MB) |" in capsys.readouterr().out
+    assert json.loads(output.read_text())["rows"][0]["images"] == 8

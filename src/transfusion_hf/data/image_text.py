@@ -1,11 +1,13 @@
 """Image-caption data for training: load from the Hub, a local image folder, or the built-in shapes or glyphs, then
-encode every image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute)."""
+encode every image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute):
+into memory here ([`encode_latents`]), or into a disk cache shared by processes and runs (`latent_cache`)."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import logging
+import os
 from collections.abc import Callable
 
 import datasets
@@ -15,6 +17,8 @@ import torch
 from ..processing_transfusion import images_to_pixel_values
 
 logger = logging.getLogger(__name__)
+# Data sets generated in this package, not loaded by `datasets`.
+BUILTIN_DATASETS = ("shapes", "glyphs")
 
 
 class CorruptImageError(ValueError):
@@ -82,6 +86,39 @@ def load_image_text_dataset(
     return dataset
 
 
+def check_image_text_source(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> None:
+    """Check that the source of [`load_image_text_dataset`] exists and can be reached, without loading it.
+
+    `datasets.load_dataset_builder` resolves the data files (a listing of the folder, or a few Hub API calls) and
+    reads no data, so a training script can call this in its argument check and fail in seconds, not after loading.
+
+    Raises:
+        ValueError: one line naming the source (`dataset_name` or `train_data_dir`) and the reason.
+    """
+    if dataset_name in BUILTIN_DATASETS:
+        return
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"`train_data_dir`={train_data_dir!r} is not a folder.")
+        name, kwargs, role = "imagefolder", {"data_dir": train_data_dir}, f"`train_data_dir`={train_data_dir!r}"
+    elif dataset_name is not None:
+        name, kwargs, role = dataset_name, {"name": dataset_config_name}, f"`dataset_name`={dataset_name!r}"
+    else:
+        return  # no source at all: `load_image_text_dataset` names both options
+    try:
+        datasets.load_dataset_builder(name, cache_dir=cache_dir, **kwargs)
+    except (OSError, ValueError) as error:
+        # OSError covers a missing folder or repo, no network, a gated repo (datasets' and huggingface_hub's errors);
+        # ValueError an unknown config name. The first line of the message says which.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{role} cannot be loaded: {reason}") from error
+
+
 def decode_image(value) -> PIL.Image.Image:
     """Decode one `image` cell (a PIL image, or the `{"bytes", "path"}` dict of an undecoded `datasets.Image`)."""
     if isinstance(value, PIL.Image.Image):
@@ -92,6 +129,36 @@ def decode_image(value) -> PIL.Image.Image:
         image.load()  # force the decode now, so a truncated file fails here
         return image
     raise TypeError(f"unsupported image cell of type {type(value).__name__}")
+
+
+def decode_rows(
+    cells: list, captions: list, first_row: int = 0, strict: bool = False
+) -> tuple[list[PIL.Image.Image], list[str], int]:
+    """Decode a batch of `image` cells, skipping (and logging) the unreadable ones.
+
+    Args:
+        cells (`list`): `image` cells (see [`decode_image`]).
+        captions (`list`): the caption of each cell.
+        first_row (`int`): data set row of `cells[0]`, for the messages.
+        strict (`bool`): raise [`CorruptImageError`] on the first unreadable image instead of skipping it.
+
+    Returns:
+        The decoded images, their captions (as `str`) and the number of skipped cells.
+    """
+    images, kept_captions, skipped = [], [], 0
+    for offset, (cell, caption) in enumerate(zip(cells, captions)):
+        try:
+            images.append(decode_image(cell))
+        except Exception as error:  # noqa: BLE001 - any decoder failure means the same: a bad file
+            where = cell.get("path") if isinstance(cell, dict) else None
+            message = f"unreadable image at row {first_row + offset} ({where or 'in memory'}): {error}"
+            if strict:
+                raise CorruptImageError(message) from error
+            logger.warning("skipping %s", message)
+            skipped += 1
+            continue
+        kept_captions.append(caption if isinstance(caption, str) else str(caption))
+    return images, kept_captions, skipped
 
 
 @torch.no_grad()
@@ -105,7 +172,8 @@ def encode_latents(
     strict: bool = False,
     caption_prefix: str = "",
 ) -> tuple[list[dict], int]:
-    """Decode, resize and encode every image once.
+    """Decode, resize and encode every image once, into memory (for small data; [`cache_latents`] writes a disk cache
+    and reads it back memory-mapped, flat in the data set's size).
 
     Args:
         dataset (`datasets.Dataset`): with `image` and `text` columns (from [`load_image_text_dataset`]).
@@ -125,19 +193,8 @@ def encode_latents(
     resize_mode = "crop" if center_crop else "default"
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
-        images, captions = [], []
-        for offset, (cell, caption) in enumerate(zip(rows["image"], rows["text"])):
-            try:
-                images.append(decode_image(cell))
-            except Exception as error:  # noqa: BLE001 - any decoder failure means the same: a bad file
-                where = cell.get("path") if isinstance(cell, dict) else None
-                message = f"unreadable image at row {start + offset} ({where or 'in memory'}): {error}"
-                if strict:
-                    raise CorruptImageError(message) from error
-                logger.warning("skipping %s", message)
-                skipped += 1
-                continue
-            captions.append(caption if isinstance(caption, str) else str(caption))
+        images, captions, skipped_here = decode_rows(rows["image"], rows["text"], start, strict)
+        skipped += skipped_here
         if not images:
             continue
         pixel_values = images_to_pixel_values(images, image_size, resize_mode)
@@ -200,10 +257,13 @@ def load_dataset_from_args(args: argparse.Namespace) -> datasets.Dataset:
 
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "CorruptImageError",
+    "check_image_text_source",
     "add_data_arguments",
     "load_dataset_from_args",
     "load_image_text_dataset",
     "decode_image",
+    "decode_rows",
     "encode_latents",
 ]

@@ -1,0 +1,296 @@
+"""A disk cache of the clean latents of an image-caption data set, encoded once, shared by every process and run.
+
+The VAE is frozen, so each image is encoded once: every process encodes its own contiguous shard of the data set in
+batches (on its accelerator), `datasets` writes the shard as an Arrow file, and all processes then read the
+concatenated shards back memory-mapped. Resident memory therefore stays flat in the size of the data set, and a rerun,
+a resumed run or another run with the same data and encoder reuses the files. The cache folder is named by a
+fingerprint of everything the latents depend on: the data (its `datasets` fingerprint), the encoder (a hash of the
+VAE's config and weights), the resolution, the crop, the flip and the stored dtype. Pixel-space training (no VAE) caches
+the pixel tensors the same way.
+
+Layout of `cache_dir/<fingerprint>/`: `latents-<rank>-of-<world>.arrow` (one per encoding process) and
+`latents.json`, written last, which lists the shards: a folder without it is incomplete and is completed on the next
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from datasets.arrow_writer import ArrowWriter
+
+from ..processing_transfusion import images_to_pixel_values
+from .image_text import decode_rows
+
+logger = logging.getLogger(__name__)
+
+# Bump when the stored content changes for the same inputs (pixel preprocessing, columns), so old caches are not read.
+LATENT_CACHE_VERSION = 1
+LATENT_DTYPES = ("float32", "float16")
+MANIFEST_NAME = "latents.json"
+
+
+@dataclass
+class LatentCache:
+    """What [`cache_latents`] returns.
+
+    Args:
+        dataset (`datasets.Dataset`): columns `text` (`str`) and `latents` (`torch.Tensor` of shape `(C, h, w)`), plus
+            `flipped_latents` (the mirrored image) with `random_flip`; memory-mapped, in torch format.
+        path (`Path`): the cache folder of this fingerprint.
+        num_rows (`int`): rows of the source data set.
+        num_skipped (`int`): unreadable images skipped, over all processes (`num_rows - len(dataset)`).
+        num_encoded (`int`): images this process encoded in this call (0 when the cache was complete).
+        encode_seconds (`float`): wall time this process spent decoding and encoding them.
+    """
+
+    dataset: datasets.Dataset
+    path: Path
+    num_rows: int
+    num_skipped: int
+    num_encoded: int
+    encode_seconds: float
+
+    @property
+    def reused(self) -> bool:
+        """True when this process found every latent it needed already on disk."""
+        return self.num_encoded == 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Encoding throughput of this process (decode, resize, encode and write), 0 when nothing was encoded."""
+        return self.num_encoded / self.encode_seconds if self.num_encoded and self.encode_seconds > 0 else 0.0
+
+
+def encoder_fingerprint(vae: torch.nn.Module | None) -> str:
+    """A hash of the VAE's class, config and weights, or `"pixels"` without a VAE.
+
+    The weights are hashed, not the model name: a local folder retrained under the same name must not reuse the
+    latents of the old weights. Hashing 84M fp32 parameters (the SD VAE) takes well under a second.
+    """
+    if vae is None:
+        return "pixels"
+    hasher = hashlib.sha256(type(vae).__name__.encode())
+    # Private keys (`_name_or_path`, `_use_default_values`, a list built from a set, so in random order) say where the
+    # VAE came from, not what it computes.
+    config = {key: value for key, value in dict(getattr(vae, "config", {})).items() if not key.startswith("_")}
+    hasher.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        hasher.update(name.encode())
+        # Raw bytes of any dtype (bf16 has no numpy type): reinterpret as uint8.
+        hasher.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()[:16]
+
+
+def latent_cache_fingerprint(
+    dataset: datasets.Dataset,
+    encoder: str,
+    image_size: int,
+    center_crop: bool,
+    random_flip: bool,
+    latent_dtype: str,
+) -> str:
+    """The cache key: a hash of the data set's `datasets` fingerprint (which follows its files, content and every
+    transform such as `select`), the encoder ([`encoder_fingerprint`]) and the encoding options."""
+    key = {
+        "version": LATENT_CACHE_VERSION,
+        # `_fingerprint` is the only handle `datasets` gives on a data set's identity (no public accessor).
+        "data": dataset._fingerprint,
+        "encoder": encoder,
+        "image_size": image_size,
+        "center_crop": center_crop,
+        "random_flip": random_flip,
+        "latent_dtype": latent_dtype,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_rows(num_rows: int, num_shards: int, index: int) -> range:
+    """The rows of a contiguous shard, as `Dataset.shard(contiguous=True)` cuts them (the first
+    `num_rows % num_shards` shards get one extra row)."""
+    size, extra = divmod(num_rows, num_shards)
+    start = index * size + min(index, extra)
+    return range(start, start + size + (index < extra))
+
+
+def _encode_shard(
+    dataset: datasets.Dataset,
+    rank: int,
+    world: int,
+    path: Path,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    center_crop: bool,
+    random_flip: bool,
+    batch_size: int,
+    strict: bool,
+    latent_dtype: str,
+    fingerprint: str,
+) -> int:
+    """Encode the shard `rank` of `world` into the Arrow file `path` (written to a temporary file and renamed by
+    `datasets`, so a killed run never leaves a truncated shard); returns the number of images encoded."""
+    resize_mode = "crop" if center_crop else "default"
+    with torch.no_grad():
+        # The stored shape must be declared before the first batch (fixed-shape Arrow arrays read back zero-copy).
+        probe = encode(torch.zeros(1, 3, image_size, image_size))
+    array = datasets.Array3D(shape=tuple(probe.shape[1:]), dtype=latent_dtype)
+    features = {"text": datasets.Value("string"), "latents": array}
+    if random_flip:
+        features["flipped_latents"] = array
+    shard_rows = _shard_rows(len(dataset), world, rank)
+    if not shard_rows:  # more processes than rows: an empty shard (`Dataset.shard` refuses to cut one)
+        with ArrowWriter(features=datasets.Features(features), path=str(path)) as writer:
+            writer.finalize()
+        return 0
+    shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
+    encoded = 0
+
+    def encode_batch(rows: dict, indices: list[int]) -> dict:
+        nonlocal encoded
+        images, captions, _ = decode_rows(rows["image"], rows["text"], shard_rows.start + indices[0], strict)
+        if not images:
+            empty = np.zeros((0, *array.shape), dtype=latent_dtype)
+            return {"text": [], "latents": empty, **({"flipped_latents": empty} if random_flip else {})}
+        pixel_values = images_to_pixel_values(images, image_size, resize_mode)
+        with torch.no_grad():
+            output = {"text": captions, "latents": encode(pixel_values).float().cpu().numpy().astype(latent_dtype)}
+            if random_flip:
+                flipped = encode(torch.flip(pixel_values, dims=[-1]))
+                output["flipped_latents"] = flipped.float().cpu().numpy().astype(latent_dtype)
+        encoded += len(images)
+        return output
+
+    shard.map(
+        encode_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=batch_size,
+        # Rows leave the writer's buffer every batch: memory stays one batch, whatever the data set's size.
+        writer_batch_size=batch_size,
+        remove_columns=shard.column_names,
+        features=datasets.Features(features),
+        cache_file_name=str(path),
+        load_from_cache_file=False,
+        new_fingerprint=f"{fingerprint}-{rank}-of-{world}",
+        desc=f"Encoding latents (process {rank} of {world})",
+    )
+    return encoded
+
+
+def cache_latents(
+    dataset: datasets.Dataset,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    cache_dir: str | os.PathLike,
+    encoder: str,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    batch_size: int = 64,
+    strict: bool = False,
+    latent_dtype: str = "float32",
+    state: PartialState | Accelerator | None = None,
+) -> LatentCache:
+    """Encode every image of `dataset` once into a fingerprinted disk cache and read it back memory-mapped.
+
+    Each process encodes its contiguous shard (`dataset.shard(num_processes, process_index, contiguous=True)`) unless
+    the cache already holds it; the processes then wait for each other and all read the concatenated shards. Every
+    process must call this function (it synchronises them twice). In multi-node training `cache_dir` must be on a
+    file system all nodes share. With `strict`, a corrupt image stops the process that meets it; the others then wait
+    at the barrier until the launcher ends the job (as for any exception raised by one process alone).
+
+    Args:
+        dataset (`datasets.Dataset`): `image` and `text` columns (from [`load_image_text_dataset`]).
+        encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] on the CPU -> clean scaled latents `(n, C, h, w)`
+            on any device (e.g. `functools.partial(pixels_to_latents, vae)` with the VAE on the accelerator, or the
+            identity in pixel space).
+        image_size (`int`): pixel side `S` given to `encode`.
+        cache_dir (`str` or `os.PathLike`): parent folder of the caches.
+        encoder (`str`): identity of `encode` for the fingerprint ([`encoder_fingerprint`] of the VAE).
+        center_crop (`bool`): keep the aspect ratio and center-crop (else stretch).
+        random_flip (`bool`): also store the latents of the mirrored image (`flipped_latents`).
+        batch_size (`int`): images per `encode` call.
+        strict (`bool`): raise [`CorruptImageError`] on the first unreadable image instead of skipping it.
+        latent_dtype (`str`): the stored dtype: `"float32"`, or `"float16"` (half the disk and read bandwidth; read
+            back as float32 tensors of the rounded values, like every float column in `datasets`' torch format).
+        state (`PartialState` or `Accelerator`, *optional*): gives the process index and count and the barrier;
+            defaults to accelerate's `PartialState()`.
+
+    Returns:
+        [`LatentCache`]: the memory-mapped data set and the counts.
+    """
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"`latent_dtype` must be one of {LATENT_DTYPES}, got {latent_dtype!r}.")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    state = state if state is not None else PartialState()
+    rank, world = state.process_index, state.num_processes
+    fingerprint = latent_cache_fingerprint(dataset, encoder, image_size, center_crop, random_flip, latent_dtype)
+    folder = Path(cache_dir) / fingerprint
+    manifest_path = folder / MANIFEST_NAME
+    shard_path = folder / f"latents-{rank:05d}-of-{world:05d}.arrow"
+    num_encoded, seconds = 0, 0.0
+    if not manifest_path.is_file() and not shard_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        num_encoded = _encode_shard(
+            dataset,
+            rank,
+            world,
+            shard_path,
+            encode,
+            image_size,
+            center_crop,
+            random_flip,
+            batch_size,
+            strict,
+            latent_dtype,
+            fingerprint,
+        )
+        seconds = time.perf_counter() - started
+    # Every process takes both barriers whatever it found on disk, so none can wait for a barrier the others skip.
+    state.wait_for_everyone()
+    if state.is_main_process and not manifest_path.is_file():
+        _write_manifest(folder, world, len(dataset), fingerprint)
+    state.wait_for_everyone()
+    manifest = json.loads(manifest_path.read_text())
+    shards = [datasets.Dataset.from_file(str(folder / name)) for name in manifest["shards"]]
+    cached = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+    cached.set_format("torch")
+    num_skipped = len(dataset) - len(cached)
+    if num_skipped:
+        logger.warning("skipped %d unreadable images of %d", num_skipped, len(dataset))
+    return LatentCache(cached, folder, len(dataset), num_skipped, num_encoded, seconds)
+
+
+def _write_manifest(folder: Path, world: int, num_rows: int, fingerprint: str) -> None:
+    """Mark the cache complete: the list of shards, written atomically (a reader sees all of it or nothing)."""
+    names = [f"latents-{rank:05d}-of-{world:05d}.arrow" for rank in range(world)]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise RuntimeError(f"The latent cache {folder} lacks the shards {missing} after every process wrote its own.")
+    num_examples = sum(datasets.Dataset.from_file(str(folder / name)).num_rows for name in names)
+    manifest = {"fingerprint": fingerprint, "num_rows": num_rows, "num_examples": num_examples, "shards": names}
+    temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}"
+    temporary.write_text(json.dumps(manifest, indent=2))
+    os.replace(temporary, folder / MANIFEST_NAME)
+
+
+__all__ = [
+    "LATENT_CACHE_VERSION",
+    "LATENT_DTYPES",
+    "LatentCache",
+    "cache_latents",
+    "encoder_fingerprint",
+    "latent_cache_fingerprint",
+]
