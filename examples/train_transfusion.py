@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA), on
-a Hub data set, a local image folder, or the built-in captioned shapes.
+"""Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA, or
+with image copies of its weights and the text frozen: --modality_experts --freeze_text), on a Hub data set, a local
+image folder, or the built-in captioned shapes.
 
     accelerate launch examples/train_transfusion.py --dataset_name shapes --model_config small \
         --output_dir outputs/shapes --max_train_steps 3000
@@ -40,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.data.image_text import add_data_arguments, encode_latents, load_dataset_from_args
+from transfusion_hf.modality_experts import freeze_text_weights
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline, pixels_to_latents
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, add_special_tokens
@@ -115,6 +117,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--lora_rank", type=int, default=0, help="Train the backbone through LoRA of this rank.")
     model.add_argument("--lora_alpha", type=int, default=None)
+    model.add_argument(
+        "--modality_experts",
+        action="store_true",
+        help="Image positions get their own copy of every layer's projections, MLP and norms, initialised from the "
+        "text weights; one shared attention (config field of the same name; LMFusion).",
+    )
+    model.add_argument(
+        "--freeze_text",
+        action="store_true",
+        help="With --text_model_name_or_path and --modality_experts: freeze the pretrained text weights (the LLM's "
+        "embedding and LM-head rows included) and train the image copies, the patch layers and the new special-token "
+        "rows; text-only input then keeps the LLM's logits exactly.",
+    )
     model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
 
     recipe = parser.add_argument_group("recipe")
@@ -191,10 +206,37 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
+    check_text_freezing_args(args)
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
     build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     return args
+
+
+def check_text_freezing_args(args: argparse.Namespace) -> None:
+    """Refuse combinations of --freeze_text, --modality_experts and --lora_rank that make no sense."""
+    if args.freeze_text:
+        if args.lora_rank:
+            raise ValueError(
+                f"--freeze_text keeps every text weight fixed, --lora_rank={args.lora_rank} trains them through LoRA: "
+                "choose one."
+            )
+        if args.text_model_name_or_path is None:
+            raise ValueError(
+                "--freeze_text needs --text_model_name_or_path: freezing the text weights of a model trained from "
+                "scratch would freeze random weights."
+            )
+        if not args.modality_experts:
+            raise ValueError(
+                "--freeze_text needs --modality_experts: without image copies the frozen backbone would leave only "
+                "the patch layers to train."
+            )
+    if args.modality_experts and args.lora_rank:
+        raise ValueError(
+            f"--modality_experts with --lora_rank={args.lora_rank} is not supported: the LoRA update of a text "
+            "projection would also act at the image positions, on top of their own copy. Train the image copies "
+            "instead (--freeze_text keeps the text weights)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -260,6 +302,8 @@ def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, laten
             image_fields[name] = getattr(args, name)
     if args.patch_position_embedding is not None:
         image_fields["patch_position_embedding"] = args.patch_position_embedding == "true"
+    if args.modality_experts:
+        image_fields["modality_experts"] = True
     if args.text_model_name_or_path is None:
         text_config["vocab_size"] = len(tokenizer)
         config = TransfusionConfig(text_config=text_config, **image_fields)
@@ -485,6 +529,20 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
+def optimizer_parameter_groups(
+    model, row_trained: list[torch.nn.Parameter], weight_decay: float
+) -> list[dict[str, list[torch.nn.Parameter] | float]]:
+    """AdamW groups: the trainable parameters with weight decay, and those of which only some rows train (with
+    --freeze_text) without it: decoupled weight decay would shrink their frozen rows too."""
+    row_ids = {id(parameter) for parameter in row_trained}
+    groups = [
+        {"params": [p for p in trainable_parameters(model) if id(p) not in row_ids], "weight_decay": weight_decay}
+    ]
+    if row_trained:
+        groups.append({"params": list(row_trained), "weight_decay": 0.0})
+    return groups
+
+
 class LoopState:
     """Epoch and position inside it, saved with every checkpoint so a resumed run skips the batches already seen."""
 
@@ -566,11 +624,12 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if accelerator.distributed_type == DistributedType.FSDP and (
-        args.lora_rank or args.use_ema or args.validation_steps
+        args.lora_rank or args.use_ema or args.validation_steps or args.freeze_text
     ):
         raise ValueError(
-            "With FSDP, --lora_rank, --use_ema and --validation_steps are not supported (sharded weights): got "
-            f"lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps={args.validation_steps}."
+            "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text are not supported (sharded "
+            f"weights): got lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps="
+            f"{args.validation_steps}, freeze_text={args.freeze_text}."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -598,8 +657,13 @@ def main(argv: list[str] | None = None) -> Path:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
         model.activation_checkpointing_enable()
     new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<boi>", "<eoi>", "<image>")]
+    row_trained = []
     if args.lora_rank:
         model = apply_lora(args, model, new_token_ids if base_model else [])
+    elif args.freeze_text:
+        # The new special-token rows train (input embeddings and LM head, as with LoRA): the model learns where an
+        # image starts; text-only input never reads those rows, so its logits over the LLM's vocabulary stay exact.
+        row_trained = freeze_text_weights(model, new_token_ids)
     accelerator.print(
         f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"({sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f}M trainable)."
@@ -619,7 +683,7 @@ def main(argv: list[str] | None = None) -> Path:
         examples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
     )
     optimizer = torch.optim.AdamW(
-        trainable_parameters(model),
+        optimizer_parameter_groups(model, row_trained, args.adam_weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

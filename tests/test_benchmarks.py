@@ -85,3 +85,26 @@ def test_gpu_batch_layout(bench):
     per_row = (batch["input_ids"] == config.image_token_id).sum(dim=1)
     assert per_row.tolist() == [args.num_images * config.num_patches] * args.batch_size
     assert batch["latents"].shape[0] == args.batch_size * args.num_images
+
+
+def test_text_retention_quick(bench, tmp_path, capsys):
+    """Pretrain a tiny LLM, train it with frozen text through the training script, score it: its text-only logits
+    over the LLM's vocabulary are untouched, and the table and json are written."""
+    output = tmp_path / "text_retention.json"
+    argv = [
+        "--quick",
+        "--variants",
+        "experts_frozen_text",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(output),
+    ]
+    result = bench("bench_text_retention").main(argv)
+    [row] = result["rows"]
+    assert row["max_text_logit_change"] == 0.0
+    assert row["held_out_perplexity"] == pytest.approx(result["llm"]["held_out_perplexity"], rel=1e-6)
+    assert row["steps"] == 2 and row["seconds_per_step"] > 0 and 0 < row["trainable_parameters"] < row["parameters"]
+    assert "| (c) modality experts, text frozen |" in capsys.readouterr().out
+    assert json.loads(output.read_text())["rows"][0]["variant"] == "experts_frozen_text"
+    assert (tmp_path / "work" / "llm" / "config.json").is_file()
