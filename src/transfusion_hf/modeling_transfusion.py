@@ -10,6 +10,7 @@ attention mask (bidirectional inside each image), built with transformers' own `
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -195,7 +196,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs
+    ) -> TransfusionForMixedModal | tuple[TransfusionForMixedModal, dict]:
         """transformers' `from_pretrained`; in addition, image copies missing from the checkpoint (a model saved
         without `modality_experts`, loaded with `modality_experts=True`) start from the loaded text weights instead
         of random ones."""
