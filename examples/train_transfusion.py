@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA), on
-a Hub data set, a local image folder, or the built-in captioned shapes, optionally with text-only data mixed in and the
-sequences packed (`--text_dataset_name`, `--max_sequence_length`).
+"""Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA, or
+with image copies of its weights and the text frozen: --modality_experts --freeze_text), on a Hub data set, a local
+image folder, or the built-in captioned shapes, optionally with text-only data mixed in and the sequences packed
+(`--text_dataset_name`, `--max_sequence_length`).
 
     accelerate launch examples/train_transfusion.py --dataset_name shapes --model_config small \
         --output_dir outputs/shapes --max_train_steps 3000
@@ -48,6 +49,7 @@ from transfusion_hf.data.image_text import add_data_arguments, check_image_text_
 from transfusion_hf.data.latent_cache import LATENT_DTYPES, cache_latents, encoder_fingerprint
 from transfusion_hf.data.text import load_text_dataset, text_only_examples
 from transfusion_hf.latents_transfusion import pixels_to_latents
+from transfusion_hf.modality_experts import freeze_text_weights
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import (
@@ -191,6 +193,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--lora_rank", type=int, default=0, help="Train the backbone through LoRA of this rank.")
     model.add_argument("--lora_alpha", type=int, default=None)
+    model.add_argument(
+        "--modality_experts",
+        action="store_true",
+        help="Image positions get their own copy of every layer's projections, MLP and norms, initialised from the "
+        "text weights; one shared attention (config field of the same name; LMFusion).",
+    )
+    model.add_argument(
+        "--freeze_text",
+        action="store_true",
+        help="With --text_model_name_or_path and --modality_experts: freeze the pretrained text weights (the LLM's "
+        "embedding and LM-head rows included) and train the image copies, the patch layers and the new special-token "
+        "rows; text-only input then keeps the LLM's logits exactly.",
+    )
     model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
 
     recipe = parser.add_argument_group("recipe")
@@ -305,6 +320,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--lora_rank={args.lora_rank} needs --text_model_name_or_path: LoRA adapts a pretrained LLM, and over "
             "the random frozen weights of a model trained from scratch it would train next to nothing."
         )
+    check_text_freezing_args(args)
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
@@ -381,6 +397,32 @@ def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
         )
 
 
+def check_text_freezing_args(args: argparse.Namespace) -> None:
+    """Refuse combinations of --freeze_text, --modality_experts and --lora_rank that make no sense."""
+    if args.freeze_text:
+        if args.lora_rank:
+            raise ValueError(
+                f"--freeze_text keeps every text weight fixed, --lora_rank={args.lora_rank} trains them through LoRA: "
+                "choose one."
+            )
+        if args.text_model_name_or_path is None:
+            raise ValueError(
+                "--freeze_text needs --text_model_name_or_path: freezing the text weights of a model trained from "
+                "scratch would freeze random weights."
+            )
+        if not args.modality_experts:
+            raise ValueError(
+                "--freeze_text needs --modality_experts: without image copies the frozen backbone would leave only "
+                "the patch layers to train."
+            )
+    if args.modality_experts and args.lora_rank:
+        raise ValueError(
+            f"--modality_experts with --lora_rank={args.lora_rank} is not supported: the LoRA update of a text "
+            "projection would also act at the image positions, on top of their own copy. Train the image copies "
+            "instead (--freeze_text keeps the text weights)."
+        )
+
+
 # ------------------------------------------------------------------------------------------------ components
 def load_model_preset(name_or_path: str) -> dict:
     """A preset name of examples/configs (`model_{name}.json`) or a json path -> dict (keys starting with `_`
@@ -448,6 +490,8 @@ def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, laten
         **image_config_fields(args, preset, latent_channels, latent_size),
         **special_token_ids(tokenizer),
     }
+    if args.modality_experts:
+        image_fields["modality_experts"] = True
     if args.text_model_name_or_path is None:
         text_config["vocab_size"] = len(tokenizer)
         config = TransfusionConfig(text_config=text_config, **image_fields)
@@ -784,6 +828,20 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
+def optimizer_parameter_groups(
+    model, row_trained: list[torch.nn.Parameter], weight_decay: float
+) -> list[dict[str, list[torch.nn.Parameter] | float]]:
+    """AdamW groups: transformers' convention (`weight_decay_parameter_groups`: no decay on biases, norms and
+    embeddings), and no decay either on the parameters of which only some rows train (with --freeze_text): decoupled
+    weight decay would shrink their frozen rows too."""
+    decay, no_decay = weight_decay_parameter_groups(model, weight_decay)
+    row_ids = {id(parameter) for parameter in row_trained}
+    decay["params"] = [parameter for parameter in decay["params"] if id(parameter) not in row_ids]
+    no_decay_ids = {id(parameter) for parameter in no_decay["params"]}
+    no_decay["params"] += [parameter for parameter in row_trained if id(parameter) not in no_decay_ids]
+    return [decay, no_decay]
+
+
 class LoopState:
     """Epoch and position inside it, saved with every checkpoint so a resumed run skips the batches already seen."""
 
@@ -867,11 +925,12 @@ def main(argv: list[str] | None = None) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if args.text_only_share else None,
     )
     if accelerator.distributed_type == DistributedType.FSDP and (
-        args.lora_rank or args.use_ema or args.validation_steps
+        args.lora_rank or args.use_ema or args.validation_steps or args.freeze_text
     ):
         raise ValueError(
-            "With FSDP, --lora_rank, --use_ema and --validation_steps are not supported (sharded weights): got "
-            f"lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps={args.validation_steps}."
+            "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text are not supported (sharded "
+            f"weights): got lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps="
+            f"{args.validation_steps}, freeze_text={args.freeze_text}."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -901,8 +960,13 @@ def main(argv: list[str] | None = None) -> Path:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
         model.activation_checkpointing_enable()
     new_token_ids = list(special_token_ids(tokenizer).values())
+    row_trained = []
     if args.lora_rank:
         model = apply_lora(args, model, new_token_ids if base_model else [])
+    elif args.freeze_text:
+        # The new special-token rows train (input embeddings and LM head, as with LoRA): the model learns where an
+        # image starts; text-only input never reads those rows, so its logits over the LLM's vocabulary stay exact.
+        row_trained = freeze_text_weights(model, new_token_ids)
     accelerator.print(
         f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"({sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f}M trainable)."
@@ -927,7 +991,7 @@ def main(argv: list[str] | None = None) -> Path:
         collate_fn=collator,
     )
     optimizer = torch.optim.AdamW(
-        weight_decay_parameter_groups(model, args.adam_weight_decay),
+        optimizer_parameter_groups(model, row_trained, args.adam_weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

@@ -108,3 +108,26 @@ def test_data_memory_quick(bench, tmp_path, capsys):
     assert row["latent_cache_mb"] > 0 and result["peak_rss_ratio"] == 1.0
     assert "| images | peak RSS (MB) |" in capsys.readouterr().out
     assert json.loads(output.read_text())["rows"][0]["images"] == 8
+
+
+def test_text_retention_quick(bench, tmp_path, capsys):
+    """Pretrain a tiny LLM, train it with frozen text through the training script, score it: its text-only logits
+    over the LLM's vocabulary are untouched, and the table and json are written."""
+    output = tmp_path / "text_retention.json"
+    argv = [
+        "--quick",
+        "--variants",
+        "experts_frozen_text",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(output),
+    ]
+    result = bench("bench_text_retention").main(argv)
+    [row] = result["rows"]
+    assert row["max_text_logit_change"] == 0.0
+    assert row["held_out_perplexity"] == pytest.approx(result["llm"]["held_out_perplexity"], rel=1e-6)
+    assert row["steps"] == 2 and row["seconds_per_step"] > 0 and 0 < row["trainable_parameters"] < row["parameters"]
+    assert "| (c) modality experts, text frozen |" in capsys.readouterr().out
+    assert json.loads(output.read_text())["rows"][0]["variant"] == "experts_frozen_text"
+    assert (tmp_path / "work" / "llm" / "config.json").is_file()

@@ -312,6 +312,52 @@ def test_pretrained_llm_with_lora_end_to_end(tmp_path, tiny_llm):
         assert not torch.allclose(checkpoint[delta_key][:2], merged[weight][new_ids]), module
 
 
+# ----------------------------------------------------------------------------- pretrained LLM, frozen text
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--freeze_text", "--modality_experts"], "--freeze_text needs --text_model_name_or_path"),
+        (["--freeze_text", "--text_model_name_or_path", "x"], "--freeze_text needs --modality_experts"),
+        (["--freeze_text", "--modality_experts", "--text_model_name_or_path", "x", "--lora_rank", "4"], "choose one"),
+        (["--modality_experts", "--lora_rank", "4"], "--modality_experts with --lora_rank=4 is not supported"),
+    ],
+)
+def test_freeze_text_refuses_combinations_that_make_no_sense(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
+
+
+def test_frozen_text_end_to_end_keeps_the_llm_logits(tmp_path, tiny_llm):
+    """--modality_experts --freeze_text from a pretrained LLM (EMA and gradient checkpointing on): the saved pipeline
+    gives the LLM's text-only logits over its vocabulary bit for bit; the image copies and the new rows trained."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_main(out, *SHAPES, "--text_model_name_or_path", str(tiny_llm), "--modality_experts", "--freeze_text",
+             "--max_train_steps", "3", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--use_ema",
+             "--gradient_checkpointing", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3")  # fmt: skip
+    pipe = TransfusionPipeline.from_pretrained(out)
+    model = pipe.transformer.eval()
+    assert model.config.modality_experts
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    vocab = llm.config.vocab_size
+    ids = torch.tensor([pipe.tokenizer("a small red circle in the top left")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits[..., :vocab], llm(input_ids=ids).logits)
+
+    trained, base = model.state_dict(), load_file(tiny_llm / "model.safetensors")
+    for key, value in base.items():
+        assert torch.equal(trained[key][:vocab], value), key  # every LLM weight, embedding and LM-head rows included
+    # The new rows and the image copies trained: the raw weights moved between the checkpoints of steps 1 and 3.
+    first, last = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (1, 3))
+    new_ids = [pipe.tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>")]
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(first[key][new_ids], last[key][new_ids]), key
+    for key in ("self_attn.q_proj.image_expert.weight", "mlp.image_expert.down_proj.weight"):
+        assert not torch.equal(first[f"model.layers.1.{key}"], last[f"model.layers.1.{key}"]), key
+    assert not torch.equal(trained["model.norm.image_expert.weight"], base["model.norm.weight"])
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 RESUME_ARGS = [*SHAPES[:-1], "24", "--max_train_steps", "12", "--checkpointing_steps", "3", "--logging_steps", "1",
                "--lr_warmup_steps", "2", "--checkpoints_total_limit", "3"]  # fmt: skip

@@ -55,6 +55,12 @@ class TransfusionConfig(PreTrainedConfig):
         patch_position_embedding (`bool`, defaults to `True`):
             Add a learned embedding of each patch's 2D grid position to its input. The paper only uses the
             backbone's 1D RoPE; the 2D embedding makes spatial layout much easier to learn for small models.
+        modality_experts (`bool`, defaults to `False`):
+            Give image positions their own copy of every decoder layer's per-position weights (q, k, v, o
+            projections, MLP, norms) and of the final norm, initialised from the text weights; text positions keep the
+            original ones and both share one attention over the whole sequence (LMFusion, Shi et al., 2024; BAGEL's
+            mixture-of-transformers). With the text weights frozen, a pretrained LLM keeps its text skill exactly
+            (`transfusion_hf.modality_experts`).
         boi_token_id, eoi_token_id, image_token_id (`int`):
             Begin-of-image, end-of-image and the image placeholder repeated once per patch.
         prediction_type (`str`, defaults to `"epsilon"`):
@@ -94,6 +100,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_skip_connections: str = "fine"
     image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
+    modality_experts: bool = False
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     image_token_id: int | None = None
@@ -167,6 +174,8 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of "
                     f"`unet_norm_num_groups`={groups} (GroupNorm splits the channels into that many groups)."
                 )
+        if not isinstance(self.modality_experts, bool):
+            raise ValueError(f"`modality_experts` must be a bool, got {self.modality_experts!r}.")
         # Check the type first, so a non-number (e.g. None) gets the field's ValueError, not a TypeError.
         if not isinstance(self.diffusion_loss_weight, (int, float)) or self.diffusion_loss_weight < 0:
             raise ValueError(f"`diffusion_loss_weight` must be >= 0, got {self.diffusion_loss_weight!r}.")

@@ -3,12 +3,14 @@
 The backbone is any transformers decoder, built with `AutoModel.from_config(config.text_config)`: its attention,
 RoPE, SDPA/flex kernels, gradient checkpointing and peft LoRA targets are used unchanged. Images enter through
 `inputs_embeds` at their `<image>` placeholder positions, and the only change to the backbone's behaviour is the
-attention mask (bidirectional inside each image), built with transformers' own `create_causal_mask`.
+attention mask (bidirectional inside each image), built with transformers' own `create_causal_mask`. With
+`config.modality_experts`, image positions also get their own copy of each layer's weights (`modality_experts.py`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,12 @@ from .hub import push_model_to_hub
 from .image_layers import build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
 from .masking_transfusion import build_transfusion_mask, image_block_ids
+from .modality_experts import (
+    IMAGE_EXPERT_NAME,
+    ModalityRouting,
+    add_modality_experts,
+    copy_text_weights_to_image_experts,
+)
 
 
 @dataclass
@@ -130,12 +138,17 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         _refuse_flash_attention(config.text_config._attn_implementation)
         super().__init__(config)
         self.model = AutoModel.from_config(config.text_config)
+        if config.modality_experts:
+            add_modality_experts(self.model)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.image_encoder, self.image_decoder = build_patch_layers(config)
         self.patch_position_embedding = (
             nn.Embedding(config.num_patches, config.hidden_size) if config.patch_position_embedding else None
         )
         self.post_init()
+        if config.modality_experts:
+            # The init pass draws the image copies independently: start them as copies of the text weights (LMFusion).
+            copy_text_weights_to_image_experts(self)
 
     # ----------------------------------------------------------------------------------------------- embeddings
     def get_input_embeddings(self) -> nn.Module:
@@ -182,9 +195,26 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         )
 
     @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs
+    ) -> TransfusionForMixedModal | tuple[TransfusionForMixedModal, dict]:
+        """transformers' `from_pretrained`; in addition, image copies missing from the checkpoint (a model saved
+        without `modality_experts`, loaded with `modality_experts=True`) start from the loaded text weights instead
+        of random ones."""
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if model.config.modality_experts:
+            missing = {key for key in loading_info["missing_keys"] if f".{IMAGE_EXPERT_NAME}." in key}
+            copy_text_weights_to_image_experts(model, names=missing)
+        return (model, loading_info) if return_loading_info else model
+
+    @classmethod
     def from_text_model(cls, text_model: PreTrainedModel | str, **config_kwargs) -> TransfusionForMixedModal:
         """Start from a pretrained decoder LLM: its weights go into the backbone and LM head, image layers start
-        fresh (paper, section 4.4 / LMFusion). Resize the LLM's embeddings for the special tokens beforehand.
+        fresh (paper, section 4.4 / LMFusion). Resize the LLM's embeddings for the special tokens beforehand. With
+        `modality_experts=True` the image copies start from the LLM's weights.
 
         Args:
             text_model (`PreTrainedModel` or `str`): a causal LM (e.g. `LlamaForCausalLM`) or its path / repo id.
@@ -195,12 +225,16 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         config = TransfusionConfig(text_config=text_model.config.to_dict(), **config_kwargs)
         model = cls(config)
         missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
-        backbone_missing = [key for key in missing if key.startswith(("model.", "lm_head."))]
+        expert_keys = {key for key in missing if f".{IMAGE_EXPERT_NAME}." in key}
+        backbone_missing = [
+            key for key in missing if key.startswith(("model.", "lm_head.")) and key not in expert_keys
+        ]
         if unexpected or backbone_missing:
             raise ValueError(
                 f"The text model's weights do not fit the backbone: unexpected {unexpected[:5]}, "
                 f"missing {backbone_missing[:5]}."
             )
+        copy_text_weights_to_image_experts(model)
         return model.to(text_model.dtype)
 
     # ------------------------------------------------------------------------------------------------- images
@@ -371,6 +405,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         hidden_inputs, mask, image_positions, skips = self._embed_inputs(
             input_ids, inputs_embeds, attention_mask, latents, timesteps, cache, position_ids
         )
+        if self.config.modality_experts and image_positions is not None:
+            # Follows this call's own `input_ids`: with a prefix cache a denoising step holds image positions only.
+            kwargs["modality_routing"] = ModalityRouting.from_image_positions(image_positions)
         outputs = self.model(
             inputs_embeds=hidden_inputs,
             attention_mask=mask,
