@@ -31,11 +31,13 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate import __version__ as accelerate_version
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     DistributedType,
     ProjectConfiguration,
+    parse_flag_from_env,
     set_seed,
 )
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -910,6 +912,63 @@ def save_final(
         )
 
 
+# -------------------------------------------------------------------------------------------------------- FSDP
+def check_fsdp_setup(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse, before any data is loaded, an FSDP launch that would not shard, or flags FSDP cannot train.
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags.
+        accelerator (`Accelerator`): the run's accelerator, already set up (its `distributed_type` is final).
+    """
+    fsdp_requested = parse_flag_from_env("ACCELERATE_USE_FSDP")  # set by `accelerate launch` from an FSDP config
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate (1.15) turns FSDP on only for GPU-like process groups: `AcceleratorState.__init__` sets
+        # DistributedType.FSDP for MULTI_GPU, MULTI_XPU, ... but not MULTI_CPU, and gives no warning. The run would
+        # then train unsharded (DDP) while its config says FSDP.
+        raise ValueError(
+            f"The launch asked for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate set up "
+            f"{accelerator.distributed_type} on {accelerator.device} with {accelerator.num_processes} process(es): "
+            f"accelerate {accelerate_version} enables FSDP only on GPUs (and other accelerators), never on CPU "
+            "processes. Use examples/configs/accelerate_cpu_2proc.yaml (DDP) on CPU."
+        )
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if args.lora_rank or args.use_ema or args.validation_steps or args.freeze_text:
+        raise ValueError(
+            "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text are not supported (sharded "
+            f"weights): got lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps="
+            f"{args.validation_steps}, freeze_text={args.freeze_text}."
+        )
+    if args.text_only_share:
+        # FSDP2 reduce-scatters the gradients of the parameters that got one in this process. A process whose batch
+        # holds no image leaves the image layers without gradients while another process has them: the collectives
+        # no longer match (measured on gloo: "Received data size doesn't match expected size", the run aborts).
+        raise ValueError(
+            f"With FSDP, text-only rows are not supported: got --text_only_share={args.text_only_share} (a batch "
+            "without images leaves the image layers without gradients in one process only)."
+        )
+
+
+def log_fsdp_shard(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Log, from every process, how many parameter values it holds: with FSDP2 each parameter is a `DTensor` sharded
+    on dim 0, and this process keeps only its `to_local()` part (about 1 / num_processes of the model)."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
+    total = sum(p.numel() for p in parameters)  # a DTensor's numel is its full (global) size
+    sharded = sum(isinstance(p, DTensor) for p in parameters)
+    logger.info(
+        "FSDP: process %d holds %d of %d parameter values (%.1f%%); %d of %d parameters are DTensor shards.",
+        accelerator.process_index,
+        local,
+        total,
+        100 * local / max(total, 1),
+        sharded,
+        len(parameters),
+    )
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -924,14 +983,7 @@ def main(argv: list[str] | None = None) -> Path:
         # A text-only batch leaves the image layers without gradients: DDP must look for unused parameters.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if args.text_only_share else None,
     )
-    if accelerator.distributed_type == DistributedType.FSDP and (
-        args.lora_rank or args.use_ema or args.validation_steps or args.freeze_text
-    ):
-        raise ValueError(
-            "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text are not supported (sharded "
-            f"weights): got lora_rank={args.lora_rank}, use_ema={args.use_ema}, validation_steps="
-            f"{args.validation_steps}, freeze_text={args.freeze_text}."
-        )
+    check_fsdp_setup(args, accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
@@ -999,6 +1051,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        log_fsdp_shard(accelerator, model)
     # The average of the trainable weights; `foreach` updates them all in a few fused kernels per step.
     ema = EMAModel(trainable_parameters(model), decay=args.ema_decay, foreach=True) if args.use_ema else None
     state = {

@@ -40,6 +40,10 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    # Every process writes files of its own (its RNG state; under FSDP its shards of the model and optimizer), and
+    # `save_state` ends without a barrier: the main process must not rename the folder before they are all written
+    # (measured with FSDP on CPU: process 1 found no `.tmp-checkpoint-N` folder left to write into).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / "training_state.json").write_text(json.dumps({"global_step": step}))
         shutil.rmtree(final, ignore_errors=True)
