@@ -94,15 +94,24 @@ def refuse_what_fsdp_cannot_train():
     accelerator = Accelerator(cpu=True)
     assert accelerator.is_fsdp2 and accelerator.num_processes == 2
     train_transfusion.check_fsdp_setup(train_transfusion.parse_args([*TINY, *SHAPES]), accelerator)  # accepted
-    refused = {
-        ("--lora_rank", "4", "--text_model_name_or_path", "llm"): "With FSDP, --lora_rank, --use_ema and --valid",
-        ("--use_ema",): "got lora_rank=0, use_ema=True, validation_steps=0",
-        ("--validation_steps", "5"): "got lora_rank=0, use_ema=False, validation_steps=5",
-        ("--text_data_files", "docs.txt"): r"text-only rows are not supported: got --text_only_share=0.5 \(a batch",
-    }
-    for flags, message in refused.items():
+    # (flags, attributes set after parsing, message): --lora_rank and --freeze_text need a pretrained LLM, whose
+    # config `parse_args` loads; only `check_fsdp_setup` is under test here.
+    refused = [
+        ((), {"lora_rank": 4}, "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text"),
+        ((), {"freeze_text": True}, "freeze_text=True"),
+        (("--use_ema",), {}, "got lora_rank=0, use_ema=True, validation_steps=0"),
+        (("--validation_steps", "5"), {}, "got lora_rank=0, use_ema=False, validation_steps=5"),
+        (
+            ("--text_data_files", "docs.txt"),
+            {},
+            r"text-only rows are not supported: got --text_only_share=0.5 \(a batch",
+        ),
+    ]
+    for flags, attributes, message in refused:
+        args = train_transfusion.parse_args([*TINY, *SHAPES, *flags])
+        vars(args).update(attributes)
         with pytest.raises(ValueError, match=message):
-            train_transfusion.check_fsdp_setup(train_transfusion.parse_args([*TINY, *SHAPES, *flags]), accelerator)
+            train_transfusion.check_fsdp_setup(args, accelerator)
 
 
 def test_flags_fsdp_cannot_train_are_refused():
