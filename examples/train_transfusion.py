@@ -315,6 +315,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
     check_text_and_packing_args(args)
+    check_text_freezing_args(args)
     if args.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}.")
     if args.lora_rank and args.text_model_name_or_path is None:
@@ -322,7 +323,6 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--lora_rank={args.lora_rank} needs --text_model_name_or_path: LoRA adapts a pretrained LLM, and over "
             "the random frozen weights of a model trained from scratch it would train next to nothing."
         )
-    check_text_freezing_args(args)
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     preset = load_model_preset(args.model_config)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))

@@ -48,6 +48,7 @@ MODEL_CODE = [
     "image_layers.py",
     "loss_transfusion.py",
     "masking_transfusion.py",
+    "modality_experts.py",
     "modeling_transfusion.py",
 ]
 PIPELINE_CODE = [

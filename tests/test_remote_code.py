@@ -42,6 +42,7 @@ MODEL_CODE = {
     "image_layers.py",
     "loss_transfusion.py",
     "masking_transfusion.py",
+    "modality_experts.py",
     "modeling_transfusion.py",
 }
 # The code a saved pipeline carries at its root (its transformer/ folder has MODEL_CODE).

@@ -44,6 +44,7 @@ from .image_layers import build_patch_layers  # noqa: F401
 from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .loss_transfusion import diffusion_loss  # noqa: F401
 from .masking_transfusion import build_transfusion_mask  # noqa: F401
+from .modality_experts import add_modality_experts  # noqa: F401
 from .modeling_transfusion import TransfusionForMixedModal
 from .noising import TransfusionNoiser  # noqa: F401
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
