@@ -100,8 +100,16 @@ def test_shuffle_and_state_dict_resume_exactly(shards):
     resumed.load_state_dict(saved)
     assert head + list(resumed) == reference
     assert resumed.num_skipped == full.num_skipped == 1
-    resumed.set_epoch(1)
-    assert sorted(sum(list(resumed), [])) == sorted(sum(reference, [])) and list(resumed) != reference
+    assert resumed.epoch == 1  # the next pass is the next epoch: the same rows in another order
+    next_epoch = list(resumed)
+    assert sorted(sum(next_epoch, [])) == sorted(sum(reference, [])) and next_epoch != reference
+
+
+def test_a_process_without_rows_fails_clearly(shards):
+    # 2 rows over 3 processes (every 3rd row each): the third process gets none.
+    stream = webdataset_stream(shards).take(2)
+    with pytest.raises(ValueError, match="Process 2 of 3 read no readable image-caption row"):
+        list(stream_batches(stream, process_index=2, num_processes=3))
 
 
 def test_resume_on_other_process_count_is_refused(shards):

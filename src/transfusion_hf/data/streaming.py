@@ -25,7 +25,8 @@ class StreamingLatentBatches:
     Each process reads its own part of the stream (`datasets.distributed.split_dataset_by_node`: whole shards when
     their number divides by the processes, else every `num_processes`-th row), draws rows through a shuffle buffer,
     decodes them (an unreadable image is skipped, counted in `num_skipped`, and replaced by the next row, so batches
-    stay full), encodes a batch at a time with `encode` and collates it. An epoch is one pass over the stream.
+    stay full), encodes a batch at a time with `encode` and collates it. An epoch is one pass over the stream; each
+    process counts its own passes (`epoch`), since parts of different lengths end their passes at different steps.
 
     The shuffle buffer is kept here rather than with `IterableDataset.shuffle`: datasets' buffer does not save its
     content in `state_dict` (it refills on load), so a resumed run would draw other rows. This one saves the source
@@ -77,15 +78,16 @@ class StreamingLatentBatches:
         self._resume: dict | None = None  # a loaded state, used by the next `__iter__` of its epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Ignored (kept so that a training loop can treat this like a `DataLoader`): the stream counts its own passes,
+        which differ between processes when their parts differ in length, and restores the count with its state."""
 
     def _fresh_state(self) -> dict:
         return {"epoch": self.epoch, "source": None, "buffer": [], "rng": None, "num_rows": 0}
 
     def __iter__(self) -> Iterator[dict]:
-        state = self._resume if self._resume is not None and self._resume["epoch"] == self.epoch else None
+        resumed, state = self._resume is not None, self._resume or self._fresh_state()
         self._resume = None
-        state = state or self._fresh_state()
+        yielded = False
         source = self.dataset
         source.set_epoch(self.epoch)
         if state["source"] is not None:
@@ -113,9 +115,16 @@ class StreamingLatentBatches:
                     "num_rows": self.num_rows,
                 }
                 yield self._batch(examples)
-                examples = []
+                yielded, examples = True, []
             if row is None:
-                self._snapshot = None  # the epoch is over: a checkpoint now resumes at the start of the next one
+                if not yielded and not resumed:
+                    raise ValueError(
+                        f"Process {self.process_index} of {self.num_processes} read no readable image-caption row "
+                        f"({self.num_rows} rows drawn): the stream has too few rows (or shards) for the processes."
+                    )
+                # The pass is over: a checkpoint now resumes at the start of the next one.
+                self.epoch += 1
+                self._snapshot = None
                 return
 
     def _draw(self, rows: Iterator[dict], buffer: list[dict], rng: np.random.Generator) -> dict | None:
@@ -153,8 +162,9 @@ class StreamingLatentBatches:
                 f"The checkpoint's stream was split across num_processes={state_dict['num_processes']}, this run has "
                 f"{self.num_processes}: a streaming run resumes exactly only on as many processes."
             )
-        state = state_dict["states"][self.process_index]
+        state = dict(state_dict["states"][self.process_index])
         self.num_skipped = state.pop("num_skipped", 0)
+        self.epoch = state["epoch"]
         self._resume = state
 
 
