@@ -49,6 +49,7 @@ from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
 from transfusion_hf.data.image_text import add_data_arguments, check_image_text_source, load_dataset_from_args
 from transfusion_hf.data.latent_cache import LATENT_DTYPES, cache_latents, encoder_fingerprint
+from transfusion_hf.data.streaming import StreamingLatentBatches, take_captions, take_examples
 from transfusion_hf.data.text import load_text_dataset, text_only_examples
 from transfusion_hf.latents_transfusion import pixels_to_latents
 from transfusion_hf.modality_experts import freeze_text_weights
@@ -89,6 +90,8 @@ MIN_LR_SCHEDULERS = (SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value, SchedulerTyp
 DEFAULT_LR_SCHEDULER = SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value
 DEFAULT_MIN_LR_RATIO = 0.05  # the paper: 3e-4 -> 1.5e-5
 DEFAULT_TEXT_ONLY_SHARE = 0.5
+# With --streaming the BPE tokenizer learns from the captions of the stream's first rows.
+STREAMING_TOKENIZER_ROWS = 10000
 # Short names of `--inference_scheduler`; which schedulers fit which prediction type is the pipeline's knowledge
 # (`TransfusionPipeline._compatibles`), and any scheduler class it lists is a choice too.
 SCHEDULER_ALIASES = {
@@ -114,6 +117,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--encode_batch_size", type=int, default=64, help="Images per VAE call when encoding.")
     data.add_argument("--latent_dtype", choices=LATENT_DTYPES, default="float32", help="dtype of the cached latents.")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read the data on the fly (datasets' streaming) and encode each batch when it is drawn, instead of "
+        "encoding everything once into the latent cache; resumes exactly on the same number of processes.",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size", type=int, default=1000, help="With --streaming: rows of the shuffle buffer."
+    )
 
     text = parser.add_argument_group("text-only data and packing")
     text.add_argument(
@@ -294,8 +306,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one data source: --dataset_name (or --dataset shapes) or --train_data_dir.")
+    if sum(source is not None for source in (args.dataset_name, args.train_data_dir, args.train_data_files)) != 1:
+        raise ValueError(
+            "Give exactly one data source: --dataset_name (or --dataset shapes), --train_data_dir or "
+            "--train_data_files."
+        )
+    check_streaming_args(args)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
     for name in (
@@ -328,8 +344,27 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     inference_scheduler(args, noiser.scheduler)
     check_model_fields(args, preset)
-    check_image_text_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    check_image_text_source(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.train_data_files
+    )
     return args
+
+
+def check_streaming_args(args: argparse.Namespace) -> None:
+    """Refuse what --streaming cannot do."""
+    if args.shuffle_buffer_size < 0:
+        raise ValueError(f"--shuffle_buffer_size must be >= 0, got {args.shuffle_buffer_size}.")
+    if not args.streaming:
+        return
+    if args.text_dataset_name is not None or args.text_data_files:
+        raise ValueError(
+            "--streaming with text-only data (--text_dataset_name / --text_data_files) is not supported: the text "
+            "rows are sized from the number of image rows, which a stream does not know."
+        )
+    if args.latent_cache_dir is not None:
+        raise ValueError(
+            f"--latent_cache_dir={args.latent_cache_dir!r} has no effect with --streaming (nothing is cached)."
+        )
 
 
 def check_text_and_packing_args(args: argparse.Namespace) -> None:
@@ -802,6 +837,10 @@ def log_step(args, accelerator, model, lr_scheduler, components: dict, step: int
         "truncated_sequences": int(accelerator.reduce(torch.tensor(truncated, device=accelerator.device), "sum")),
         **components["clean_error"].compute(),
     }
+    if components["stream"] is not None:
+        # Unreadable images skipped so far by the stream (all processes).
+        skipped = torch.tensor(components["stream"].num_skipped, device=accelerator.device)
+        record["skipped_images"] = int(accelerator.reduce(skipped, "sum"))
     if components["text_validation_batches"]:
         record["eval/text_lm_loss"] = text_lm_loss(model, components["text_validation_batches"], accelerator)
     accelerator.log(record, step=step)
@@ -892,7 +931,7 @@ def save_final(
     pipeline.save_pretrained(args.output_dir)
     summary = {
         "global_step": global_step,
-        "dataset": args.dataset_name or args.train_data_dir,
+        "dataset": args.dataset_name or args.train_data_dir or args.train_data_files,
         "base_model": base_model,
         "num_parameters": unwrapped.num_parameters(),
         "train_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -1003,10 +1042,22 @@ def main(argv: list[str] | None = None) -> Path:
     vae, vae_scale, latent_channels = build_vae(args, accelerator.device)
     if args.resolution % vae_scale:
         raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
-    examples = prepare_examples(args, vae, args.resolution, accelerator)
-    text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
-    # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
-    tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
+    num_head = max(4, args.num_validation_captions)
+    if args.streaming:
+        stream = load_dataset_from_args(args, streaming=True)
+        # Validation prompts and captions use the stream's first rows; the tokenizer learns from its first captions.
+        head = take_examples(stream, num_head, partial(pixels_to_latents, vae), args.resolution, args.center_crop)
+        if not head:
+            raise ValueError("No readable image-caption pair in the first rows of the stream.")
+        text_examples, held_out_texts = [], []
+        tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS))
+    else:
+        examples = prepare_examples(args, vae, args.resolution, accelerator)
+        # Validation prompts and captions use a few training examples: keep only those in memory.
+        head = list(examples.select(range(min(len(examples), num_head))))
+        text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
+        # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
+        tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
     model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
     if args.gradient_checkpointing:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
@@ -1036,12 +1087,31 @@ def main(argv: list[str] | None = None) -> Path:
         max_length=context,
         max_sequence_length=args.max_sequence_length,
     )
-    dataloader = torch.utils.data.DataLoader(
-        torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collator,
-    )
+    if args.streaming:
+        # Each process reads its own part of the stream: not prepared by Accelerate, which would dispatch or slice
+        # the batches of an iterable again; the batches are sent to the device here.
+        dataloader = StreamingLatentBatches(
+            stream,
+            partial(pixels_to_latents, vae),
+            collator,
+            args.resolution,
+            args.train_batch_size,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            seed=args.seed,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            device=accelerator.device,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            strict=args.strict_data,
+        )
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
+            batch_size=args.train_batch_size,
+            shuffle=True,
+            collate_fn=collator,
+        )
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(model, row_trained, args.adam_weight_decay),
         lr=args.learning_rate,
@@ -1050,7 +1120,10 @@ def main(argv: list[str] | None = None) -> Path:
         eps=args.adam_epsilon,
     )
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    if args.streaming:
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if accelerator.distributed_type == DistributedType.FSDP:
         log_fsdp_shard(accelerator, model)
     # The average of the trainable weights; `foreach` updates them all in a few fused kernels per step.
@@ -1066,13 +1139,17 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.register_for_checkpointing(LoopState(state))
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    if args.streaming:
+        # The stream's position, shuffle buffer and generator: a resumed run draws the same next rows.
+        accelerator.register_for_checkpointing(dataloader)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         if ema is not None:
             # Accelerate loads custom states onto the CPU: bring the averages back next to the weights.
             ema.to(accelerator.device)
-        state["skip_batches"] = state["batches_in_epoch"]
+        # A stream resumes from its own state; a map-style loader replays its sampler and skips the seen batches.
+        state["skip_batches"] = 0 if args.streaming else state["batches_in_epoch"]
         collator.num_batches = state["micro_batches"]
         state["last_checkpoint"] = checkpoint
         if accelerator.is_main_process:
@@ -1088,8 +1165,8 @@ def main(argv: list[str] | None = None) -> Path:
         "vae": vae,
         "tokenizer": tokenizer,
         "ema": ema,
-        # Validation prompts and captions use a few training examples: keep only those in memory.
-        "examples": list(examples.select(range(min(len(examples), max(4, args.num_validation_captions))))),
+        "examples": head,
+        "stream": dataloader if args.streaming else None,
         "inference_scheduler": inference_scheduler(args, train_scheduler),
         "clean_error": CleanImageErrorTracker(noiser),
         "collator": collator,

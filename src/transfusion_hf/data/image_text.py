@@ -37,13 +37,20 @@ def load_image_text_dataset(
     seed: int = 0,
     glyphs_num_samples: int = 20000,
     glyphs_resolution: int = 32,
-) -> datasets.Dataset:
+    train_data_files: list[str] | None = None,
+    streaming: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Load an image-caption data set with `datasets`.
 
     Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="glyphs"` (the
     built-in rendered characters, `glyphs_num_samples` rows at `glyphs_resolution` px), another `dataset_name` (a
-    Hub data set, e.g. `"lambdalabs/naruto-blip-captions"`), or `train_data_dir` (a folder of images with a
-    `metadata.jsonl` holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder).
+    Hub data set, e.g. `"lambdalabs/naruto-blip-captions"`), `train_data_dir` (a folder of images with a
+    `metadata.jsonl` holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder), or
+    `train_data_files` (webdataset `.tar` shards, read by the `webdataset` builder: pass the columns, e.g.
+    `image_column="jpg"`, `caption_column="txt"`).
+
+    `streaming=True` returns a `datasets.IterableDataset` read on the fly (the built-in data sets are converted with
+    `to_iterable_dataset`, one shard per 64 rows so that processes can split them by shard).
 
     Images are left undecoded (`Image(decode=False)`), so that a corrupt file can be counted and skipped later
     instead of crashing the data loader.
@@ -54,9 +61,11 @@ def load_image_text_dataset(
     Raises:
         ValueError: a missing column, naming it and listing the available ones.
     """
-    if (dataset_name is None) == (train_data_dir is None):
+    sources = (dataset_name, train_data_dir, train_data_files)
+    if sum(source is not None for source in sources) != 1:
         raise ValueError(
-            f"Give exactly one of `dataset_name`={dataset_name!r} and `train_data_dir`={train_data_dir!r}."
+            f"Give exactly one of `dataset_name`={dataset_name!r}, `train_data_dir`={train_data_dir!r} and "
+            f"`train_data_files`={train_data_files!r}."
         )
     if dataset_name == "shapes":
         from .shapes import load_shapes_dataset
@@ -71,18 +80,37 @@ def load_image_text_dataset(
         )
         image_column, caption_column = "image", "text"
     elif dataset_name is not None:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        dataset = datasets.load_dataset(
+            dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, streaming=streaming
+        )
+    elif train_data_dir is not None:
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir, streaming=streaming
+        )
     else:
-        dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+        dataset = datasets.load_dataset(
+            "webdataset",
+            data_files={split: list(train_data_files)},
+            split=split,
+            cache_dir=cache_dir,
+            streaming=streaming,
+        )
+    if streaming and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset) // 64, 1024)))
     for role, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column not in dataset.column_names:
+        # A stream whose features are unknown until read has no `column_names`: its columns are checked when read.
+        if dataset.column_names is not None and column not in dataset.column_names:
             raise ValueError(
                 f"`{role}`={column!r} is not a column of the data set; available columns: {dataset.column_names}."
             )
+    # Cast before selecting: a stream's `select_columns` applies (decodes) the features of every row it reads.
+    if dataset.features is not None and isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     dataset = dataset.select_columns([image_column, caption_column])
-    dataset = dataset.rename_columns({image_column: "image", caption_column: "text"})
-    if isinstance(dataset.features["image"], datasets.Image):
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    # Only the columns whose name changes: a stream refuses to rename a column to itself.
+    renames = {old: new for old, new in ((image_column, "image"), (caption_column, "text")) if old != new}
+    if renames:
+        dataset = dataset.rename_columns(renames)
     return dataset
 
 
@@ -91,6 +119,7 @@ def check_image_text_source(
     dataset_config_name: str | None = None,
     train_data_dir: str | None = None,
     cache_dir: str | None = None,
+    train_data_files: list[str] | None = None,
 ) -> None:
     """Check that the source of [`load_image_text_dataset`] exists and can be reached, without loading it.
 
@@ -101,6 +130,11 @@ def check_image_text_source(
         ValueError: one line naming the source (`dataset_name` or `train_data_dir`) and the reason.
     """
     if dataset_name in BUILTIN_DATASETS:
+        return
+    if train_data_files is not None:
+        missing = [path for path in train_data_files if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"`train_data_files`: no such file {missing[0]!r} (of {len(train_data_files)} given).")
         return
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
@@ -190,24 +224,44 @@ def encode_latents(
     """
     examples: list[dict] = []
     skipped = 0
-    resize_mode = "crop" if center_crop else "default"
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         images, captions, skipped_here = decode_rows(rows["image"], rows["text"], start, strict)
         skipped += skipped_here
-        if not images:
-            continue
-        pixel_values = images_to_pixel_values(images, image_size, resize_mode)
-        latents = encode(pixel_values).float().cpu()
-        flipped = encode(torch.flip(pixel_values, dims=[-1])).float().cpu() if random_flip else None
-        for index, caption in enumerate(captions):
-            example = {"text": caption_prefix + caption, "latents": latents[index]}
-            if flipped is not None:
-                example["flipped_latents"] = flipped[index]
-            examples.append(example)
+        examples += encode_images(images, captions, encode, image_size, center_crop, random_flip, caption_prefix)
     if skipped:
         logger.warning("skipped %d unreadable images of %d", skipped, len(dataset))
     return examples, skipped
+
+
+@torch.no_grad()
+def encode_images(
+    images: list[PIL.Image.Image],
+    captions: list[str],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    caption_prefix: str = "",
+) -> list[dict]:
+    """Resize and encode one batch of decoded images (see [`encode_latents`] for the arguments).
+
+    Returns:
+        One example per image: `{"text": str, "latents": Tensor(C, h, w)}` on the CPU, plus `"flipped_latents"` with
+        `random_flip`.
+    """
+    if not images:
+        return []
+    pixel_values = images_to_pixel_values(images, image_size, "crop" if center_crop else "default")
+    latents = encode(pixel_values).float().cpu()
+    flipped = encode(torch.flip(pixel_values, dims=[-1])).float().cpu() if random_flip else None
+    examples = []
+    for index, caption in enumerate(captions):
+        example = {"text": caption_prefix + caption, "latents": latents[index]}
+        if flipped is not None:
+            example["flipped_latents"] = flipped[index]
+        examples.append(example)
+    return examples
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -221,6 +275,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--dataset_split", default="train")
     data.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl (file_name, text).")
+    data.add_argument(
+        "--train_data_files",
+        nargs="+",
+        default=None,
+        help="webdataset .tar shards (e.g. with --image_column jpg --caption_column txt).",
+    )
     data.add_argument("--image_column", default="image")
     data.add_argument("--caption_column", default="text")
     data.add_argument("--cache_dir", default=None)
@@ -234,9 +294,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return data
 
 
-def load_dataset_from_args(args: argparse.Namespace) -> datasets.Dataset:
+def load_dataset_from_args(
+    args: argparse.Namespace, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
     """[`load_image_text_dataset`] with the options of [`add_data_arguments`] (and `args.seed`), truncated to
-    `--max_train_samples`."""
+    `--max_train_samples`; an `IterableDataset` with `streaming=True`."""
     dataset = load_image_text_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -250,8 +312,12 @@ def load_dataset_from_args(args: argparse.Namespace) -> datasets.Dataset:
         # getattr: a script may build its namespace without the glyphs options; glyphs render at the training size.
         glyphs_num_samples=getattr(args, "glyphs_num_samples", 20000),
         glyphs_resolution=getattr(args, "resolution", 32),
+        train_data_files=getattr(args, "train_data_files", None),
+        streaming=streaming,
     )
-    if args.max_train_samples is not None:
+    if args.max_train_samples is not None and streaming:
+        dataset = dataset.take(args.max_train_samples)
+    elif args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     return dataset
 
@@ -265,5 +331,6 @@ __all__ = [
     "load_image_text_dataset",
     "decode_image",
     "decode_rows",
+    "encode_images",
     "encode_latents",
 ]

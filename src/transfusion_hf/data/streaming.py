@@ -1,0 +1,190 @@
+"""Streaming image-caption data: rows read on the fly from a `datasets.IterableDataset` (a Hub stream, an image folder,
+webdataset tar shards), split across processes, shuffled through a buffer, decoded and VAE-encoded batch by batch on
+the accelerator, with a `state_dict` that resumes a killed run exactly where it stopped."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from itertools import islice
+
+import datasets
+import numpy as np
+import torch
+from accelerate.utils import gather_object, send_to_device
+from datasets.distributed import split_dataset_by_node
+
+from .image_text import decode_rows, encode_images
+
+logger = logging.getLogger(__name__)
+
+
+class StreamingLatentBatches:
+    """Collated training batches made on the fly from a stream of undecoded image-caption rows.
+
+    Each process reads its own part of the stream (`datasets.distributed.split_dataset_by_node`: whole shards when
+    their number divides by the processes, else every `num_processes`-th row), draws rows through a shuffle buffer,
+    decodes them (an unreadable image is skipped, counted in `num_skipped`, and replaced by the next row, so batches
+    stay full), encodes a batch at a time with `encode` and collates it. An epoch is one pass over the stream; each
+    process counts its own passes (`epoch`), since parts of different lengths end their passes at different steps.
+
+    The shuffle buffer is kept here rather than with `IterableDataset.shuffle`: datasets' buffer does not save its
+    content in `state_dict` (it refills on load), so a resumed run would draw other rows. This one saves the source
+    position (datasets' own `state_dict`), the buffered rows (undecoded bytes) and the generator, at every batch.
+
+    Args:
+        dataset (`datasets.IterableDataset`): rows with `image` (undecoded) and `text` columns.
+        encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`.
+        collate_fn (`Callable`): a list of `{"text", "latents"[, "flipped_latents"]}` examples -> a batch of tensors.
+        image_size (`int`): pixel side given to `encode`.
+        batch_size (`int`): examples per batch (the last batch of an epoch may be smaller).
+        shuffle_buffer_size (`int`): rows in the shuffle buffer; 0 or 1 reads the stream in order.
+        seed (`int`): seed of the shuffle (the epoch is mixed in).
+        process_index (`int`), num_processes (`int`): this process's part of the stream.
+        device (`torch.device`, *optional*): where the batches are sent.
+        center_crop (`bool`), random_flip (`bool`), strict (`bool`): as in [`encode_latents`].
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        collate_fn: Callable[[list[dict]], dict],
+        image_size: int,
+        batch_size: int,
+        shuffle_buffer_size: int = 1000,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        device: torch.device | str | None = None,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        strict: bool = False,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+        if shuffle_buffer_size < 0:
+            raise ValueError(f"`shuffle_buffer_size` must be >= 0, got {shuffle_buffer_size}.")
+        self.dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+        self.encode, self.collate_fn = encode, collate_fn
+        self.image_size, self.batch_size = image_size, batch_size
+        self.shuffle_buffer_size, self.seed = shuffle_buffer_size, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        self.device, self.center_crop, self.random_flip, self.strict = device, center_crop, random_flip, strict
+        self.epoch = 0
+        self.num_skipped = 0
+        self.num_rows = 0  # rows drawn this epoch (decoded or skipped)
+        self._snapshot: dict | None = None  # the state after the last batch handed out
+        self._resume: dict | None = None  # a loaded state, used by the next `__iter__` of its epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored (kept so that a training loop can treat this like a `DataLoader`): the stream counts its own passes,
+        which differ between processes when their parts differ in length, and restores the count with its state."""
+
+    def _fresh_state(self) -> dict:
+        return {"epoch": self.epoch, "source": None, "buffer": [], "rng": None, "num_rows": 0}
+
+    def __iter__(self) -> Iterator[dict]:
+        resumed, state = self._resume is not None, self._resume or self._fresh_state()
+        self._resume = None
+        yielded = False
+        source = self.dataset
+        source.set_epoch(self.epoch)
+        if state["source"] is not None:
+            source.load_state_dict(state["source"])
+        rng = np.random.default_rng([self.seed, self.epoch, self.process_index])
+        if state["rng"] is not None:
+            rng.bit_generator.state = state["rng"]
+        buffer, self.num_rows = list(state["buffer"]), state["num_rows"]
+        rows = iter(source)
+        examples: list[dict] = []
+        while True:
+            row = self._draw(rows, buffer, rng)
+            if row is not None:
+                self.num_rows += 1
+                images, captions, skipped = decode_rows([row["image"]], [row["text"]], self.num_rows - 1, self.strict)
+                self.num_skipped += skipped
+                examples += [{"image": image, "text": caption} for image, caption in zip(images, captions)]
+            if examples and (len(examples) == self.batch_size or row is None):
+                # The state right after this batch's rows: a checkpoint taken while the batch trains resumes after it.
+                self._snapshot = {
+                    "epoch": self.epoch,
+                    "source": source.state_dict(),
+                    "buffer": list(buffer),
+                    "rng": rng.bit_generator.state,
+                    "num_rows": self.num_rows,
+                }
+                yield self._batch(examples)
+                yielded, examples = True, []
+            if row is None:
+                if not yielded and not resumed:
+                    raise ValueError(
+                        f"Process {self.process_index} of {self.num_processes} read no readable image-caption row "
+                        f"({self.num_rows} rows drawn): the stream has too few rows (or shards) for the processes."
+                    )
+                # The pass is over: a checkpoint now resumes at the start of the next one.
+                self.epoch += 1
+                self._snapshot = None
+                return
+
+    def _draw(self, rows: Iterator[dict], buffer: list[dict], rng: np.random.Generator) -> dict | None:
+        """The next row through the buffer (swap a random buffered row for a new one), None at the end."""
+        if self.shuffle_buffer_size <= 1:
+            return next(rows, None)
+        while len(buffer) < self.shuffle_buffer_size:
+            row = next(rows, None)
+            if row is None:
+                break
+            buffer.append(row)
+        if not buffer:
+            return None
+        index = int(rng.integers(len(buffer)))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        return buffer.pop()
+
+    def _batch(self, examples: list[dict]) -> dict:
+        images = [example["image"] for example in examples]
+        captions = [example["text"] for example in examples]
+        encoded = encode_images(images, captions, self.encode, self.image_size, self.center_crop, self.random_flip)
+        batch = self.collate_fn(encoded)
+        return send_to_device(batch, self.device) if self.device is not None else batch
+
+    def state_dict(self) -> dict:
+        """Every process's position (gathered: accelerate writes a registered object's state on the main process
+        only, so all processes must call this together, as `Accelerator.save_state` does)."""
+        own = {**(self._snapshot or self._fresh_state()), "num_skipped": self.num_skipped}
+        states = gather_object([own]) if self.num_processes > 1 else [own]
+        return {"num_processes": self.num_processes, "states": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["num_processes"] != self.num_processes:
+            raise ValueError(
+                f"The checkpoint's stream was split across num_processes={state_dict['num_processes']}, this run has "
+                f"{self.num_processes}: a streaming run resumes exactly only on as many processes."
+            )
+        state = dict(state_dict["states"][self.process_index])
+        self.num_skipped = state.pop("num_skipped", 0)
+        self.epoch = state["epoch"]
+        self._resume = state
+
+
+def take_examples(
+    dataset: datasets.IterableDataset,
+    num: int,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    center_crop: bool = True,
+) -> list[dict]:
+    """The first `num` readable rows of the stream, encoded (validation prompts and reference images)."""
+    rows = list(islice(dataset, 4 * num))
+    images, captions, _ = decode_rows([row["image"] for row in rows], [row["text"] for row in rows])
+    return encode_images(images[:num], captions[:num], encode, image_size, center_crop)
+
+
+def take_captions(dataset: datasets.IterableDataset, num: int) -> Iterator[str]:
+    """The captions of the first `num` rows (to train a tokenizer), without reading the images."""
+    for row in islice(dataset.select_columns(["text"]), num):
+        yield row["text"] if isinstance(row["text"], str) else str(row["text"])
+
+
+__all__ = ["StreamingLatentBatches", "take_captions", "take_examples"]
