@@ -33,9 +33,8 @@ RECIPE = [
     "--model_config", "shapes",
     "--shapes_num_samples", "20000",
     "--train_batch_size", "32",
-    "--max_train_steps", "3000",
+    "--max_train_steps", "2500",
     "--max_train_time_minutes", "12.5",
-    "--use_ema",
     "--learning_rate", "1e-3",
     "--timestep_sampling", "logit_normal",
     "--lr_warmup_steps", "100",
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/shapes")
     parser.add_argument("--images_per_caption", type=int, default=2)
     parser.add_argument("--eval_guidance_scale", type=float, default=3.0)
-    parser.add_argument("--eval_inference_steps", type=int, default=50)
+    parser.add_argument("--eval_inference_steps", type=int, default=25)
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate the pipeline in --output_dir.")
     parser.add_argument(
         "--eval_device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device of the evaluation."
