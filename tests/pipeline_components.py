@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from transformers import LogitsProcessor
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -154,3 +155,19 @@ def make_pipe(components: dict, **overrides) -> TransfusionPipeline:
     pipe = TransfusionPipeline(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class ForceTokens(LogitsProcessor):
+    """Forces `tokens[i]` at the i-th text step (then leaves the logits alone)."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        if self.calls < len(self.tokens):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tokens[self.calls]] = 0
+            scores = forced
+        self.calls += 1
+        return scores

@@ -16,9 +16,10 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 from diffusers.callbacks import PipelineCallback, SDCFGCutoffCallback
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from pipeline_components import (
+    ForceTokens,
     get_dummy_components,
     get_generator,
     get_scheduler,
@@ -76,22 +77,6 @@ class Recorder:
         if step_index in self.replace:
             return {"latents": self.replace[step_index]}
         return {}
-
-
-class ForceTokens(LogitsProcessor):
-    """Forces `tokens[i]` at the i-th text step (then leaves the logits alone)."""
-
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        if self.calls < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.calls]] = 0
-            scores = forced
-        self.calls += 1
-        return scores
 
 
 def one_image(pipe, **kwargs):

@@ -18,13 +18,14 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline_components import (  # noqa: E402
     MAX_POSITIONS,
     NUM_PATCHES,
+    ForceTokens,
     get_dummy_components,
     get_generator,
     get_scheduler,
@@ -63,22 +64,6 @@ def run(pipe, prompt=PROMPTS, seed=0, **kwargs):
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("output_type", "latent")
     return pipe(prompt, generator=get_generator(seed), **kwargs).images
-
-
-class ForceTokens(LogitsProcessor):
-    """Forces `tokens[i]` at the i-th text step (then leaves the logits alone)."""
-
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        if self.calls < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.calls]] = 0
-            scores = forced
-        self.calls += 1
-        return scores
 
 
 def force(*tokens):

@@ -50,6 +50,11 @@ from .noising import TransfusionNoiser  # noqa: F401
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
 
 logger = logging.get_logger(__name__)
+# What `callback_on_step_end` takes, as in diffusers: `fn(pipe, step, timestep, callback_kwargs) -> dict` or its
+# callback classes.
+StepEndCallback = (
+    Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
+)
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 
 
@@ -524,10 +529,7 @@ class TransfusionPipeline(DiffusionPipeline):
         use_kv_cache: bool = True,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> TransfusionPipelineOutput | tuple:
         r"""Text-to-image.
@@ -653,10 +655,7 @@ class TransfusionPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> list[str | PIL.Image.Image]:
         """Interleaved generation: text is sampled; on `<boi>` an image is denoised and written into the context, then
