@@ -7,6 +7,7 @@ a byte-level BPE tokenizer trained on a few captions, a 2-layer 32-wide Llama ba
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from transformers import LogitsProcessor
@@ -171,3 +172,12 @@ class ForceTokens(LogitsProcessor):
             scores = forced
         self.calls += 1
         return scores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,6 +25,7 @@ from transformers import AutoModel
 import transfusion_hf
 from hub_fixtures import local_hub  # noqa: F401
 from pipeline_components import NUM_PATCHES, get_generator, get_pipeline, get_tokenizer, get_transformer
+from test_remote_code import MODEL_CODE, PIPELINE_CODE  # the code saved beside the weights
 from transfusion_hf import TransfusionForMixedModal
 from transfusion_hf.hub import (
     PICKLE_SUFFIXES,
@@ -40,25 +41,6 @@ from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle in the top left"
 STEPS = 2
-# The code saved beside the weights, for loading without transfusion_hf (tests/test_remote_code.py): the model's
-# module and those it imports, and at a pipeline's root the pipeline's module and those it imports.
-MODEL_CODE = [
-    "configuration_transfusion.py",
-    "hub.py",
-    "image_layers.py",
-    "loss_transfusion.py",
-    "masking_transfusion.py",
-    "modality_experts.py",
-    "modeling_transfusion.py",
-]
-PIPELINE_CODE = [
-    *MODEL_CODE,
-    "cache_transfusion.py",
-    "latents_transfusion.py",
-    "noising.py",
-    "pipeline_transfusion.py",
-    "processing_transfusion.py",
-]
 # Files of a pushed pipeline repo whose output dir holds run artifacts (.gitattributes: the Hub's initial commit).
 PIPELINE_FILES = {
     ".gitattributes",

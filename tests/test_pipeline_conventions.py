@@ -26,20 +26,12 @@ from pipeline_components import (
     get_tokenizer,
     get_transformer,
     make_pipe,
+    one_thread,  # noqa: F401 (autouse fixture)
 )
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 
 STEPS = 3
 PROMPTS = ["a small red circle in the top left", "a blue square"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

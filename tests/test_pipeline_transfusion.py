@@ -32,6 +32,7 @@ from pipeline_components import (  # noqa: E402
     get_tokenizer,
     get_transformer,
     make_pipe,
+    one_thread,  # noqa: F401 (autouse fixture)
 )
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline, TransfusionPipelineOutput  # noqa: E402
 from transfusion_hf.processing_transfusion import pad_sequences  # noqa: E402
@@ -39,15 +40,6 @@ from transfusion_hf.processing_transfusion import pad_sequences  # noqa: E402
 STEPS = 2
 PROMPTS = ["a small red circle in the top left", "a blue square"]
 IMAGE_SIZE = 8  # latent 4x4, VAE scale factor 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
