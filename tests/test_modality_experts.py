@@ -20,6 +20,7 @@ from tiny_configs import (
     perturb_zero_init,
     qwen2_text_config,
     tiny_config,
+    tiny_image_fields,
 )
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal, TransfusionPipeline
 from transfusion_hf.modality_experts import (
@@ -159,7 +160,7 @@ def test_frozen_text_training_keeps_the_llm_logits_exactly(backbone):
     input gives the LLM's logits over its vocabulary bit for bit, and only the image weights and new rows moved."""
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(TransfusionConfig(**_fields(backbone)).text_config).eval()
-    model = TransfusionForMixedModal.from_text_model(llm, **_image_fields(), modality_experts=True)
+    model = TransfusionForMixedModal.from_text_model(llm, **tiny_image_fields(), modality_experts=True)
     perturb_zero_init(model)
     row_trained = freeze_text_weights(model, SPECIAL_IDS)
     start = {name: value.clone() for name, value in model.state_dict().items()}
@@ -192,25 +193,13 @@ def test_frozen_text_training_keeps_the_llm_logits_exactly(backbone):
 
 
 def _fields(backbone: str) -> dict:
-    return {"text_config": BACKBONES[backbone](), **_image_fields()}
-
-
-def _image_fields() -> dict:
-    return {
-        "latent_channels": 4,
-        "latent_size": 4,
-        "patch_size": 2,
-        "boi_token_id": BOI_TOKEN_ID,
-        "eoi_token_id": EOI_TOKEN_ID,
-        "image_token_id": IMAGE_TOKEN_ID,
-        "timestep_embedding_dim": 32,
-    }
+    return {"text_config": BACKBONES[backbone](), **tiny_image_fields()}
 
 
 def test_from_text_model_starts_the_copies_from_the_llm():
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(TransfusionConfig(**_fields("llama")).text_config)
-    model = TransfusionForMixedModal.from_text_model(llm, **_image_fields(), modality_experts=True)
+    model = TransfusionForMixedModal.from_text_model(llm, **tiny_image_fields(), modality_experts=True)
     up = llm.model.layers[1].mlp.up_proj.weight
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, up)
     assert torch.equal(model.model.layers[1].mlp.image_expert.up_proj.weight, up)

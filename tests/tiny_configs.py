@@ -41,12 +41,9 @@ def qwen2_text_config(**overrides) -> dict:
     return text_config
 
 
-def tiny_config(text_config: dict | None = None, **overrides) -> TransfusionConfig:
-    """A tiny Transfusion config: 4-channel 4x4 latents, patch 2 (4 patches per image), Llama backbone.
-
-    `overrides` go to `TransfusionConfig` (e.g. `patch_encoder="unet"`, `prediction_type="v_prediction"`).
-    """
-    fields = {
+def tiny_image_fields() -> dict:
+    """The image fields of the tiny configs: 4-channel 4x4 latents, patch 2 (4 patches per image)."""
+    return {
         "latent_channels": 4,
         "latent_size": 4,
         "patch_size": 2,
@@ -55,6 +52,14 @@ def tiny_config(text_config: dict | None = None, **overrides) -> TransfusionConf
         "image_token_id": IMAGE_TOKEN_ID,
         "timestep_embedding_dim": 32,
     }
+
+
+def tiny_config(text_config: dict | None = None, **overrides) -> TransfusionConfig:
+    """A tiny Transfusion config: 4-channel 4x4 latents, patch 2 (4 patches per image), Llama backbone.
+
+    `overrides` go to `TransfusionConfig` (e.g. `patch_encoder="unet"`, `prediction_type="v_prediction"`).
+    """
+    fields = tiny_image_fields()
     patch_size = overrides.get("patch_size", fields["patch_size"])
     if overrides.get("patch_encoder") == "unet" and "unet_block_out_channels" not in overrides:
         if isinstance(patch_size, int) and patch_size > 0:  # narrow U-Net: 16 channels at every level
