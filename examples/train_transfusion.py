@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from functools import partial
 from itertools import chain
 from pathlib import Path
@@ -36,6 +37,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     DistributedType,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
     set_seed,
@@ -297,6 +299,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--guidance_scale", type=float, default=3.0)
     run.add_argument("--logging_steps", type=int, default=10)
     run.add_argument("--report_to", default="tensorboard", help="Accelerate trackers, or 'none'.")
+    run.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a multi-process collective (gradient all-reduce, barrier) may wait for the other processes "
+        "before the run stops with an error naming it, instead of hanging (transformers' `ddp_timeout`).",
+    )
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id", default=None)
     run.add_argument("--hub_token", default=None)
@@ -320,6 +329,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         "max_train_steps",
         "resolution",
         "encode_batch_size",
+        "ddp_timeout",
     ):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
@@ -1008,6 +1018,15 @@ def log_fsdp_shard(accelerator: Accelerator, model: torch.nn.Module) -> None:
     )
 
 
+def accelerator_kwargs_handlers(args: argparse.Namespace) -> list:
+    """The process-group timeout (`--ddp_timeout`) and, with text-only rows, DDP's search for unused parameters (a
+    text-only batch leaves the image layers without gradients)."""
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))]
+    if args.text_only_share:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return handlers
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -1019,8 +1038,7 @@ def main(argv: list[str] | None = None) -> Path:
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # A text-only batch leaves the image layers without gradients: DDP must look for unused parameters.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if args.text_only_share else None,
+        kwargs_handlers=accelerator_kwargs_handlers(args),
     )
     check_fsdp_setup(args, accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1180,6 +1198,8 @@ def main(argv: list[str] | None = None) -> Path:
     full_state_dict = accelerator.get_state_dict(model) if is_fsdp else None
     if accelerator.is_main_process:
         save_final(args, accelerator, model, components, base_model, global_step, full_state_dict)
+    # `end_training` destroys the process group: no process may do so while the main one is still saving.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return Path(args.output_dir)
 

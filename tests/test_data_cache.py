@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from hub_server import LocalHub
+from launching import accelerate_launch
 from pipeline_components import get_vae
 from transfusion_hf.data.image_text import CorruptImageError, encode_latents, load_image_text_dataset
 from transfusion_hf.data.latent_cache import cache_latents, encoder_fingerprint
@@ -184,13 +184,10 @@ def test_two_processes_encode_their_own_shard_and_see_every_example_once(tmp_pat
     encodes nothing, and one epoch of the Accelerate-prepared loader shows every example exactly once overall."""
     num = 24  # a multiple of 2 processes x batch 3: no batch is padded with repeated examples
     folder = write_image_folder(tmp_path / "images", num)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port",
-               str(random.Random().randint(20000, 40000)), "--num_cpu_threads_per_process", "1", str(WORKER),
-               str(folder), str(tmp_path / "cache"), str(tmp_path)]  # fmt: skip
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    worker = [str(WORKER), str(folder), str(tmp_path / "cache"), str(tmp_path)]
+    result = accelerate_launch(CONFIGS / "accelerate_cpu_2proc.yaml", worker, env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     rows = captions(folder)
@@ -253,6 +250,7 @@ TINY = ["--model_config", "tiny", "--report_to", "none"]
         (["--vae_name_or_path", "{vae}", "--patch_size", "3"], r"`patch_size`=3 must divide `latent_size`=16"),
         (["--vae_name_or_path", "{tmp}/no_vae"], r"--vae_name_or_path='.*no_vae' cannot be loaded"),
         (["--encode_batch_size", "0"], r"--encode_batch_size must be positive, got 0"),
+        (["--ddp_timeout", "0"], r"--ddp_timeout must be positive, got 0"),
     ],
 )
 def test_bad_model_flags_fail_before_any_data(

@@ -10,11 +10,9 @@ and accelerate's FSDP code (wrapping, sharded checkpoints, the gathered state di
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import accelerate
@@ -23,6 +21,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from launching import accelerate_launch
 from test_train_transfusion import CONFIGS, ROOT, SCRIPT, SHAPES, TINY, read_log, subprocess_env, train_transfusion
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -44,12 +43,8 @@ SHARD_LOG = re.compile(r"FSDP: process (\d) holds (\d+) of (\d+) parameter value
 def launch(config: Path, output_dir: Path, *args: str, fsdp_on_cpu: bool = True) -> subprocess.CompletedProcess:
     """`ACCELERATE_USE_CPU=1 accelerate launch --config_file CONFIG [tests/fsdp_on_cpu.py] train_transfusion.py` with
     the arguments of RUN, in two real processes."""
-    port = str(random.Random().randint(20000, 40000))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--main_process_port", port, "--num_cpu_threads_per_process", "1",
-               *([str(SHIM)] if fsdp_on_cpu else []), str(SCRIPT), *RUN, "--output_dir", str(output_dir), *args]  # fmt: skip
-    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    run = [*([str(SHIM)] if fsdp_on_cpu else []), str(SCRIPT), *RUN, "--output_dir", str(output_dir), *args]
+    return accelerate_launch(config, run, dict(subprocess_env(), ACCELERATE_USE_CPU="1"), timeout=600)
 
 
 def sharded_checkpoint_weights(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:

@@ -170,23 +170,19 @@ def test_streaming_resume_after_crash_is_exact(tmp_path, monkeypatch, shards):
 def test_two_processes_stream_disjoint_parts_and_resume_exactly(tmp_path):
     """Two real CPU processes (DDP over gloo) stream the built-in shapes (`to_iterable_dataset`, 2 shards: one each);
     a run resumed from checkpoint-2 (each process's stream state gathered into it) logs the same steps 3 and 4."""
-    import random
     import shutil
-    import subprocess
-    import sys
 
-    from test_train_transfusion import CONFIGS, ROOT, SCRIPT, SHAPES, TINY, subprocess_env
+    from launching import accelerate_launch
+    from test_train_transfusion import CONFIGS, SCRIPT, SHAPES, TINY, subprocess_env
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
 
     def launch(out: Path, *extra: str) -> None:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port",
-                   str(random.Random().randint(20000, 40000)), "--num_cpu_threads_per_process", "1", str(SCRIPT),
-                   *TINY, *SHAPES[:-1], "128", *STREAM_ARGS, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                   "--output_dir", str(out), *extra]  # fmt: skip
-        env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        run = [str(SCRIPT), *TINY, *SHAPES[:-1], "128", *STREAM_ARGS, "--max_train_steps", "4",
+               "--checkpointing_steps", "2", "--ddp_timeout", "120", "--output_dir", str(out), *extra]  # fmt: skip
+        result = accelerate_launch(
+            CONFIGS / "accelerate_cpu_2proc.yaml", run, dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     launch(reference)

@@ -25,6 +25,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from launching import accelerate_launch
 from transfusion_hf.data.image_text import CorruptImageError
 from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -604,17 +605,33 @@ def test_accelerate_configs_parse():
 
 
 # ------------------------------------------------------------------------------------------- two processes
+def test_ddp_timeout_reaches_the_process_group():
+    """--ddp_timeout becomes the process group's timeout (a hung collective then fails instead of waiting forever);
+    DDP searches for unused parameters only when text-only rows can leave the image layers without gradients."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = train_transfusion.accelerator_kwargs_handlers(
+        train_transfusion.parse_args([*TINY, *SHAPES, "--ddp_timeout", "90"])
+    )
+    assert [type(handler) for handler in handlers] == [InitProcessGroupKwargs]
+    assert handlers[0].timeout.total_seconds() == 90
+    handlers = train_transfusion.accelerator_kwargs_handlers(
+        train_transfusion.parse_args([*TINY, *SHAPES, "--text_data_files", "docs.txt"])
+    )
+    assert handlers[0].timeout.total_seconds() == 1800
+    assert isinstance(handlers[1], DistributedDataParallelKwargs) and handlers[1].find_unused_parameters
+
+
 def test_two_processes_over_gloo(tmp_path):
     """`ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/configs/accelerate_cpu_2proc.yaml` starts two
     real CPU processes (DDP over gloo): both report num_processes=2, and the effective batch is 2 x 4."""
     out = tmp_path / "run"
-    port = str(random.Random().randint(20000, 40000))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port", port, "--num_cpu_threads_per_process",
-               "1", str(SCRIPT), *TINY, *SHAPES[:-1], "32", "--max_train_steps", "3", "--checkpointing_steps", "2",
-               "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
-    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    # --ddp_timeout: a collective that waits for a process that never comes fails in 2 minutes, naming itself.
+    run = [str(SCRIPT), *TINY, *SHAPES[:-1], "32", "--max_train_steps", "3", "--checkpointing_steps", "2",
+           "--logging_steps", "1", "--ddp_timeout", "120", "--output_dir", str(out)]  # fmt: skip
+    result = accelerate_launch(
+        CONFIGS / "accelerate_cpu_2proc.yaml", run, dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("num_processes=2 (DistributedType.MULTI_CPU)") == 1  # printed by the main process
     assert "device=cpu" in result.stdout
@@ -632,12 +649,9 @@ def test_two_processes_over_gloo(tmp_path):
 def test_cpu_launch_without_use_cpu_fails_loudly(tmp_path):
     """Without ACCELERATE_USE_CPU=1 the launcher starts two processes that each find no GPU and would train alone on
     the same output folder: the script stops with an error saying what to set."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port",
-               str(random.Random().randint(20000, 40000)), str(SCRIPT), *TINY, *SHAPES, "--max_train_steps", "1",
-               "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    run = [str(SCRIPT), *TINY, *SHAPES, "--max_train_steps", "1", "--output_dir", str(tmp_path / "run")]
     env = {key: value for key, value in subprocess_env().items() if key != "ACCELERATE_USE_CPU"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    result = accelerate_launch(CONFIGS / "accelerate_cpu_2proc.yaml", run, env)
     assert result.returncode != 0
     assert "2 processes were launched but Accelerate sees 1: on CPU set ACCELERATE_USE_CPU=1" in result.stderr
 
