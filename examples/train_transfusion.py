@@ -28,6 +28,7 @@ from datetime import timedelta
 from functools import partial
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -45,7 +46,14 @@ from accelerate.utils import (
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SchedulerType, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    SchedulerType,
+    get_scheduler,
+)
 
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.configuration_transfusion import PREDICTION_TYPES
@@ -1027,9 +1035,14 @@ def accelerator_kwargs_handlers(args: argparse.Namespace) -> list:
     return handlers
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+# -------------------------------------------------------------------------------------------------------- run
+def setup_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's `Accelerator`, after refusing a launch that would not train as asked; seeds every generator, makes
+    the logs folder and prints the distributed setup.
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags.
+    """
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -1056,10 +1069,36 @@ def main(argv: list[str] | None = None) -> Path:
         f"Distributed: num_processes={accelerator.num_processes} ({accelerator.distributed_type}), "
         f"device={accelerator.device}, mixed_precision={accelerator.mixed_precision}."
     )
+    return accelerator
 
-    vae, vae_scale, latent_channels = build_vae(args, accelerator.device)
-    if args.resolution % vae_scale:
-        raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+
+class TrainingData(NamedTuple):
+    """The training data and what is learnt from it before the model exists.
+
+    `head`: the first few image examples (validation prompts and captions); `examples`: the encoded map-style data
+    set, or `stream`: the streamed one (the other is None); `text_examples` and `held_out_texts`: the text-only
+    training rows and validation texts (empty when streaming); `tokenizer`: pretrained, or learnt from the captions.
+    """
+
+    head: list[dict]
+    examples: datasets.Dataset | None
+    stream: datasets.IterableDataset | None
+    text_examples: list[dict]
+    held_out_texts: list[str]
+    tokenizer: PreTrainedTokenizerBase
+
+
+def prepare_training_data(
+    args: argparse.Namespace, vae: AutoencoderKL | None, accelerator: Accelerator
+) -> TrainingData:
+    """Open the stream (`--streaming`) or encode the data set into the latent cache, load the text-only data, and
+    build the tokenizer.
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags.
+        vae (`AutoencoderKL` or None): the frozen VAE, None in pixel space.
+        accelerator (`Accelerator`): the run's accelerator (the encoding is shared among its processes).
+    """
     num_head = max(4, args.num_validation_captions)
     if args.streaming:
         stream = load_dataset_from_args(args, streaming=True)
@@ -1069,14 +1108,30 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError("No readable image-caption pair in the first rows of the stream.")
         text_examples, held_out_texts = [], []
         tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS))
-    else:
-        examples = prepare_examples(args, vae, args.resolution, accelerator)
-        # Validation prompts and captions use a few training examples: keep only those in memory.
-        head = list(examples.select(range(min(len(examples), num_head))))
-        text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
-        # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
-        tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
-    model, base_model = build_model(args, tokenizer, latent_channels, args.resolution // vae_scale)
+        return TrainingData(head, None, stream, text_examples, held_out_texts, tokenizer)
+    examples = prepare_examples(args, vae, args.resolution, accelerator)
+    # Validation prompts and captions use a few training examples: keep only those in memory.
+    head = list(examples.select(range(min(len(examples), num_head))))
+    text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
+    # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
+    tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
+    return TrainingData(head, examples, None, text_examples, held_out_texts, tokenizer)
+
+
+def prepare_model(
+    args: argparse.Namespace,
+    tokenizer: PreTrainedTokenizerBase,
+    latent_channels: int,
+    latent_size: int,
+    accelerator: Accelerator,
+) -> tuple[torch.nn.Module, str | None, list[torch.nn.Parameter]]:
+    """Build the model with its gradient checkpointing, LoRA adapters or frozen text weights, and print its size.
+
+    Returns:
+        The model, the base model id (None from scratch) and the parameters trained only in their new special-token
+        rows (`--freeze_text`; empty otherwise).
+    """
+    model, base_model = build_model(args, tokenizer, latent_channels, latent_size)
     if args.gradient_checkpointing:
         # `gradient_checkpointing_enable` is deprecated in transformers 5 (same behaviour, non-reentrant).
         model.activation_checkpointing_enable()
@@ -1092,24 +1147,42 @@ def main(argv: list[str] | None = None) -> Path:
         f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"({sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f}M trainable)."
     )
+    return model, base_model, row_trained
 
-    processor = TransfusionProcessor(tokenizer, image_size=args.resolution, num_image_tokens=model.config.num_patches)
-    noiser = build_noiser(args, model.config.prediction_type)
-    train_scheduler = noiser.scheduler
+
+def build_collator(
+    args: argparse.Namespace,
+    processor: TransfusionProcessor,
+    noiser: TransfusionNoiser,
+    context: int,
+    accelerator: Accelerator,
+) -> TransfusionDataCollator:
+    """The training collator, seeded per process, truncating to the model's `context` (packing to
+    `--max_sequence_length` when given)."""
     # Latents are memory-mapped and collation is cheap: no worker processes, so the collator's batch counter is exact.
-    context = model.config.text_config.max_position_embeddings
-    collator = TransfusionDataCollator(
+    return TransfusionDataCollator(
         processor,
         noiser,
         seed=args.seed * 1000 + accelerator.process_index,
         max_length=context,
         max_sequence_length=args.max_sequence_length,
     )
+
+
+def build_dataloader(
+    args: argparse.Namespace,
+    data: TrainingData,
+    vae: AutoencoderKL | None,
+    collator: TransfusionDataCollator,
+    accelerator: Accelerator,
+) -> torch.utils.data.DataLoader | StreamingLatentBatches:
+    """The training batches: this process's part of the stream, encoded on the fly, or a shuffling loader (no
+    worker processes, see `build_collator`) over the cached image rows and the text-only rows."""
     if args.streaming:
         # Each process reads its own part of the stream: not prepared by Accelerate, which would dispatch or slice
         # the batches of an iterable again; the batches are sent to the device here.
-        dataloader = StreamingLatentBatches(
-            stream,
+        return StreamingLatentBatches(
+            data.stream,
             partial(pixels_to_latents, vae),
             collator,
             args.resolution,
@@ -1123,13 +1196,20 @@ def main(argv: list[str] | None = None) -> Path:
             random_flip=args.random_flip,
             strict=args.strict_data,
         )
-    else:
-        dataloader = torch.utils.data.DataLoader(
-            torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
-            batch_size=args.train_batch_size,
-            shuffle=True,
-            collate_fn=collator,
-        )
+    examples, text_examples = data.examples, data.text_examples
+    return torch.utils.data.DataLoader(
+        torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collator,
+    )
+
+
+def build_optimizer(
+    args: argparse.Namespace, model: torch.nn.Module, row_trained: list[torch.nn.Parameter], num_processes: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters (no weight decay on biases, norms and embeddings) and its learning-rate
+    schedule, counted in optimizer steps of all `num_processes`."""
     optimizer = torch.optim.AdamW(
         optimizer_parameter_groups(model, row_trained, args.adam_weight_decay),
         lr=args.learning_rate,
@@ -1137,13 +1217,41 @@ def main(argv: list[str] | None = None) -> Path:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
+    return optimizer, build_lr_scheduler(args, optimizer, num_processes)
+
+
+def prepare_with_accelerator(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataloader: torch.utils.data.DataLoader | StreamingLatentBatches,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.utils.data.DataLoader | StreamingLatentBatches,
+    torch.optim.lr_scheduler.LRScheduler,
+]:
+    """`accelerator.prepare` the model, optimizer, schedule and (map-style only) the data loader; logs each
+    process's shard under FSDP. Returns them in the same order."""
     if args.streaming:
         model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     else:
         model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if accelerator.distributed_type == DistributedType.FSDP:
         log_fsdp_shard(accelerator, model)
+    return model, optimizer, dataloader, lr_scheduler
+
+
+def register_training_state(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: torch.utils.data.DataLoader | StreamingLatentBatches,
+) -> tuple[dict, EMAModel | None]:
+    """The loop's state (step, epoch, position) and the EMA weights (`--use_ema`), registered with the stream's
+    state for checkpointing. Returns the state dict and the EMA (None without)."""
     # The average of the trainable weights; `foreach` updates them all in a few fused kernels per step.
     ema = EMAModel(trainable_parameters(model), decay=args.ema_decay, foreach=True) if args.use_ema else None
     state = {
@@ -1160,6 +1268,18 @@ def main(argv: list[str] | None = None) -> Path:
     if args.streaming:
         # The stream's position, shuffle buffer and generator: a resumed run draws the same next rows.
         accelerator.register_for_checkpointing(dataloader)
+    return state, ema
+
+
+def restore_checkpoint(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    state: dict,
+    ema: EMAModel | None,
+    collator: TransfusionDataCollator,
+) -> None:
+    """Resume from `--resume_from_checkpoint` when it names (or finds) a checkpoint: load every registered state,
+    set where the data resumes and the collator's batch count, and drop the log records written after it."""
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -1175,23 +1295,26 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from scratch.")
+
+
+def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Start the `--report_to` trackers on the main process, with the scalar flags as the run's config."""
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(
             "transfusion", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
-    components = {
-        "vae": vae,
-        "tokenizer": tokenizer,
-        "ema": ema,
-        "examples": head,
-        "stream": dataloader if args.streaming else None,
-        "inference_scheduler": inference_scheduler(args, train_scheduler),
-        "clean_error": CleanImageErrorTracker(noiser),
-        "collator": collator,
-        "truncated_logged": 0,
-        "text_validation_batches": text_validation_batches(held_out_texts, processor, noiser, context, args),
-    }
-    global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
+
+
+def finish_training(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    components: dict,
+    base_model: str | None,
+    global_step: int,
+) -> None:
+    """Save the final pipeline from the main process (gathering the FSDP shards first) and end the run on every
+    process: all processes must call this."""
     accelerator.wait_for_everyone()
     # Under FSDP every process holds a shard: gathering the full weights is a collective, so all processes call it.
     is_fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -1201,6 +1324,56 @@ def main(argv: list[str] | None = None) -> Path:
     # `end_training` destroys the process group: no process may do so while the main one is still saving.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train, then save the pipeline to `--output_dir`; returns that folder.
+
+    Args:
+        argv (`list[str]` or `argparse.Namespace`, *optional*): the command line (default `sys.argv`), or flags
+            already parsed.
+    """
+    args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = setup_accelerator(args)
+
+    vae, vae_scale, latent_channels = build_vae(args, accelerator.device)
+    if args.resolution % vae_scale:
+        raise ValueError(f"--resolution={args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    data = prepare_training_data(args, vae, accelerator)
+    model, base_model, row_trained = prepare_model(
+        args, data.tokenizer, latent_channels, args.resolution // vae_scale, accelerator
+    )
+
+    processor = TransfusionProcessor(
+        data.tokenizer, image_size=args.resolution, num_image_tokens=model.config.num_patches
+    )
+    noiser = build_noiser(args, model.config.prediction_type)
+    context = model.config.text_config.max_position_embeddings
+    collator = build_collator(args, processor, noiser, context, accelerator)
+    dataloader = build_dataloader(args, data, vae, collator, accelerator)
+    optimizer, lr_scheduler = build_optimizer(args, model, row_trained, accelerator.num_processes)
+    model, optimizer, dataloader, lr_scheduler = prepare_with_accelerator(
+        args, accelerator, model, optimizer, dataloader, lr_scheduler
+    )
+    state, ema = register_training_state(args, accelerator, model, dataloader)
+    restore_checkpoint(args, accelerator, state, ema, collator)
+    start_trackers(args, accelerator)
+
+    components = {
+        "vae": vae,
+        "tokenizer": data.tokenizer,
+        "ema": ema,
+        "examples": data.head,
+        "stream": dataloader if args.streaming else None,
+        "inference_scheduler": inference_scheduler(args, noiser.scheduler),
+        "clean_error": CleanImageErrorTracker(noiser),
+        "collator": collator,
+        "truncated_logged": 0,
+        "text_validation_batches": text_validation_batches(data.held_out_texts, processor, noiser, context, args),
+    }
+    global_step = training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader, state, components)
+    finish_training(args, accelerator, model, components, base_model, global_step)
     return Path(args.output_dir)
 
 
