@@ -14,7 +14,12 @@ verdict: "draws", "mean image", "mosaic" or "noise" (thresholds below), and a sa
         --images_per_caption 2 --num_inference_steps 2 --num_caption_images 8   # smoke run
 
 Prints a markdown table, writes the json to `benchmarks/results/presets_draw.json` and exits with status 1 when a
-checked preset does not draw (so it can serve as a check).
+checked preset does not draw (so it can serve as a check). To run presets side by side (e.g. on a GPU,
+`STAGES=presets PRESETS_STEPS=10000 bash benchmarks/run_device_checks.sh` does this):
+
+    python benchmarks/bench_presets_draw.py --prepare_only --work_dir W          # image folder + glyph judge, once
+    python benchmarks/bench_presets_draw.py --presets P --work_dir W --output W/P.json &    # one per preset
+    python benchmarks/bench_presets_draw.py --merge W --output all.json --montage all.png
 """
 
 from __future__ import annotations
@@ -121,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--num_caption_images", type=int, default=80, help="held-out renders to caption")
     parser.add_argument("--include_large", action="store_true", help="also presets too big to train on CPU")
+    parser.add_argument(
+        "--prepare_only",
+        action="store_true",
+        help="only write the image folder and train (or load) the glyph judge, so that several invocations can then "
+        "run side by side on one --work_dir",
+    )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        metavar="DIR",
+        help="instead of training: join the json files of several invocations found in DIR into --output",
+    )
+    parser.add_argument("--montage", default=None, help="also write the first prompts of every preset as one png")
     return parser
 
 
@@ -161,6 +179,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ours, extra = split_extra(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(ours)
     args.extra_train_args = extra
+    if args.merge is not None:
+        if not Path(args.merge).is_dir():
+            parser.error(f"--merge={args.merge!r} is not a folder.")
+        return args, [], []
     for name in ("num_samples", "resolution", "max_train_steps", "num_inference_steps", "num_caption_images"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
@@ -328,7 +350,9 @@ def evaluate(args: argparse.Namespace, run_dir: Path, judge: GlyphJudge) -> dict
         judge=judge,
     )
     grid_path = run_dir / "samples_grid.png"
-    make_grid(evaluation.images, evaluation.prompts, columns=2 * args.images_per_caption).save(grid_path)
+    columns = 2 * args.images_per_caption
+    make_grid(evaluation.images, evaluation.prompts, columns=columns).save(grid_path)
+    grid_lines = -(-len(evaluation.images) // columns)
     name, reason = verdict(evaluation.metrics)
     return {
         "prediction_type": config.prediction_type,
@@ -338,6 +362,7 @@ def evaluate(args: argparse.Namespace, run_dir: Path, judge: GlyphJudge) -> dict
         "verdict": name,
         "reason": reason,
         "samples_grid": str(grid_path),
+        "samples_grid_lines": grid_lines,
     }
 
 
@@ -422,6 +447,64 @@ def run(args: argparse.Namespace, presets: list[Preset], skipped: list[str], jud
     return result
 
 
+def prepare(args: argparse.Namespace, judge: GlyphJudge | None) -> dict[str, Any]:
+    """`--prepare_only`: the image folder and the glyph judge (trained once, then cached), nothing else."""
+    from transfusion_hf.evaluation.glyph_judge import default_glyph_judge
+
+    build_image_folder(args.work_dir, args.num_samples, args.resolution)
+    if judge is None:
+        default_glyph_judge()
+    return {"all_draw": True}
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """`--merge DIR`: the rows of every benchmark json in DIR (one invocation per preset run side by side) in one
+    result, with its table and, with `--montage`, the first prompts of each preset."""
+    from bench_common import markdown_table, write_json
+
+    parts = [json.loads(path.read_text()) for path in sorted(Path(args.merge).glob("*.json"))]
+    parts = [part for part in parts if part.get("benchmark") == "presets_draw"]
+    if not parts:
+        raise SystemExit(f"error: no presets_draw json in {args.merge}.")
+    rows = [row for part in parts for row in part["rows"]]
+    print(markdown_table(TABLE_HEADERS, [table_row(row) for row in rows]))
+    result = {
+        **parts[0],
+        "args": [part["args"] for part in parts],
+        "skipped": sorted({line for part in parts for line in part["skipped"]}),
+        "rows": rows,
+        "all_draw": all(row["verdict"] == VERDICT_OK for row in rows),
+    }
+    print(f"Wrote {write_json(result, args.output)}. Every checked preset draws: {result['all_draw']}.")
+    if args.montage:
+        write_montage(rows, Path(args.montage))
+    return result
+
+
+def write_montage(rows: list[dict[str, Any]], path: Path, num_lines: int = 3) -> None:
+    """The first `num_lines` lines of each preset's samples grid, two presets side by side, each under its name."""
+    from PIL import Image, ImageDraw
+
+    grids = [
+        (row["preset"], Image.open(row["samples_grid"]).convert("RGB"), row["samples_grid_lines"])
+        for row in rows
+        if row.get("samples_grid")
+    ]
+    if not grids:
+        return
+    line_height = grids[0][1].height // grids[0][2]
+    width, height = grids[0][1].width, line_height * num_lines + 24
+    montage = Image.new("RGB", (2 * width, height * ((len(grids) + 1) // 2)), "white")
+    draw = ImageDraw.Draw(montage)
+    for index, (name, grid, _) in enumerate(grids):
+        x, y = (index % 2) * width, (index // 2) * height
+        draw.text((x + 6, y + 6), f"preset {name}", fill="black")
+        montage.paste(grid.crop((0, 0, width, line_height * num_lines)), (x, y + 24))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    montage.save(path)
+    print(f"Wrote {path}.")
+
+
 def main(argv: list[str] | None = None, judge: GlyphJudge | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to `--output` (`all_draw` says whether the check passes).
 
@@ -429,6 +512,10 @@ def main(argv: list[str] | None = None, judge: GlyphJudge | None = None) -> dict
     smaller one.
     """
     args, presets, skipped = parse_args(argv)  # before any heavy import or data
+    if args.merge is not None:
+        return merge(args)
+    if args.prepare_only:
+        return prepare(args, judge)
     return run(args, presets, skipped, judge)
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from transfusion_hf.data.glyphs import CHARACTERS
@@ -110,3 +111,28 @@ def test_tiny_end_to_end(presets_draw, tiny_judge, tmp_path, monkeypatch, capsys
     assert len(list((work_dir / "glyphs_folder").glob("*.png"))) == 64
     presets_draw.build_image_folder(work_dir, 64, 32)
     assert "Reusing" in capsys.readouterr().out
+    # --merge joins the json files of invocations run side by side (here the one above) and, with --montage, draws
+    # the first prompts of each preset in one image.
+    merged_path, montage_path = tmp_path / "merged" / "presets_draw.json", tmp_path / "merged" / "montage.png"
+    merged = presets_draw.main(
+        ["--merge", str(tmp_path), "--output", str(merged_path), "--montage", str(montage_path)]
+    )
+    assert merged["rows"] == written["rows"] and merged["all_draw"] == written["all_draw"]
+    assert json.loads(merged_path.read_text())["rows"] == written["rows"]
+    grid, montage = PIL.Image.open(row["samples_grid"]), PIL.Image.open(montage_path)
+    assert montage.size == (2 * grid.width, 3 * grid.height // row["samples_grid_lines"] + 24)
+
+
+def test_prepare_only_builds_the_folder_and_nothing_else(presets_draw, tiny_judge, tmp_path) -> None:
+    work_dir = tmp_path / "work"
+    result = presets_draw.main([*TINY_RUN, "--work_dir", str(work_dir), "--prepare_only"], judge=tiny_judge)
+    assert result == {"all_draw": True}
+    assert len(list((work_dir / "glyphs_folder").glob("*.png"))) == 64 and not (work_dir / "runs").exists()
+
+
+def test_merge_needs_a_folder(presets_draw, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        presets_draw.main(["--merge", str(tmp_path / "missing")])
+    assert "--merge=" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no presets_draw json"):
+        presets_draw.main(["--merge", str(tmp_path)])
