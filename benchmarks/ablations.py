@@ -47,6 +47,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "s_skips_coarse": ("skips", "U-Net skips at every level but full resolution", UNET + FLOW + ["--unet_skip_connections", "coarse"]),
     "s_skips_all": ("skips", "U-Net skips at every level", UNET + FLOW + ["--unet_skip_connections", "all"]),
     "u_layernorm": ("U-Net", "U-Net GroupNorm with 1 group (the paper's plain LayerNorm)", UNET + FLOW + ["--unet_norm_num_groups", "1"]),
+    "u_linear_shortcut": ("U-Net", "U-Net + a linear projection of the raw patch added to its token", UNET + FLOW + ["--unet_linear_shortcut", "true"]),
     "u_wide": ("U-Net", "U-Net channels 32-256 instead of 16-128", UNET + FLOW + ["--unet_block_out_channels", "32", "64", "128", "256"]),
     "s_skips_none": ("skips", "U-Net without skip connections", UNET + FLOW + ["--unet_skip_connections", "none"]),
     "b_linear_causal": ("b, Table 5", "linear 8x8, flow, causal attention inside images", LINEAR + FLOW + ["--image_attention", "causal"]),

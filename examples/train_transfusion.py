@@ -210,6 +210,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Attention among the patches of one image (paper, Table 5).",
     )
     model.add_argument(
+        "--unet_linear_shortcut",
+        choices=["true", "false"],
+        default=None,
+        help="With the U-Net patch encoder, add a linear projection of each raw patch to its token (config field).",
+    )
+    model.add_argument(
         "--patch_position_embedding",
         choices=["true", "false"],
         default=None,
@@ -532,8 +538,9 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
     for name in IMAGE_FIELD_FLAGS:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    if args.patch_position_embedding is not None:
-        fields["patch_position_embedding"] = args.patch_position_embedding == "true"
+    for name in ("patch_position_embedding", "unet_linear_shortcut"):  # true/false flags of bool fields
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name) == "true"
     return fields
 
 

@@ -251,6 +251,10 @@ TINY = ["--model_config", "tiny", "--report_to", "none"]
         (["--vae_name_or_path", "{tmp}/no_vae"], r"--vae_name_or_path='.*no_vae' cannot be loaded"),
         (["--encode_batch_size", "0"], r"--encode_batch_size must be positive, got 0"),
         (["--ddp_timeout", "0"], r"--ddp_timeout must be positive, got 0"),
+        (
+            ["--unet_linear_shortcut", "true"],
+            r"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got 'linear'",
+        ),
     ],
 )
 def test_bad_model_flags_fail_before_any_data(
@@ -265,6 +269,11 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     args = train_transfusion.parse_args(["--dataset", "shapes", *TINY, "--vae_name_or_path", str(vae_folder)])
     assert args.encode_batch_size == 64 and args.latent_dtype == "float32" and args.latent_cache_dir is None
     train_transfusion.parse_args(["--dataset", "shapes", *TINY, "--resolution", "64", "--patch_size", "4"])
+    args = train_transfusion.parse_args(
+        ["--dataset", "shapes", *TINY, "--model_config", "small_unet", "--unet_linear_shortcut", "true"]
+    )
+    preset = train_transfusion.load_model_preset(args.model_config)
+    assert train_transfusion.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
 
 
 def test_missing_data_source_is_named(train_transfusion, no_data_loading, tmp_path):

