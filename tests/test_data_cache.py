@@ -4,7 +4,6 @@ arguments before any data is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from hub_server import LocalHub
 from launching import accelerate_launch
 from pipeline_components import get_vae
+from script_loading import load_script
 from transfusion_hf.data.image_text import CorruptImageError, encode_latents, load_image_text_dataset
 from transfusion_hf.data.latent_cache import cache_latents, encoder_fingerprint
 from transfusion_hf.data.shapes import draw_shape, sample_specs
@@ -204,16 +204,9 @@ def test_two_processes_encode_their_own_shard_and_see_every_example_once(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------- the training script
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_transfusion_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train_transfusion():
-    return load_script()
+    return load_script(SCRIPT, "train_transfusion_data")
 
 
 @pytest.fixture

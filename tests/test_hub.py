@@ -24,7 +24,14 @@ from transformers import AutoModel
 
 import transfusion_hf
 from hub_fixtures import local_hub  # noqa: F401
-from pipeline_components import NUM_PATCHES, get_generator, get_pipeline, get_tokenizer, get_transformer
+from pipeline_components import (
+    NUM_PATCHES,
+    get_generator,
+    get_pipeline,
+    get_tokenizer,
+    get_transformer,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
 from test_remote_code import MODEL_CODE, PIPELINE_CODE  # the code saved beside the weights
 from transfusion_hf import TransfusionForMixedModal
 from transfusion_hf.hub import (
@@ -58,15 +65,6 @@ PIPELINE_FILES = {
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

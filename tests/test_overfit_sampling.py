@@ -8,13 +8,13 @@ One run per prediction type (epsilon with min-SNR-gamma 5, v, flow) and patch en
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
+from script_loading import load_script
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -45,13 +45,6 @@ TRAIN_STEPS = {
 # The training script's defaults.
 NUM_INFERENCE_STEPS = 25
 GUIDANCE_SCALE = 3.0
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_transfusion_overfit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def quadrant_images() -> torch.Tensor:
@@ -118,7 +111,7 @@ def train(model, collator, examples, steps: int, learning_rate: float) -> list[f
     ("prediction_type", "snr_gamma"), [("epsilon", 5.0), ("v_prediction", None), ("flow_prediction", None)]
 )
 def test_overfit_then_sample_each_caption_gives_its_image(prediction_type, snr_gamma, patch_encoder):
-    script = load_script()
+    script = load_script(SCRIPT, "train_transfusion_overfit")
     images = quadrant_images()
     tokenizer = train_bpe_tokenizer(CAPTIONS * 8, vocab_size=300)
     model = build_model(tokenizer, prediction_type, patch_encoder)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from test_train_transfusion import (
-    InjectedCrash,
     losses_by_step,
     png_bytes,
     read_log,
     run_main,
+    run_until_crash,
     shape_rows,
     train_transfusion,
     write_image_folder,
@@ -149,17 +149,7 @@ def test_streaming_resume_after_crash_is_exact(tmp_path, monkeypatch, shards):
     run_main(reference, *args)
     expected = losses_by_step(reference)
     assert sorted(expected) == list(range(1, 8))
-    real_check = train_transfusion.check_finite
-
-    def crash_at(loss, step, last_checkpoint):
-        if step == 5:
-            raise InjectedCrash
-        real_check(loss, step, last_checkpoint)
-
-    monkeypatch.setattr(train_transfusion, "check_finite", crash_at)
-    with pytest.raises(InjectedCrash):
-        run_main(crashed, *args)
-    monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+    run_until_crash(monkeypatch, crashed, 5, *args)
     run_main(crashed, *args, "--resume_from_checkpoint", "latest")
     assert losses_by_step(crashed) == expected
     skipped = [record["skipped_images"] for record in read_log(reference)]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from script_loading import one_thread_and_fresh_accelerate  # noqa: F401 (autouse fixture)
 from test_train_transfusion import SHAPES, TINY, read_log, run_main, train_transfusion
 from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, tiny_config
 from transfusion_hf import TransfusionForMixedModal
@@ -23,17 +24,6 @@ from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.training_utils import StepLosses, num_real_tokens, weight_decay_parameter_groups
 
 WORDS = "the quick brown fox jumps over a lazy dog while red circles and blue squares dance".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """As in test_train_transfusion: one thread, and accelerate's process-wide state reset after each run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def write_text_file(path: Path, num: int = 40, max_words: int = 30) -> Path:

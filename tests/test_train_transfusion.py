@@ -7,7 +7,6 @@ a real process (SIGKILL, exit codes, `accelerate launch`) start it with `sys.exe
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -22,10 +21,14 @@ import datasets
 import PIL.Image
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from launching import accelerate_launch
+from script_loading import (
+    load_script,
+    one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
+    reset_accelerate,
+)
 from transfusion_hf.data.image_text import CorruptImageError
 from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -47,34 +50,14 @@ TINY = ["--model_config", "tiny", "--train_batch_size", "4", "--report_to", "non
 SHAPES = ["--dataset_name", "shapes", "--shapes_num_samples", "64"]
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 train_transfusion = load_script(SCRIPT)
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """Tiny models run fastest on one thread (the CPUs are shared). Accelerate keeps its state in process-wide
-    singletons: reset them after each in-process run so that the next `Accelerator` starts clean."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def run_main(output_dir: Path, *args: str) -> Path:
     try:
         return train_transfusion.main([*TINY, "--output_dir", str(output_dir), *args])
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
 
 
 def subprocess_env() -> dict:
@@ -369,6 +352,24 @@ class InjectedCrash(Exception):
     pass
 
 
+def run_until_crash(monkeypatch, output_dir: Path, crash_step: int, *args: str) -> None:
+    """Run in-process and die at `crash_step` (raised from the step's loss check, so the checkpoints before it are
+    written), then give the script its real check back."""
+    real_check = train_transfusion.check_finite
+
+    def crash_at(loss, step, last_checkpoint):
+        if step == crash_step:
+            raise InjectedCrash
+        real_check(loss, step, last_checkpoint)
+
+    monkeypatch.setattr(train_transfusion, "check_finite", crash_at)
+    try:
+        with pytest.raises(InjectedCrash):
+            run_main(output_dir, *args)
+    finally:
+        monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+
+
 @pytest.mark.parametrize("crash_step", [5, 8])
 def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_step):
     """In-process: a run that dies at `crash_step`, resumed from the latest checkpoint, logs the same losses as an
@@ -378,17 +379,7 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_step):
     expected = losses_by_step(reference)
     assert sorted(expected) == list(range(1, 13))
 
-    real_check = train_transfusion.check_finite
-
-    def crash_at(loss, step, last_checkpoint):
-        if step == crash_step:
-            raise InjectedCrash
-        real_check(loss, step, last_checkpoint)
-
-    monkeypatch.setattr(train_transfusion, "check_finite", crash_at)
-    with pytest.raises(InjectedCrash):
-        run_main(crashed, *RESUME_ARGS)
-    monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+    run_until_crash(monkeypatch, crashed, crash_step, *RESUME_ARGS)
     resumed_from = max(step for step in (3, 6, 9) if step < crash_step)
     assert resolve_checkpoint(crashed, "latest").name == f"checkpoint-{resumed_from}"
     run_main(crashed, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
@@ -512,17 +503,7 @@ def test_ema_resume_is_exact_and_saved_weights_are_the_average(tmp_path, monkeyp
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run_main(reference, *ema_args)
 
-    real_check = train_transfusion.check_finite
-
-    def crash_at_5(loss, step, last_checkpoint):
-        if step == 5:
-            raise InjectedCrash
-        real_check(loss, step, last_checkpoint)
-
-    monkeypatch.setattr(train_transfusion, "check_finite", crash_at_5)
-    with pytest.raises(InjectedCrash):
-        run_main(crashed, *ema_args)
-    monkeypatch.setattr(train_transfusion, "check_finite", real_check)
+    run_until_crash(monkeypatch, crashed, 5, *ema_args)
     run_main(crashed, *ema_args, "--resume_from_checkpoint", "latest")
     assert losses_by_step(crashed) == losses_by_step(reference)
 
@@ -664,8 +645,7 @@ def test_train_vae_then_use_it(tmp_path):
     vae_dir = tmp_path / "vae"
     train_vae.main([*SHAPES, "--max_train_steps", "4", "--train_batch_size", "8", "--output_dir", str(vae_dir),
                     "--report_to", "none"])  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir)

@@ -6,7 +6,6 @@ The end-to-end VAE -> Transfusion run is `test_train_vae_then_use_it` in test_tr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,10 +13,12 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
+from script_loading import (
+    load_script,
+    one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
+)
 from transfusion_hf.data.shapes import draw_shape, sample_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,25 +28,7 @@ SHAPES = ["--dataset_name", "shapes", "--shapes_num_samples", "64"]
 TINY_VAE = ["--block_out_channels", "8", "8", "--norm_num_groups", "4", "--report_to", "none"]
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 train_vae = load_script(VAE_SCRIPT)
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """Tiny models run fastest on one thread; Accelerate's process-wide singletons are reset after each run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def write_image_folder(folder: Path, num: int, corrupt: int = 0) -> Path:
