@@ -7,6 +7,7 @@ ids ``0 .. text_vocab - 1`` are text, then ``<pad> <s> </s> <boi> <eoi> <image>`
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -30,6 +31,14 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<boi>", "<eoi>", "<image>")
 
 
 # ------------------------------------------------------------------------------------------------------- peer
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
+    """Set every flag left at None to its value in `defaults` (the benchmark's full or `--quick` sizes)."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def peer_module():
     """The peer wrapper (``peer_transfusion_pytorch``) when ``transfusion_pytorch`` is importable, else None."""
     try:

@@ -60,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny preset and sizes: a smoke test")
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "packing.json"))
     args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.fill_defaults(args, QUICK if args.quick else DEFAULTS)
     return args
 
 

@@ -72,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "training.json"))
     parser.add_argument("--_memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.fill_defaults(args, QUICK if args.quick else DEFAULTS)
     if args.quick:
         args.warmup, args.memory_steps = min(args.warmup, 1), min(args.memory_steps, 1)
     return args
