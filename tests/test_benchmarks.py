@@ -131,3 +131,26 @@ def test_text_retention_quick(bench, tmp_path, capsys):
     assert "| (c) modality experts, text frozen |" in capsys.readouterr().out
     assert json.loads(output.read_text())["rows"][0]["variant"] == "experts_frozen_text"
     assert (tmp_path / "work" / "llm" / "config.json").is_file()
+
+
+def test_samplers_quick(bench, tmp_path, capsys):
+    """bench_samplers scores a saved pixel-space pipeline with each named sampler, from its own scheduler config."""
+    from pipeline_components import get_pipeline
+
+    saved = tmp_path / "pipeline"
+    get_pipeline(pixel_space=True).save_pretrained(saved)
+    output = tmp_path / "samplers.json"
+    samplers = bench("bench_samplers")
+    argv = [str(saved), "--samplers", "dpm", "sde_dpm_clamped", "flow_euler", "--images_per_caption", "1"]
+    result = samplers.main(argv + ["--num_inference_steps", "2", "--threads", "1", "--output", str(output)])
+    rows = {row["sampler"]: row for row in result["rows"]}
+    assert set(rows) == {"dpm", "sde_dpm_clamped"}  # flow_euler does not fit an epsilon model: named, skipped
+    assert "do not fit" in capsys.readouterr().out
+    assert rows["sde_dpm_clamped"]["overrides"]["thresholding"] is True
+    assert all(0 <= row["t2i_accuracy"] <= 1 and row["num_inference_steps"] == 2 for row in rows.values())
+    assert json.loads(output.read_text())["settings"]["images_per_caption"] == 1
+    for bad in (["--samplers", "heun"], ["--images_per_caption", "0"]):
+        with pytest.raises(SystemExit):
+            samplers.parse_args([str(saved), *bad])
+    with pytest.raises(SystemExit):
+        samplers.parse_args([str(tmp_path)])  # no model_index.json

@@ -583,6 +583,52 @@ def test_clip_sample_on_latents_is_fixed_with_a_warning(components, caplog, sche
     assert pipe.scheduler.config.clip_sample is False
 
 
+def test_thresholding_on_latents_is_fixed_with_a_warning(components, caplog):
+    """diffusers' thresholding clamps x0 like clip_sample (to [-1, 1] with sample_max_value=1): wrong for latents."""
+    scheduler = DPMSolverMultistepScheduler(thresholding=True, algorithm_type="sde-dpmsolver++")
+    with caplog.at_level(logging.WARNING):
+        pipe = make_pipe(components, scheduler=scheduler)
+    assert "thresholding=True" in caplog.text and "latents" in caplog.text
+    assert pipe.scheduler.config.thresholding is False
+    assert pipe.scheduler.config.algorithm_type == "sde-dpmsolver++"  # the rest of the config is kept
+
+
+@pytest.mark.parametrize(
+    ("scheduler_class", "expected"),
+    [
+        (DDPMScheduler, {"clip_sample": True, "clip_sample_range": 1.0}),
+        ("DDIMScheduler", {"clip_sample": True, "clip_sample_range": 1.0}),
+        (DPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 1.0}),
+        ("UniPCMultistepScheduler", {"thresholding": True, "sample_max_value": 1.0}),
+        (EulerDiscreteScheduler, {}),
+        (FlowMatchEulerDiscreteScheduler, {}),
+    ],
+)
+def test_pixel_range_clamp_fields(scheduler_class, expected):
+    assert TransfusionPipeline.pixel_range_clamp(scheduler_class) == expected
+
+
+def test_pixel_range_clamp_keeps_samples_in_range_and_survives_a_pixel_pipeline():
+    """With the clamp, the DPM-Solver++ SDE samples of a pixel-space model stay in [-1, 1] even when the model's
+    implied x0 is far outside it, and the pipeline keeps the clamp (no VAE); without it they leave the range."""
+    pixel = get_dummy_components(pixel_space=True)
+    with torch.no_grad():
+        for parameter in pixel["transformer"].parameters():
+            parameter.mul_(40.0)  # a wildly wrong noise prediction: x0 = (x_t - sigma * eps) / alpha is huge
+    config = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").config
+    clamp = TransfusionPipeline.pixel_range_clamp(DPMSolverMultistepScheduler)
+    pipe = make_pipe(
+        pixel,
+        scheduler=TransfusionPipeline.scheduler_from_config("DPMSolverMultistepScheduler", config, "epsilon", **clamp),
+    )
+    assert pipe.scheduler.config.thresholding is True
+    clamped = run(pipe, num_inference_steps=6)
+    pipe.scheduler = TransfusionPipeline.scheduler_from_config("DPMSolverMultistepScheduler", config, "epsilon")
+    unclamped = run(pipe, num_inference_steps=6)
+    assert torch.isfinite(clamped).all() and clamped.abs().max() <= 1.0 + 1e-5
+    assert unclamped.abs().max() > 2.0
+
+
 def test_flow_multistep_solver_gets_flow_sigmas(components, models, caplog):
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction")
     with caplog.at_level(logging.WARNING):

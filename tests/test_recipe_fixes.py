@@ -744,6 +744,31 @@ def test_epsilon_inference_scheduler_starts_below_zero_snr(train_transfusion):
             assert first == 1000
 
 
+def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusion):
+    """In pixel space the saved sampler is stochastic: DPM-Solver++ SDE clamping x0 to [-1, 1] for epsilon / v (0.18
+    -> 0.42 for the paper's recipe, README), FlowMatchEuler's stochastic_sampling for flow (0.91 -> 0.98 for the
+    demo); a chosen DDPM clips; with a VAE the deterministic samplers, unclamped."""
+    for prediction_type in ("epsilon", "v_prediction"):
+        train_scheduler = train_transfusion.training_scheduler(prediction_type)
+        args = train_transfusion.parse_args(BASE + ["--prediction_type", prediction_type])
+        scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+        config = scheduler.config
+        assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+        assert config.algorithm_type == "sde-dpmsolver++" and config.thresholding and config.sample_max_value == 1.0
+        args.inference_scheduler = "ddpm"
+        ddpm = train_transfusion.inference_scheduler(args, train_scheduler)
+        assert ddpm.config.clip_sample is True and ddpm.config.clip_sample_range == 1.0
+        args.inference_scheduler, args.vae_name_or_path = None, "some/vae"
+        latent = train_transfusion.inference_scheduler(args, train_scheduler)
+        assert latent.config.thresholding is False and latent.config.algorithm_type == "dpmsolver++"
+    args = train_transfusion.parse_args(BASE)
+    flow_training = train_transfusion.training_scheduler("flow_prediction")
+    flow = train_transfusion.inference_scheduler(args, flow_training)
+    assert type(flow).__name__ == "FlowMatchEulerDiscreteScheduler" and flow.config.stochastic_sampling is True
+    args.vae_name_or_path = "some/vae"
+    assert train_transfusion.inference_scheduler(args, flow_training).config.stochastic_sampling is False
+
+
 @pytest.mark.parametrize(
     ("flag", "prediction_type", "expected"),
     [

@@ -223,6 +223,28 @@ class TransfusionPipeline(DiffusionPipeline):
             overrides["shift"] = config["flow_shift"]
         return scheduler_class.from_config(config, **{**overrides, **kwargs})
 
+    @classmethod
+    def pixel_range_clamp(cls, scheduler_class: str | type[SchedulerMixin]) -> dict[str, Any]:
+        """The config fields with which `scheduler_class` clamps the clean image it implies at every step to the
+        pixel range [-1, 1]: `clip_sample` (DDPM, DDIM: the DDPM paper's sampler) or `thresholding` with
+        `sample_max_value=1` (the multistep solvers); empty for a class that cannot (Euler, the flow schedulers).
+
+        Only for a model in pixel space: an epsilon or v model's implied x0 divides its error by alpha_t at high
+        noise, and a stochastic sampler with the clamp draws what a deterministic one without it does not (README,
+        "Sampling an epsilon model in pixel space"). The pipeline turns both fields off when it has a VAE.
+
+        Args:
+            scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
+        """
+        scheduler_class = getattr(diffusers, scheduler_class) if isinstance(scheduler_class, str) else scheduler_class
+        parameters = inspect.signature(scheduler_class.__init__).parameters
+        if "clip_sample" in parameters:
+            return {"clip_sample": True, "clip_sample_range": 1.0}
+        if "thresholding" in parameters:
+            # diffusers' dynamic thresholding clamps to s = quantile(|x0|) limited to [1, sample_max_value]: s = 1.
+            return {"thresholding": True, "sample_max_value": 1.0}
+        return {}
+
     # ------------------------------------------------------------------------------------------- validation
     @classmethod
     def _checked_scheduler(cls, transformer: TransfusionForMixedModal, scheduler: SchedulerMixin, vae):
@@ -234,12 +256,15 @@ class TransfusionPipeline(DiffusionPipeline):
                 f"The scheduler {type(scheduler).__name__} has prediction_type={scheduler_type!r} but the model "
                 f"predicts {model_type!r}: build the scheduler with prediction_type={model_type!r}."
             )
-        if scheduler.config.get("clip_sample", False) and vae is not None:
-            # Clipping x0 to [-1, 1] is meant for pixels; on latents it ruins every sample.
+        clamps = [key for key in ("clip_sample", "thresholding") if scheduler.config.get(key, False)]
+        if clamps and vae is not None:
+            # Clamping x0 to the pixel range is meant for pixels (diffusers' docs say so of thresholding too); on
+            # latents it ruins every sample.
             logger.warning(
-                f"{type(scheduler).__name__} has clip_sample=True, which is wrong for latents: setting it to False."
+                f"{type(scheduler).__name__} has {' and '.join(f'{key}=True' for key in clamps)}, which is wrong for "
+                "latents: setting it to False."
             )
-            scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
+            scheduler = type(scheduler).from_config(scheduler.config, **dict.fromkeys(clamps, False))
         if scheduler_type == "flow_prediction" and scheduler.config.get("use_flow_sigmas") is False:
             # multistep solvers (DPMSolver, UniPC, DEIS) with prediction_type="flow_prediction" keep VP sigmas
             # and timesteps unless use_flow_sigmas=True: a perfect flow model then lands hundreds off x0.
