@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "samplers.json"))
+    parser.add_argument("--grids", default=None, help="folder for one png per pipeline and sampler (first images)")
     args = parser.parse_args(argv)
     known = sorted(set(NOISE_SCHEDULE_SAMPLERS) | set(FLOW_SAMPLERS))
     unknown = [name for name in args.samplers or [] if name not in known]
@@ -131,6 +132,13 @@ def score(pipeline, name: str, sampler: Sampler, args: argparse.Namespace, promp
     images = generate_images(pipeline, prompts, 48, steps, args.guidance_scale, generator)
     seconds = time.perf_counter() - start
     scores = text_to_image_accuracy(images, prompts)
+    if args.grids:
+        from transfusion_hf.visualization import make_grid
+
+        grid = Path(args.grids) / f"{Path(pipeline.name_or_path).name}_{name}.png"
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        first = slice(None, None, args.images_per_caption)  # one image per held-out prompt
+        make_grid(images[first], prompts[first], columns=8).save(grid)
     return {
         "sampler": name,
         "description": sampler.description,

@@ -142,13 +142,18 @@ def test_samplers_quick(bench, tmp_path, capsys):
     output = tmp_path / "samplers.json"
     samplers = bench("bench_samplers")
     argv = [str(saved), "--samplers", "dpm", "sde_dpm_clamped", "flow_euler", "--images_per_caption", "1"]
-    result = samplers.main(argv + ["--num_inference_steps", "2", "--threads", "1", "--output", str(output)])
+    argv += ["--num_inference_steps", "2", "--threads", "1", "--output", str(output), "--grids", str(tmp_path / "g")]
+    result = samplers.main(argv)
     rows = {row["sampler"]: row for row in result["rows"]}
     assert set(rows) == {"dpm", "sde_dpm_clamped"}  # flow_euler does not fit an epsilon model: named, skipped
     assert "do not fit" in capsys.readouterr().out
     assert rows["sde_dpm_clamped"]["overrides"]["thresholding"] is True
     assert all(0 <= row["t2i_accuracy"] <= 1 and row["num_inference_steps"] == 2 for row in rows.values())
     assert json.loads(output.read_text())["settings"]["images_per_caption"] == 1
+    assert sorted(path.name for path in (tmp_path / "g").iterdir()) == [
+        "pipeline_dpm.png",
+        "pipeline_sde_dpm_clamped.png",
+    ]
     for bad in (["--samplers", "heun"], ["--images_per_caption", "0"]):
         with pytest.raises(SystemExit):
             samplers.parse_args([str(saved), *bad])
