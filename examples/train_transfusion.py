@@ -668,7 +668,7 @@ def inference_scheduler(args: argparse.Namespace, train_scheduler):
     try:
         return TransfusionPipeline.scheduler_from_config(name, train_scheduler.config, prediction_type, **overrides)
     except ValueError as error:
-        raise ValueError(f"--inference_scheduler={name}: {error}") from error
+        raise ValueError(f"--inference_scheduler={args.inference_scheduler or name}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------- data

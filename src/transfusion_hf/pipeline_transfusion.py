@@ -231,7 +231,7 @@ class TransfusionPipeline(DiffusionPipeline):
 
         Only for a model in pixel space: an epsilon or v model's implied x0 divides its error by alpha_t at high
         noise, and a stochastic sampler with the clamp draws what a deterministic one without it does not (README,
-        "Sampling an epsilon model in pixel space"). The pipeline turns both fields off when it has a VAE.
+        "Sampling in pixel space"). The pipeline turns both fields off when it has a VAE.
 
         Args:
             scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
