@@ -38,9 +38,8 @@ _DETERMINISTIC_DPM = {"algorithm_type": "dpmsolver++", "thresholding": False}
 _CLAMPED_DPM = {"thresholding": True, "sample_max_value": 1.0}
 _NO_DDPM_CLAMP = {"clip_sample": False, "thresholding": False}
 _DDPM_CLIP = {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": False}
-# Samplers of a DDPM-schedule (epsilon / v) model; "clamped" = the implied x0 clamped to the pixel range [-1, 1].
-NOISE_SCHEDULE_SAMPLERS = {
-    "dpm": Sampler("DPMSolverMultistepScheduler", _DETERMINISTIC_DPM, 25, "DPM-Solver++ 2M"),
+# "clamped" = the implied x0 clamped to the pixel range [-1, 1]. The DPM-Solver++ forms serve both kinds of model.
+SOLVER_SAMPLERS = {
     "dpm_clamped": Sampler(
         "DPMSolverMultistepScheduler", {**_DETERMINISTIC_DPM, **_CLAMPED_DPM}, 25, "DPM-Solver++ 2M, clamped"
     ),
@@ -54,8 +53,13 @@ NOISE_SCHEDULE_SAMPLERS = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", **_CLAMPED_DPM},
         25,
-        "DPM-Solver++ SDE, clamped (the script's pixel-space default)",
+        "DPM-Solver++ SDE, clamped (the script's pixel-space default for epsilon / v)",
     ),
+}
+# Samplers of a DDPM-schedule (epsilon / v) model.
+NOISE_SCHEDULE_SAMPLERS = {
+    "dpm": Sampler("DPMSolverMultistepScheduler", _DETERMINISTIC_DPM, 25, "DPM-Solver++ 2M"),
+    **SOLVER_SAMPLERS,
     "ddim_clip": Sampler("DDIMScheduler", _DDPM_CLIP, 25, "DDIM, clipped"),
     "ddpm": Sampler("DDPMScheduler", _NO_DDPM_CLAMP, 100, "DDPM (ancestral)"),
     "ddpm_clip": Sampler("DDPMScheduler", _DDPM_CLIP, 100, "DDPM (ancestral), clipped"),
@@ -68,23 +72,9 @@ FLOW_SAMPLERS = {
         "FlowMatchEulerDiscreteScheduler",
         {"stochastic_sampling": True},
         25,
-        "FlowMatch Euler, stochastic (the script's pixel-space default)",
+        "FlowMatch Euler, stochastic (the script's pixel-space default for flow)",
     ),
-    "dpm_clamped": Sampler(
-        "DPMSolverMultistepScheduler", {**_DETERMINISTIC_DPM, **_CLAMPED_DPM}, 25, "DPM-Solver++ 2M, clamped"
-    ),
-    "sde_dpm": Sampler(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "thresholding": False},
-        25,
-        "DPM-Solver++ SDE",
-    ),
-    "sde_dpm_clamped": Sampler(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", **_CLAMPED_DPM},
-        25,
-        "DPM-Solver++ SDE, clamped",
-    ),
+    **SOLVER_SAMPLERS,
 }
 
 
