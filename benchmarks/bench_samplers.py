@@ -2,7 +2,7 @@
 """Score one trained shapes pipeline with several diffusers samplers: held-out text-to-image accuracy per sampler.
 
 The sampler alone moved the demo's flow model from 0.91 to 0.98 and the paper's epsilon recipe (10 CPU minutes) from
-0.18 to 0.42 (README, "Sampling in pixel space"); this reruns that comparison on any saved pipeline:
+0.18 to 0.42 on seed 0 (README, "Sampling in pixel space"); this reruns that comparison on any saved pipeline:
 
     python benchmarks/bench_samplers.py outputs/shapes                         # every sampler of its prediction type
     python benchmarks/bench_samplers.py outputs/shapes --samplers flow_euler flow_euler_stochastic
