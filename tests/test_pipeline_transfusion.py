@@ -606,6 +606,8 @@ def test_thresholding_on_latents_is_fixed_with_a_warning(components, caplog):
 )
 def test_pixel_range_clamp_fields(scheduler_class, expected):
     assert TransfusionPipeline.pixel_range_clamp(scheduler_class) == expected
+    with pytest.raises(ValueError, match="NoSuchScheduler"):
+        TransfusionPipeline.pixel_range_clamp("NoSuchScheduler")
 
 
 def test_pixel_range_clamp_keeps_samples_in_range_and_survives_a_pixel_pipeline():

@@ -236,7 +236,10 @@ class TransfusionPipeline(DiffusionPipeline):
         Args:
             scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
         """
-        scheduler_class = getattr(diffusers, scheduler_class) if isinstance(scheduler_class, str) else scheduler_class
+        if isinstance(scheduler_class, str):
+            if not isinstance(getattr(diffusers, scheduler_class, None), type):
+                raise ValueError(f"`scheduler_class`={scheduler_class!r} is not a diffusers scheduler class.")
+            scheduler_class = getattr(diffusers, scheduler_class)
         parameters = inspect.signature(scheduler_class.__init__).parameters
         if "clip_sample" in parameters:
             return {"clip_sample": True, "clip_sample_range": 1.0}
