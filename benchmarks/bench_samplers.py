@@ -106,15 +106,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def score(pipeline, name: str, sampler: Sampler, args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    """Swap in `sampler`, draw one image per prompt and judge them."""
+def score(
+    pipeline, saved_config: dict, name: str, sampler: Sampler, args: argparse.Namespace, prompts: list[str]
+) -> dict[str, Any]:
+    """Swap in `sampler` (built from the pipeline's saved scheduler config, not the previous sampler's), draw one image
+    per prompt and judge them."""
     from transfusion_hf import TransfusionPipeline
     from transfusion_hf.evaluation.batched import generate_images
     from transfusion_hf.evaluation.metrics import text_to_image_accuracy
 
     prediction_type = pipeline.transformer.config.prediction_type
     pipeline.scheduler = TransfusionPipeline.scheduler_from_config(
-        sampler.scheduler_class, pipeline.scheduler.config, prediction_type, **sampler.overrides
+        sampler.scheduler_class, saved_config, prediction_type, **sampler.overrides
     )
     steps = args.num_inference_steps or sampler.num_inference_steps
     start = time.perf_counter()
@@ -125,7 +128,7 @@ def score(pipeline, name: str, sampler: Sampler, args: argparse.Namespace, promp
     if args.grids:
         from transfusion_hf.visualization import make_grid
 
-        grid = Path(args.grids) / f"{Path(pipeline.name_or_path).name}_{name}.png"
+        grid = Path(args.grids) / f"{Path(pipeline.name_or_path).resolve().name}_{name}.png"
         grid.parent.mkdir(parents=True, exist_ok=True)
         first = slice(None, None, args.images_per_caption)  # one image per held-out prompt
         make_grid(images[first], prompts[first], columns=8).save(grid)
@@ -151,13 +154,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in args.pipelines:
         pipeline = TransfusionPipeline.from_pretrained(path)
         pipeline.set_progress_bar_config(disable=True)
+        saved_config = dict(pipeline.scheduler.config)
         available = samplers_for(pipeline.transformer.config.prediction_type)
         names = [name for name in args.samplers or available if name in available]
         skipped = sorted(set(args.samplers or []) - set(names))
         if skipped:
             print(f"{path}: {skipped} do not fit prediction_type={pipeline.transformer.config.prediction_type!r}.")
         for name in names:
-            row = {"pipeline": str(path), **score(pipeline, name, available[name], args, prompts)}
+            row = {"pipeline": str(path), **score(pipeline, saved_config, name, available[name], args, prompts)}
             rows.append(row)
             print(f"{path} {name}: t2i {row['t2i_accuracy']:.3f}", flush=True)
     headers = ["pipeline", "sampler", "steps", "t2i", "size", "colour", "shape", "position", "s / image"]
