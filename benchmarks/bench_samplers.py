@@ -106,14 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def score(
-    pipeline, saved_config: dict, name: str, sampler: Sampler, args: argparse.Namespace, prompts: list[str]
-) -> dict[str, Any]:
+def score(pipeline, saved_config: dict, name: str, sampler: Sampler, args: argparse.Namespace) -> dict[str, Any]:
     """Swap in `sampler` (built from the pipeline's saved scheduler config, not the previous sampler's), draw one image
     per prompt and judge them."""
     from transfusion_hf import TransfusionPipeline
-    from transfusion_hf.evaluation.batched import generate_images
-    from transfusion_hf.evaluation.metrics import text_to_image_accuracy
+    from transfusion_hf.evaluation.shapes_benchmark import held_out_text_to_image
 
     prediction_type = pipeline.transformer.config.prediction_type
     pipeline.scheduler = TransfusionPipeline.scheduler_from_config(
@@ -121,10 +118,11 @@ def score(
     )
     steps = args.num_inference_steps or sampler.num_inference_steps
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    images = generate_images(pipeline, prompts, 48, steps, args.guidance_scale, generator)
+    # The demo's own text-to-image evaluation (same prompts, batches and generator), so the figures compare with it.
+    prompts, images, scores = held_out_text_to_image(
+        pipeline, args.images_per_caption, steps, args.guidance_scale, seed=args.seed
+    )
     seconds = time.perf_counter() - start
-    scores = text_to_image_accuracy(images, prompts)
     if args.grids:
         from transfusion_hf.visualization import make_grid
 
@@ -147,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from transfusion_hf import TransfusionPipeline
-    from transfusion_hf.data.shapes import held_out_captions
 
-    prompts = [caption for caption in held_out_captions() for _ in range(args.images_per_caption)]
     rows = []
     for path in args.pipelines:
         pipeline = TransfusionPipeline.from_pretrained(path)
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if skipped:
             print(f"{path}: {skipped} do not fit prediction_type={pipeline.transformer.config.prediction_type!r}.")
         for name in names:
-            row = {"pipeline": str(path), **score(pipeline, saved_config, name, available[name], args, prompts)}
+            row = {"pipeline": str(path), **score(pipeline, saved_config, name, available[name], args)}
             rows.append(row)
             print(f"{path} {name}: t2i {row['t2i_accuracy']:.3f}", flush=True)
     headers = ["pipeline", "sampler", "steps", "t2i", "size", "colour", "shape", "position", "s / image"]

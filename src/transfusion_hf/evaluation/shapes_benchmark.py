@@ -32,6 +32,28 @@ class ShapesEvaluation:
 
 
 @torch.no_grad()
+def held_out_text_to_image(
+    pipeline,
+    images_per_caption: int = 2,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 3.0,
+    batch_size: int = 48,
+    seed: int = 0,
+) -> tuple[list[str], list[PIL.Image.Image], dict]:
+    """Draw `images_per_caption` images for each of the 48 held-out captions and judge them: the text-to-image half
+    of [`evaluate_shapes`], also used alone to compare samplers on one model (benchmarks/bench_samplers.py).
+
+    Returns:
+        The prompts (each caption `images_per_caption` times in a row), the images, and the judge's scores
+        (`accuracy` and one per attribute, see `text_to_image_accuracy`).
+    """
+    prompts = [caption for caption in held_out_captions() for _ in range(images_per_caption)]
+    generator = torch.Generator().manual_seed(seed)
+    images = generate_images(pipeline, prompts, batch_size, num_inference_steps, guidance_scale, generator)
+    return prompts, images, text_to_image_accuracy(images, prompts)
+
+
+@torch.no_grad()
 def evaluate_shapes(
     pipeline,
     images_per_caption: int = 2,
@@ -51,10 +73,9 @@ def evaluate_shapes(
         num_caption_images (`int`): held-out drawings (random jitter, fixed seed) to caption.
         seed (`int`): sampling seed.
     """
-    prompts = [caption for caption in held_out_captions() for _ in range(images_per_caption)]
-    generator = torch.Generator().manual_seed(seed)
-    images = generate_images(pipeline, prompts, batch_size, num_inference_steps, guidance_scale, generator)
-    t2i = text_to_image_accuracy(images, prompts)
+    prompts, images, t2i = held_out_text_to_image(
+        pipeline, images_per_caption, num_inference_steps, guidance_scale, batch_size, seed
+    )
     specs = sample_specs("held_out", num_caption_images, seed=seed + 12345)
     drawn = [draw_shape(spec, jitter) for spec, jitter in specs]
     references = [spec.caption for spec, _ in specs]
@@ -68,4 +89,4 @@ def evaluate_shapes(
     return ShapesEvaluation(metrics, prompts, images, drawn, references, predicted)
 
 
-__all__ = ["ShapesEvaluation", "evaluate_shapes"]
+__all__ = ["ShapesEvaluation", "evaluate_shapes", "held_out_text_to_image"]
