@@ -256,6 +256,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="With --snr_gamma: clean-image error weighted by min(SNR, gamma), or clip(SNR, 1, gamma) (truncated).",
     )
     recipe.add_argument(
+        "--normalize_snr_weights",
+        choices=["true", "false"],
+        default="false",
+        help="With --snr_gamma: divide the weights by their mean over the schedule, so the diffusion loss keeps the "
+        "scale --diffusion_loss_weight was set for (the truncated weights average ~12).",
+    )
+    recipe.add_argument(
         "--timestep_sampling",
         choices=["uniform", "logit_normal"],
         default="uniform",
@@ -635,6 +642,7 @@ def build_noiser(args: argparse.Namespace, prediction_type: str) -> TransfusionN
         args.caption_dropout_probability,
         snr_gamma=args.snr_gamma,
         snr_weighting=args.snr_weighting,
+        normalize_snr_weights=args.normalize_snr_weights == "true",
         timestep_sampling=args.timestep_sampling,
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,

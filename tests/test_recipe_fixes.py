@@ -402,6 +402,32 @@ def test_truncated_min_snr_weights_match_the_formula(prediction_type):
     torch.testing.assert_close(low_gamma.loss_weights(timesteps).double(), expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("snr_weighting", ["min_snr", "truncated_min_snr"])
+def test_normalized_snr_weights_average_one_and_keep_their_shape(prediction_type, snr_weighting):
+    """`normalize_snr_weights`: the same weights divided by their mean over the schedule. Unnormalised, the
+    truncated epsilon weights average ~12, so they multiplied the paper's lambda by ~12 against the LM loss."""
+    scheduler = ddpm(prediction_type)
+    options = {"snr_gamma": 5.0, "snr_weighting": snr_weighting}
+    raw = TransfusionNoiser(scheduler, prediction_type, **options)
+    normalized = TransfusionNoiser(scheduler, prediction_type, normalize_snr_weights=True, **options)
+    every_timestep = torch.arange(1000)
+    raw_weights, weights = raw.loss_weights(every_timestep), normalized.loss_weights(every_timestep)
+    assert float(weights.mean()) == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(weights, raw_weights / raw_weights.mean())
+    if prediction_type == "epsilon" and snr_weighting == "truncated_min_snr":
+        assert float(raw_weights.mean()) > 10  # what the normalisation is for
+    clean = random_images(4, seed=5)
+    timesteps = torch.tensor([0, 300, 600, 900])
+    noised = normalized.add_noise(clean, timesteps, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noised.loss_weights, normalized.loss_weights(timesteps))
+
+
+def test_normalize_snr_weights_needs_snr_gamma():
+    with pytest.raises(ValueError, match="normalize_snr_weights.*snr_gamma"):
+        TransfusionNoiser(ddpm("epsilon"), "epsilon", normalize_snr_weights=True)
+
+
 @pytest.mark.parametrize("snr_weighting", ["min_snr", "truncated_min_snr"])
 def test_weighted_loss_is_the_clean_image_error_times_the_clean_weight(snr_weighting):
     """epsilon MSE = SNR * x0 MSE and v MSE = (SNR + 1) * x0 MSE, so the weighted MSE is min(SNR, gamma) * x0 MSE
@@ -659,6 +685,7 @@ BASE = ["--dataset_name", "shapes", "--report_to", "none"]
         (["--model_config", "tiny", "--snr_gamma", "5", "--prediction_type", "flow_prediction"], "snr_gamma"),
         (["--snr_gamma", "5", "--snr_weighting", "truncated_min_snr", "--prediction_type", "flow_prediction"], "snr"),
         (["--model_config", "tiny", "--snr_gamma", "0", "--prediction_type", "epsilon"], "snr_gamma"),
+        (["--model_config", "tiny", "--prediction_type", "epsilon", "--normalize_snr_weights", "true"], "snr_gamma"),
         (
             ["--model_config", "tiny", "--timestep_sampling", "logit_normal", "--prediction_type", "epsilon"],
             "timestep",

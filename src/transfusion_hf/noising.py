@@ -61,6 +61,10 @@ class TransfusionNoiser:
             `min(SNR, gamma)` (Hang et al.), which still gives it almost no weight at high noise, where layout is
             decided; `"truncated_min_snr"` by `clip(SNR, 1, gamma)` (the truncated SNR weighting of Salimans and Ho,
             2022, capped like min-SNR), so high-noise steps learn the image as v-prediction and flow matching do.
+        normalize_snr_weights (`bool`, defaults to `False`): with `snr_gamma`, divide the weights by their mean over
+            the training timesteps, so the weighted diffusion loss keeps the scale of the plain one and the paper's
+            `lambda` (`diffusion_loss_weight`) keeps its balance against the LM loss. The truncated weights average
+            ~12 on the cosine schedule (up to 100 at high noise), so unnormalised they multiply lambda by ~12.
         timestep_sampling (`str`, defaults to `"uniform"`): `"uniform"`, or `"logit_normal"` (SD3: flow-matching times
             drawn as `sigmoid(N(logit_mean, logit_std))`, more of them in the middle; `"flow_prediction"` only).
         logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0): of `"logit_normal"`.
@@ -75,6 +79,7 @@ class TransfusionNoiser:
         caption_dropout_probability: float = 0.1,
         snr_gamma: float | None = None,
         snr_weighting: str = "min_snr",
+        normalize_snr_weights: bool = False,
         timestep_sampling: str = "uniform",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
@@ -127,6 +132,12 @@ class TransfusionNoiser:
         self.image_first_probability = image_first_probability
         self.image_first_max_timestep = image_first_max_timestep
         self.caption_dropout_probability = caption_dropout_probability
+        if normalize_snr_weights and snr_gamma is None:
+            raise ValueError("`normalize_snr_weights`=True needs `snr_gamma` (there are no weights to normalise).")
+        self.snr_weight_scale = 1.0
+        if normalize_snr_weights:
+            # Uniform timesteps: the mean weight over the whole schedule is the expected weight of a drawn image.
+            self.snr_weight_scale = 1.0 / float(self.loss_weights(torch.arange(self.num_train_timesteps)).mean())
 
     def sample_layout(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the order and the caption dropout of each pair.
@@ -198,7 +209,8 @@ class TransfusionNoiser:
             clean_weight = torch.clamp(snr, min=1.0, max=max(self.snr_gamma, 1.0))
             snr = torch.clamp(snr, min=MIN_SNR_OF_WEIGHTS)
         # epsilon MSE = SNR * x0 MSE and v MSE = (SNR + 1) * x0 MSE: dividing leaves clean_weight * x0 MSE.
-        return clean_weight / snr if self.prediction_type == "epsilon" else clean_weight / (snr + 1)
+        weights = clean_weight / snr if self.prediction_type == "epsilon" else clean_weight / (snr + 1)
+        return weights * self.snr_weight_scale
 
     def predict_clean(self, noisy_latents: torch.Tensor, predictions: torch.Tensor, timesteps: torch.Tensor):
         """The clean latents x0 implied by a prediction (or a target) in the units of the prediction type.
