@@ -213,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unet_linear_shortcut",
         choices=["true", "false"],
         default=None,
-        help="With the U-Net patch encoder, add a linear projection of each raw patch to its token (config field).",
+        help="With the U-Net patch encoder, add a linear projection of each raw patch to its token (config field; "
+        "default: true for a U-Net unless the preset sets it).",
     )
     model.add_argument(
         "--patch_position_embedding",
@@ -550,6 +551,13 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
     for name in ("patch_position_embedding", "unet_linear_shortcut"):  # true/false flags of bool fields
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
+    if args.unet_linear_shortcut is None:
+        # The script's U-Nets take the linear shortcut unless the preset says otherwise: without it the U-Net names
+        # the wrong colour in most captions and draws mixed colours (2 seeds, README "Why the U-Net's captions
+        # fail"). The config class keeps False as its default, so U-Net checkpoints saved before it load unchanged.
+        # A linear encoder (e.g. `--patch_encoder linear` on the small_unet preset) has no shortcut to take.
+        is_unet = fields.get("patch_encoder", "linear") == "unet"
+        fields["unet_linear_shortcut"] = is_unet and fields.get("unet_linear_shortcut", True)
     return fields
 
 

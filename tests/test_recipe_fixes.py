@@ -75,8 +75,9 @@ def random_images(num: int, seed: int = 0, shape=(4, 4, 4), scale: float = 1.0) 
 # ============================================================================================ U-Net initialisation
 def test_unet_encoder_keeps_the_signal_at_every_level():
     """Before the fan-in init, N(0, 0.02) convs shrank the features level by level (std 0.062, 0.0023, 1.7e-4,
-    2.5e-5) and the image tokens reached the transformer at std ~0.001."""
-    config = small_unet_config()
+    2.5e-5) and the image tokens reached the transformer at std ~0.001. (Without the linear shortcut, which would
+    carry the signal on its own.)"""
+    config = small_unet_config(unet_linear_shortcut=False)
     model = make_model(config)
     latents = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.5
     timesteps = torch.tensor([0.0, 300.0, 600.0, 999.0])
@@ -93,7 +94,7 @@ def test_unet_encoder_keeps_the_signal_at_every_level():
     image_positions = image_only_inputs(config, latents, timesteps)["input_ids"] == config.image_token_id
     assert float(hidden_states[image_positions].std()) > 0.05
     # Comparable to the linear encoder's tokens on the same input (same order of magnitude).
-    linear = make_model(small_unet_config(patch_encoder="linear"))
+    linear = make_model(small_unet_config(patch_encoder="linear", unet_linear_shortcut=False))
     with torch.no_grad():
         linear_tokens, _ = linear.image_encoder(latents, timesteps)
     assert 0.1 < float(tokens.std()) / float(linear_tokens.std()) < 10
@@ -104,8 +105,8 @@ def test_unet_layers_keep_fan_in_init_and_output_layers_start_at_zero():
     model = make_model(config)
     for part in (model.image_encoder, model.image_decoder):
         for name, layer in part.named_modules():
-            if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
-                continue
+            if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) or name == "shortcut":
+                continue  # the shortcut is initialised as the linear encoder's projection (tested below)
             if getattr(layer, "_transfusion_zero_init", False):
                 assert name == "conv_out" and part is model.image_decoder
                 continue
@@ -187,7 +188,7 @@ def test_unet_linear_shortcut_adds_the_raw_patch_projection(tmp_path):
     model = make_model(config, seed=0)
     encoder = model.image_encoder
     assert encoder.shortcut.in_features == 3 * 8 * 8 and encoder.shortcut.out_features == config.hidden_size
-    assert make_model(small_unet_config(), seed=0).image_encoder.shortcut is None
+    assert make_model(small_unet_config(unet_linear_shortcut=False), seed=0).image_encoder.shortcut is None
     latents, timesteps = random_images(2, shape=(3, 32, 32)), torch.tensor([0, 500])
     with torch.no_grad():
         tokens, _ = encoder(latents, timesteps)
@@ -824,6 +825,27 @@ def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classe
         assert scheduler.config.use_flow_sigmas is True
     if prediction_type != "flow_prediction":
         assert scheduler.config.beta_schedule == "squaredcos_cap_v2"  # the training schedule, whatever the class
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model_config", "small_unet"], True),  # the preset's field
+        (["--model_config", "shapes", "--patch_encoder", "unet"], True),  # the script's default for a U-Net
+        (["--model_config", "tiny", "--patch_encoder", "unet", "--unet_linear_shortcut", "false"], False),
+        (["--model_config", "small_unet", "--unet_linear_shortcut", "false"], False),
+        (["--model_config", "small_unet", "--patch_encoder", "linear"], False),  # no U-Net, no shortcut, no error
+        (["--model_config", "shapes"], False),
+    ],
+)
+def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(train_transfusion, flags, expected):
+    """Without the shortcut the U-Net names the wrong colour in most captions (2 seeds, README), so the script's
+    U-Nets take it unless told otherwise; the config class keeps False so older U-Net checkpoints load unchanged."""
+    args = train_transfusion.parse_args(BASE + flags)
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    assert model.config.unet_linear_shortcut is expected
+    assert (model.config.patch_encoder == "unet" and model.image_encoder.shortcut is not None) is expected
+    assert TransfusionConfig().unet_linear_shortcut is False
 
 
 def test_new_model_flags_reach_the_config(train_transfusion):
