@@ -11,8 +11,9 @@ The paper's recipe is the default (section 4.1) except for the objective: lambda
 pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
 `cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
-cosine schedule (`--prediction_type epsilon`, best with `--snr_gamma 5 --snr_weighting truncated_min_snr`) draws the
-mean image at small scale (README, "Why the paper's recipe did not draw").
+cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale, and with `--snr_gamma 5
+--snr_weighting truncated_min_snr` needs several times the steps of flow (README, "Why the paper's recipe did not
+draw"). U-Net patch layers take a linear shortcut of the raw patch unless `--unet_linear_shortcut false`.
 """
 
 from __future__ import annotations
@@ -860,8 +861,12 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
             out_of_time = args.max_train_time_minutes and time.time() - started > 60 * args.max_train_time_minutes
             if global_step >= args.max_train_steps or out_of_time:
                 if out_of_time:
+                    # The schedule was planned for --max_train_steps: say how far from its end the run stopped.
                     accelerator.print(
-                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step}."
+                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step} of "
+                        f"--max_train_steps={args.max_train_steps}: the learning rate is still "
+                        f"{lr_scheduler.get_last_lr()[0]:.3g} (its schedule ends at step {args.max_train_steps}; set "
+                        "--max_train_steps to what fits the budget for a run that decays fully)."
                     )
                 progress.close()
                 return global_step

@@ -562,6 +562,16 @@ def test_lr_scheduler_flags():
         learning_rates("--lr_scheduler", "reduce_lr_on_plateau")
 
 
+def test_time_budget_stop_says_how_far_the_schedule_was(tmp_path, capsys):
+    """A run stopped by --max_train_time_minutes has not decayed its learning rate (the schedule is planned for
+    --max_train_steps): the stop message says so, with the rate it stopped at."""
+    output_dir = tmp_path / "run"
+    run_main(output_dir, *SHAPES, "--max_train_steps", "1000", "--max_train_time_minutes", "0.0001")
+    out = capsys.readouterr().out
+    assert "reached at step 1 of --max_train_steps=1000: the learning rate is still" in out
+    assert json.loads((output_dir / "training_summary.json").read_text())["global_step"] == 1
+
+
 def test_model_presets_parse():
     for name in ("tiny", "small", "paper_0.16b"):
         preset = train_transfusion.load_model_preset(name)
