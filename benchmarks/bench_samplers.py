@@ -124,12 +124,11 @@ def score(pipeline, saved_config: dict, name: str, sampler: Sampler, args: argpa
     )
     seconds = time.perf_counter() - start
     if args.grids:
-        from transfusion_hf.visualization import make_grid
+        from transfusion_hf.evaluation.shapes_benchmark import held_out_samples_grid
 
         grid = Path(args.grids) / f"{Path(pipeline.name_or_path).resolve().name}_{name}.png"
         grid.parent.mkdir(parents=True, exist_ok=True)
-        first = slice(None, None, args.images_per_caption)  # one image per held-out prompt
-        make_grid(images[first], prompts[first], columns=8).save(grid)
+        held_out_samples_grid(prompts, images, args.images_per_caption).save(grid)
     return {
         "sampler": name,
         "description": sampler.description,

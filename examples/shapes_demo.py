@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_transfusion  # noqa: E402
-from transfusion_hf.evaluation.shapes_benchmark import evaluate_shapes  # noqa: E402
+from transfusion_hf.evaluation.shapes_benchmark import evaluate_shapes, held_out_samples_grid  # noqa: E402
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline  # noqa: E402
 from transfusion_hf.visualization import make_grid  # noqa: E402
 
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     if summary_path.is_file():
         metrics["global_step"] = json.loads(summary_path.read_text())["global_step"]
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    first = slice(None, None, args.images_per_caption)  # one image per held-out prompt in the grid
-    make_grid(evaluation.images[first], evaluation.prompts[first], columns=8).save(output_dir / "samples.png")
+    held_out_samples_grid(evaluation.prompts, evaluation.images, args.images_per_caption).save(
+        output_dir / "samples.png"
+    )
     make_grid(evaluation.caption_images[:48], evaluation.predicted_captions[:48], columns=8).save(
         output_dir / "captions.png"
     )

@@ -109,6 +109,8 @@ class TransfusionNoiser:
             raise ValueError(f"`snr_weighting` must be one of {SNR_WEIGHTINGS}, got {snr_weighting!r}.")
         if snr_weighting != "min_snr" and snr_gamma is None:
             raise ValueError(f"`snr_weighting`={snr_weighting!r} needs `snr_gamma` (the cap of the weights).")
+        if normalize_snr_weights and snr_gamma is None:
+            raise ValueError("`normalize_snr_weights`=True needs `snr_gamma` (there are no weights to normalise).")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"`timestep_sampling` must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}.")
         if timestep_sampling == "logit_normal" and not is_flow:
@@ -132,8 +134,6 @@ class TransfusionNoiser:
         self.image_first_probability = image_first_probability
         self.image_first_max_timestep = image_first_max_timestep
         self.caption_dropout_probability = caption_dropout_probability
-        if normalize_snr_weights and snr_gamma is None:
-            raise ValueError("`normalize_snr_weights`=True needs `snr_gamma` (there are no weights to normalise).")
         self.snr_weight_scale = 1.0
         if normalize_snr_weights:
             # Uniform timesteps: the mean weight over the whole schedule is the expected weight of a drawn image.

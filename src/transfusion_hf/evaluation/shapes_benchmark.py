@@ -8,6 +8,7 @@ import PIL.Image
 import torch
 
 from ..data.shapes import draw_shape, held_out_captions, sample_specs
+from ..visualization import make_grid
 from .batched import caption_images, generate_images
 from .metrics import caption_accuracy, text_to_image_accuracy
 
@@ -53,6 +54,20 @@ def held_out_text_to_image(
     return prompts, images, text_to_image_accuracy(images, prompts)
 
 
+def held_out_samples_grid(
+    prompts: list[str], images: list[PIL.Image.Image], images_per_caption: int
+) -> PIL.Image.Image:
+    """The first image of each held-out prompt, 8 per row, the prompt under it (the demo's `samples.png`, whose
+    layout benchmarks/ablations.py crops rows from).
+
+    Args:
+        prompts, images: as returned by [`held_out_text_to_image`] (each caption `images_per_caption` times in a row).
+        images_per_caption (`int`).
+    """
+    first = slice(None, None, images_per_caption)
+    return make_grid(images[first], prompts[first], columns=8)
+
+
 @torch.no_grad()
 def evaluate_shapes(
     pipeline,
@@ -89,4 +104,4 @@ def evaluate_shapes(
     return ShapesEvaluation(metrics, prompts, images, drawn, references, predicted)
 
 
-__all__ = ["ShapesEvaluation", "evaluate_shapes", "held_out_text_to_image"]
+__all__ = ["ShapesEvaluation", "evaluate_shapes", "held_out_samples_grid", "held_out_text_to_image"]
