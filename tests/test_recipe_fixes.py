@@ -728,6 +728,24 @@ def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type
         train_transfusion.parse_args(BASE + ["--model_config", preset] + refused)
 
 
+@pytest.mark.parametrize(
+    ("flags", "warns"),
+    [
+        (["--model_config", "tiny", "--prediction_type", "epsilon"], True),
+        (["--model_config", "tiny", "--prediction_type", "epsilon", "--snr_gamma", "5"], False),
+        (["--model_config", "tiny", "--prediction_type", "v_prediction"], False),
+        (["--model_config", "small_unet"], False),
+    ],
+)
+def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, warns):
+    """Plain epsilon draws shapes that ignore the prompt at small scale (README): say so at parse time, and only
+    then (epsilon with SNR weighting, v and flow stay quiet)."""
+    with caplog.at_level("WARNING", logger="train_transfusion"):
+        train_transfusion.parse_args(BASE + flags)
+    messages = [record.getMessage() for record in caplog.records if record.name == "train_transfusion"]
+    assert any("Plain epsilon prediction" in message and "--snr_gamma 5" in message for message in messages) == warns
+
+
 def test_good_flag_combinations_parse(train_transfusion):
     args = train_transfusion.parse_args(
         BASE + ["--model_config", "small_unet", "--prediction_type", "epsilon", "--snr_gamma", "5"]
