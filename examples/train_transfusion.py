@@ -266,12 +266,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     recipe.add_argument(
         "--timestep_sampling",
-        choices=["uniform", "logit_normal"],
+        choices=["uniform", "logit_normal", "importance"],
         default="uniform",
-        help="Training timesteps: uniform, or logit-normal (SD3, flow prediction only).",
+        help="Training timesteps: uniform; logit-normal (SD3, flow prediction only); or importance (with --snr_gamma: "
+        "drawn in proportion to their SNR weight, each image weighted by the mean weight, the same expected loss "
+        "with far less variance).",
     )
     recipe.add_argument("--logit_mean", type=float, default=0.0)
     recipe.add_argument("--logit_std", type=float, default=1.0)
+    recipe.add_argument(
+        "--importance_exponent",
+        type=float,
+        default=None,
+        help="With --timestep_sampling importance: times drawn in proportion to weight**exponent, in (0, 1] "
+        "(default 0.5; 1 gives every image the same weight but few times below t = 750).",
+    )
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=32)
@@ -292,6 +301,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Floor of {' and '.join(MIN_LR_SCHEDULERS)}, relative to the peak (default {DEFAULT_MIN_LR_RATIO}).",
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=100)
+    optim.add_argument(
+        "--optim",
+        choices=["adamw_torch_fused", "adamw_torch"],
+        default="adamw_torch_fused",
+        help="transformers' names for torch's AdamW: fused (one kernel over every parameter; ~6x faster than the "
+        "per-tensor loop for the CPU presets, ~12%% of a step) or the per-tensor loop.",
+    )
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.95)
     optim.add_argument("--adam_weight_decay", type=float, default=0.1)
@@ -664,6 +680,7 @@ def build_noiser(args: argparse.Namespace, prediction_type: str) -> TransfusionN
         timestep_sampling=args.timestep_sampling,
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,
+        importance_exponent=args.importance_exponent,
     )
 
 
@@ -1267,6 +1284,7 @@ def build_optimizer(
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=args.optim == "adamw_torch_fused",
     )
     return optimizer, build_lr_scheduler(args, optimizer, num_processes)
 

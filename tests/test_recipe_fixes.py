@@ -509,6 +509,18 @@ def test_collator_adds_loss_weights_only_with_snr_gamma(snr_gamma):
         ({"prediction_type": "flow_prediction", "timestep_sampling": "cosmap"}, "timestep_sampling"),
         ({"prediction_type": "flow_prediction", "timestep_sampling": "logit_normal", "logit_std": 0.0}, "logit_std"),
         ({"prediction_type": "flow_prediction", "timestep_sampling": "logit_normal", "logit_std": -1}, "logit_std"),
+        ({"prediction_type": "epsilon", "timestep_sampling": "importance"}, "timestep_sampling.*snr_gamma"),
+        ({"prediction_type": "flow_prediction", "timestep_sampling": "importance"}, "timestep_sampling.*snr_gamma"),
+        (
+            {
+                "prediction_type": "epsilon",
+                "snr_gamma": 5.0,
+                "timestep_sampling": "importance",
+                "importance_exponent": 0,
+            },
+            "importance_exponent",
+        ),
+        ({"prediction_type": "epsilon", "snr_gamma": 5.0, "importance_exponent": 0.5}, "importance_exponent"),
     ],
 )
 def test_invalid_noiser_options_name_the_field(kwargs, field):
@@ -568,6 +580,58 @@ def test_logit_normal_timesteps():
     second = noiser(clean, image_first, torch.Generator().manual_seed(18))
     assert torch.equal(first.timesteps, second.timesteps) and torch.equal(first.latents, second.latents)
     assert (first.timesteps[image_first] <= 500).all()
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "normalize", "exponent"),
+    [("epsilon", False, 1.0), ("epsilon", True, 1.0), ("v_prediction", False, 1.0), ("epsilon", False, None)],
+)
+def test_importance_timesteps_keep_the_expected_weighted_loss(prediction_type, normalize, exponent):
+    """`timestep_sampling="importance"`: t drawn in proportion to w(t)^a within each image's range (w the SNR weight),
+    each image reweighted by w(t)^(1 - a) * sum(w^a) / range. The expected loss is that of uniform t weighted by w(t);
+    with a = 1 the weights of a batch no longer vary (the truncated epsilon weights give uniform times an effective
+    batch of ~17%)."""
+    options = {"snr_gamma": 5.0, "snr_weighting": "truncated_min_snr", "normalize_snr_weights": normalize}
+    scheduler = ddpm(prediction_type)
+    noiser = TransfusionNoiser(
+        scheduler, prediction_type, timestep_sampling="importance", importance_exponent=exponent, **options
+    )
+    every_weight = TransfusionNoiser(scheduler, prediction_type, **options).loss_weights(torch.arange(1000)).double()
+    count = 60000
+    clean = torch.zeros(count, 1, 1, 1)
+    image_first = torch.arange(count) % 5 == 0  # limit 500 for these
+    noised = noiser(clean, image_first, torch.Generator().manual_seed(21))
+    timesteps = noised.timesteps
+    assert timesteps.dtype == torch.long
+    assert (timesteps[image_first] <= 500).all() and (timesteps >= 0).all()
+    assert (timesteps <= 999).all() and int(timesteps[~image_first].max()) > 990
+    # The weight of each image: w(t)^(1 - a) times the mean of w^a over its range (a = 1: one weight per range).
+    exponent = 0.5 if exponent is None else exponent
+    assert noiser.importance_exponent == exponent
+    powered = every_weight**exponent
+    range_mean = torch.where(image_first, powered[:501].mean(), powered.mean())
+    torch.testing.assert_close(noised.loss_weights, (every_weight[timesteps] ** (1 - exponent) * range_mean).float())
+    if exponent == 1.0:
+        assert len(noised.loss_weights[~image_first].unique()) == 1
+    # The draws follow w^a: the share of full-range images above t = 750 is that of the mass of w^a there.
+    above = float((timesteps[~image_first] > 750).double().mean())
+    assert above == pytest.approx(float(powered[751:].sum() / powered.sum()), abs=0.01)
+
+    # Any per-timestep loss has the same expectation as under uniform times weighted by w(t).
+    def per_timestep_loss(t):
+        return torch.sqrt(t.double() / 1000) + 0.5
+
+    importance_mean = float((noised.loss_weights.double() * per_timestep_loss(timesteps)).mean())
+    per_range = [
+        (every_weight[: limit + 1] * per_timestep_loss(torch.arange(limit + 1))).mean() for limit in (999, 500)
+    ]
+    assert importance_mean == pytest.approx(float(0.8 * per_range[0] + 0.2 * per_range[1]), rel=0.02)
+    # Reproducible with the generator, different with another seed.
+    again = noiser(clean[:64], image_first[:64], torch.Generator().manual_seed(21))
+    assert torch.equal(again.timesteps, timesteps[:64])
+    assert not torch.equal(
+        noiser(clean[:64], image_first[:64], torch.Generator().manual_seed(22)).timesteps, again.timesteps
+    )
 
 
 # ============================================================================================ clean-image error tracker
@@ -694,6 +758,20 @@ BASE = ["--dataset_name", "shapes", "--report_to", "none"]
         (
             ["--timestep_sampling", "logit_normal", "--logit_std", "0", "--prediction_type", "flow_prediction"],
             "logit_std",
+        ),
+        (["--model_config", "tiny", "--prediction_type", "epsilon", "--timestep_sampling", "importance"], "snr_gamma"),
+        (
+            [
+                "--model_config",
+                "tiny",
+                "--prediction_type",
+                "epsilon",
+                "--snr_gamma",
+                "5",
+                "--importance_exponent",
+                "1",
+            ],
+            "importance_exponent.*no effect",
         ),
         (
             ["--model_config", "tiny", "--prediction_type", "epsilon", "--inference_scheduler", "flow_euler"],

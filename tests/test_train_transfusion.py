@@ -7,6 +7,7 @@ a real process (SIGKILL, exit codes, `accelerate launch`) start it with `sys.exe
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -560,6 +561,38 @@ def test_lr_scheduler_flags():
         learning_rates("--min_lr_ratio", "1.5")
     with pytest.raises(SystemExit):  # argparse: not a schedule name
         learning_rates("--lr_scheduler", "reduce_lr_on_plateau")
+
+
+def test_optim_flag_picks_the_fused_adamw_by_default():
+    """`--optim` takes transformers' names: `adamw_torch_fused` (the default, one kernel over all parameters) and
+    `adamw_torch` (the per-tensor loop) make the same updates, weight decay groups included."""
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    inputs, targets = torch.randn(8, 6), torch.randn(8, 3)
+
+    def train(*flags: str) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        args = train_transfusion.parse_args(
+            [*SHAPES, *TINY, "--output_dir", "unused", "--learning_rate", "0.05", *flags]
+        )
+        model = copy.deepcopy(template)
+        optimizer, _ = train_transfusion.build_optimizer(args, model, [], num_processes=1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+        return optimizer, [parameter.detach().clone() for parameter in model.parameters()]
+
+    fused, fused_weights = train()
+    loop, loop_weights = train("--optim", "adamw_torch")
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert [group["weight_decay"] for group in fused.param_groups] == [
+        group["weight_decay"] for group in loop.param_groups
+    ]
+    for a, b, start in zip(fused_weights, loop_weights, template.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, start.detach())  # both trained
+    with pytest.raises(SystemExit):  # argparse: not an optimizer name
+        train("--optim", "sgd")
 
 
 def test_time_budget_stop_says_how_far_the_schedule_was(tmp_path, capsys):
