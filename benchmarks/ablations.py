@@ -41,6 +41,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "d_eps": ("d", "epsilon (paper), DDPM cosine", UNET + EPSILON),
     "d_eps_min_snr": ("d", "epsilon + min-SNR-5", UNET + EPSILON + MIN_SNR),
     "d_eps_truncated_snr": ("d", "epsilon + truncated min-SNR-5", UNET + EPSILON + TRUNCATED),
+    "d_eps_truncated_snr_importance": ("d", "epsilon + truncated min-SNR-5, importance-sampled t", UNET + EPSILON + TRUNCATED + ["--timestep_sampling", "importance"]),
     "d_v": ("d", "v-prediction, DDPM cosine", UNET + ["--prediction_type", "v_prediction"]),
     "d_flow": ("d", "rectified flow (reference row)", UNET + FLOW),
     "d_flow_logit_normal": ("d", "rectified flow, logit-normal t", UNET + FLOW + ["--timestep_sampling", "logit_normal"]),

@@ -11,9 +11,10 @@ The paper's recipe is the default (section 4.1) except for the objective: lambda
 pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
 `cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
-cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale, and with `--snr_gamma 5
---snr_weighting truncated_min_snr` needs several times the steps of flow (README, "Why the paper's recipe did not
-draw"). U-Net patch layers take a linear shortcut of the raw patch unless `--unet_linear_shortcut false`.
+cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 5
+--snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow (README, "Why the
+paper's recipe did not draw"). U-Net patch layers take a linear shortcut of the raw patch unless
+`--unet_linear_shortcut false`.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["adamw_torch_fused", "adamw_torch"],
         default="adamw_torch_fused",
         help="transformers' names for torch's AdamW: fused (one kernel over every parameter; the optimizer step ~6x "
-        "faster than the per-tensor loop for the CPU presets, 5-15%% more training steps a minute) or the loop.",
+        "faster than the per-tensor loop for the CPU presets, ~5%% more training steps a minute) or the loop.",
     )
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.95)
@@ -400,7 +401,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         logger.warning(
             "Plain epsilon prediction (--snr_gamma not set): the loss barely asks for the clean image at high noise, "
             "where the prompt decides the layout; at small scale the samples ignore the prompt. --snr_gamma 5 "
-            "--snr_weighting truncated_min_snr is the measured fix (README, 'Why the paper's recipe did not draw')."
+            "--snr_weighting truncated_min_snr --timestep_sampling importance is the measured fix (README, 'Why the "
+            "paper's recipe did not draw')."
         )
     inference_scheduler(args, noiser.scheduler)
     check_model_fields(args, preset)

@@ -821,7 +821,8 @@ def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, w
     with caplog.at_level("WARNING", logger="train_transfusion"):
         train_transfusion.parse_args(BASE + flags)
     messages = [record.getMessage() for record in caplog.records if record.name == "train_transfusion"]
-    assert any("Plain epsilon prediction" in message and "--snr_gamma 5" in message for message in messages) == warns
+    fix = "--snr_gamma 5 --snr_weighting truncated_min_snr --timestep_sampling importance"
+    assert any("Plain epsilon prediction" in message and fix in message for message in messages) == warns
 
 
 def test_good_flag_combinations_parse(train_transfusion):
