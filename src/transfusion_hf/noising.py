@@ -161,7 +161,9 @@ class TransfusionNoiser:
             self.snr_weight_scale = 1.0 / float(self.loss_weights(torch.arange(self.num_train_timesteps)).mean())
         # "importance": p(t) = w(t)^a / sum_{s <= limit} w(s)^a over 0..limit; the cumulative sums of w^a give the
         # inverse CDF. An image drawn at t then weighs w(t) / ((limit + 1) p(t)) = w(t)^(1 - a) * cumsum[limit] /
-        # (limit + 1), so E_p[weight * loss(t)] = mean over 0..limit of w(t) loss(t), as with uniform times.
+        # (limit + 1), so E_p[weight * loss(t)] = mean over 0..limit of w(t) loss(t), as with uniform times. Written
+        # here: diffusers' `compute_density_for_timestep_sampling` draws from fixed densities (uniform, logit-normal,
+        # mode) without reweighting, so it would change the objective instead of its variance.
         self.importance_exponent = 0.5 if importance_exponent is None else float(importance_exponent)
         self.every_weight = self.cumulative_weights = None
         if timestep_sampling == "importance":
