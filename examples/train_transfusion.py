@@ -270,8 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["uniform", "logit_normal", "importance"],
         default="uniform",
         help="Training timesteps: uniform; logit-normal (SD3, flow prediction only); or importance (with --snr_gamma: "
-        "drawn in proportion to their SNR weight, each image weighted by the mean weight, the same expected loss "
-        "with far less variance).",
+        "drawn in proportion to a power of their SNR weight, --importance_exponent, and each image reweighted so the "
+        "expected loss is unchanged, with far less variance).",
     )
     recipe.add_argument("--logit_mean", type=float, default=0.0)
     recipe.add_argument("--logit_std", type=float, default=1.0)
