@@ -165,10 +165,10 @@ class TransfusionNoiser:
         # here: diffusers' `compute_density_for_timestep_sampling` draws from fixed densities (uniform, logit-normal,
         # mode) without reweighting, so it would change the objective instead of its variance.
         self.importance_exponent = 0.5 if importance_exponent is None else float(importance_exponent)
-        self.every_weight = self.cumulative_weights = None
+        self.cumulative_weights = None
         if timestep_sampling == "importance":
-            self.every_weight = self.loss_weights(torch.arange(self.num_train_timesteps)).double()
-            self.cumulative_weights = torch.cumsum(self.every_weight**self.importance_exponent, dim=0)
+            every_weight = self.loss_weights(torch.arange(self.num_train_timesteps)).double()
+            self.cumulative_weights = torch.cumsum(every_weight**self.importance_exponent, dim=0)
 
     def sample_layout(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the order and the caption dropout of each pair.
@@ -286,8 +286,8 @@ class TransfusionNoiser:
         timesteps = self.sample_timesteps(limits, generator)
         noised = self.add_noise(clean_latents, timesteps, generator)
         if self.cumulative_weights is not None:
-            # The same expected loss as uniform times weighted by w(t) (see __init__).
-            drawn_weight = self.every_weight[timesteps] ** (1 - self.importance_exponent)
+            # The same expected loss as uniform times weighted by w(t) (see __init__); add_noise gave each image w(t).
+            drawn_weight = noised.loss_weights.double() ** (1 - self.importance_exponent)
             noised.loss_weights = (drawn_weight * self.cumulative_weights[limits] / (limits + 1).double()).float()
         return noised
 
