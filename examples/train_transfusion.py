@@ -76,6 +76,7 @@ from transfusion_hf.processing_transfusion import (
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
     CleanImageErrorTracker,
+    GradNormWindow,
     NonFiniteLossError,
     StepLosses,
     check_finite,
@@ -832,6 +833,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
     started, window_tokens, window_start = time.time(), 0, time.time()
     ema = components["ema"]
     step_losses = StepLosses()
+    grad_norms = components["grad_norms"]
     while global_step < args.max_train_steps:
         epoch_loader = dataloader
         if state["skip_batches"]:
@@ -852,7 +854,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 check_finite(loss_to_check, global_step + 1, state["last_checkpoint"])
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norms.add(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -923,6 +925,7 @@ def log_step(args, accelerator, model, lr_scheduler, components: dict, step: int
         "tokens_per_second": tokens_per_second,
         # Sequences whose text was cut to fit the context since the last record (collated, all processes).
         "truncated_sequences": int(accelerator.reduce(torch.tensor(truncated, device=accelerator.device), "sum")),
+        **components["grad_norms"].compute(),
         **components["clean_error"].compute(),
     }
     if components["stream"] is not None:
@@ -1439,6 +1442,7 @@ def main(argv: list[str] | None = None) -> Path:
         "stream": dataloader if args.streaming else None,
         "inference_scheduler": inference_scheduler(args, noiser.scheduler),
         "clean_error": CleanImageErrorTracker(noiser),
+        "grad_norms": GradNormWindow(args.max_grad_norm),
         "collator": collator,
         "truncated_logged": 0,
         "text_validation_batches": text_validation_batches(data.held_out_texts, processor, noiser, context, args),

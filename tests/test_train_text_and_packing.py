@@ -21,7 +21,7 @@ from transfusion_hf import TransfusionForMixedModal
 from transfusion_hf.data.text import load_text_dataset, text_only_examples, text_only_rows
 from transfusion_hf.modeling_transfusion import TransfusionOutput
 from transfusion_hf.noising import TransfusionNoiser
-from transfusion_hf.training_utils import StepLosses, num_real_tokens, weight_decay_parameter_groups
+from transfusion_hf.training_utils import GradNormWindow, StepLosses, num_real_tokens, weight_decay_parameter_groups
 
 WORDS = "the quick brown fox jumps over a lazy dog while red circles and blue squares dance".split()
 
@@ -199,6 +199,15 @@ def test_step_losses_average_the_micro_steps():
     losses.add(output(3.0))  # a text-only micro-step: no diffusion loss
     assert losses.compute() == {"loss": 2.0, "lm_loss": 1.0, "diffusion_loss": 4.0}
     assert losses.compute() == {}  # reset
+
+
+def test_grad_norm_window_means_the_norms_and_counts_the_clipped_steps():
+    norms = GradNormWindow(max_grad_norm=1.0)
+    norms.add(torch.tensor(0.5))
+    norms.add(None)  # a backend that reports no norm (DeepSpeed) adds nothing
+    norms.add(torch.tensor(3.5))
+    assert norms.compute() == {"grad_norm": 2.0, "grad_clipped_fraction": 0.5}
+    assert norms.compute() == {}  # reset
 
 
 def average_over_two_processes():

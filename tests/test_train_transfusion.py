@@ -147,6 +147,9 @@ def test_shapes_validation_and_final_pipeline(tmp_path, capsys):
     records = read_log(out)
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     assert all(record["tokens_per_second"] > 0 and torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    # The clipping threshold is the default 1.0: each one-step window was clipped (1.0) or not (0.0), by its norm.
+    assert all(record["grad_clipped_fraction"] == float(record["grad_norm"] > 1.0) for record in records), records
+    assert all(0 < record["grad_norm"] < 1e4 for record in records), records
     assert sorted(path.name for path in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
     assert PIL.Image.open(out / "validation" / "step-000004.png").size[0] > 0
     summary = json.loads((out / "training_summary.json").read_text())

@@ -216,6 +216,43 @@ class StepLosses:
         return {key: float(total / count) for key, (total, count) in zip(LOSS_KEYS, totals.tolist()) if count}
 
 
+class GradNormWindow:
+    """The gradient norm between two log records: its mean before clipping and the share of steps that were clipped.
+
+    transformers' `Trainer` logs `grad_norm` (the last step's); the mean and the clipped share say more about a window
+    of steps, e.g. whether `max_grad_norm` rescales every update (then it acts as a second learning rate).
+
+    Args:
+        max_grad_norm (`float`): the clipping threshold (`--max_grad_norm`).
+    """
+
+    def __init__(self, max_grad_norm: float):
+        self.max_grad_norm = max_grad_norm
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count, self.clipped = 0.0, 0, 0
+
+    def add(self, grad_norm: torch.Tensor | float | None) -> None:
+        """One optimizer step's total norm before clipping (`Accelerator.clip_grad_norm_`'s return; None when the
+        backend reports none, as DeepSpeed does)."""
+        if grad_norm is None:
+            return
+        value = float(grad_norm)
+        self.total += value
+        self.count += 1
+        self.clipped += value > self.max_grad_norm
+
+    def compute(self) -> dict[str, float]:
+        """`{"grad_norm", "grad_clipped_fraction"}` over the steps since the last call (empty without any), then
+        reset. The norm is already the global one (accelerate reduces it over processes)."""
+        if not self.count:
+            return {}
+        record = {"grad_norm": self.total / self.count, "grad_clipped_fraction": self.clipped / self.count}
+        self.reset()
+        return record
+
+
 def num_real_tokens(batch: dict, pad_token_id: int | None) -> int:
     """Tokens of a batch that are not padding: the attention mask's, or for packed rows (no attention mask) those
     that are not `pad_token_id` (transformers' `Trainer` counts "non_padding" tokens the same way; a tokenizer whose
