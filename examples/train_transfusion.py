@@ -183,6 +183,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Preset name in examples/configs (tiny, small, "
         "paper_0.16b) or a json path: backbone text_config and image fields.",
     )
+    model.add_argument(
+        "--config_overrides",
+        default=None,
+        help="Fields of the preset's backbone text_config to override when training from scratch, as in "
+        "transformers' run_clm.py: e.g. 'num_hidden_layers=4,hidden_size=192'.",
+    )
     model.add_argument("--text_model_name_or_path", default=None, help="Start from a pretrained decoder LLM.")
     model.add_argument("--tokenizer_name_or_path", default=None)
     model.add_argument("--tokenizer_vocab_size", type=int, default=512, help="BPE size when training a tokenizer.")
@@ -393,7 +399,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             "the random frozen weights of a model trained from scratch it would train next to nothing."
         )
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
-    preset = load_model_preset(args.model_config)
+    preset = run_model_preset(args)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     if noiser.prediction_type == "epsilon" and args.snr_gamma is None:
         # Not an error: plain epsilon is the paper as written, and it may do at scale. Measured here it reads images
@@ -537,6 +543,37 @@ def load_model_preset(name_or_path: str) -> dict:
     return {key: value for key, value in preset.items() if not key.startswith("_")}
 
 
+def run_model_preset(args: argparse.Namespace) -> dict:
+    """The run's preset: `--model_config`, its backbone `text_config` updated by `--config_overrides`.
+
+    transformers' `PretrainedConfig.update_from_string` parses the overrides (each value cast to the type of the field
+    it replaces, unknown fields refused), as in its `run_clm.py`; a pretrained LLM brings its own config, so the two
+    do not combine.
+    """
+    preset = load_model_preset(args.model_config)
+    overrides = args.config_overrides
+    if overrides is None:
+        return preset
+    if args.text_model_name_or_path is not None:
+        raise ValueError(
+            f"--config_overrides={overrides!r} changes a backbone trained from scratch; with "
+            f"--text_model_name_or_path={args.text_model_name_or_path!r} the LLM's own config is used."
+        )
+    pairs = overrides.split(",")
+    if not all(pair.count("=") == 1 and pair.split("=")[0] for pair in pairs):
+        raise ValueError(f"--config_overrides={overrides!r}: give comma-separated key=value pairs.")
+    text_config = AutoConfig.for_model(**preset["text_config"])
+    updated = {}
+    for pair in pairs:
+        key = pair.split("=")[0]
+        try:
+            text_config.update_from_string(pair)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides={overrides!r}, field {key!r}: {first_line(error)}") from error
+        updated[key] = getattr(text_config, key)
+    return {**preset, "text_config": {**preset["text_config"], **updated}}
+
+
 def build_vae(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[AutoencoderKL | None, int, int]:
     """The frozen VAE on `device` (the accelerator: it encodes the data set, then decodes validation images), or None
     for pixel space; its downsampling factor and latent channels."""
@@ -592,7 +629,7 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
 
 def build_model(args: argparse.Namespace, tokenizer, latent_channels: int, latent_size: int):
     """From scratch (a preset) or from a pretrained LLM; returns the model and the base model id (for the card)."""
-    preset = load_model_preset(args.model_config)
+    preset = run_model_preset(args)
     text_config = preset.pop("text_config")
     image_fields = {
         **image_config_fields(args, preset, latent_channels, latent_size),

@@ -616,6 +616,37 @@ def test_model_presets_parse():
         train_transfusion.load_model_preset("huge")
 
 
+def test_config_overrides_change_the_backbone_of_a_run(tmp_path):
+    """`--config_overrides` (transformers' run_clm.py flag) edits the preset's text_config: values take the type of the
+    field they replace, and the saved model has them."""
+    args = train_transfusion.parse_args(
+        [*SHAPES, *TINY, "--config_overrides", "num_hidden_layers=1,rms_norm_eps=1e-5,hidden_act=gelu"]
+    )
+    text_config = train_transfusion.run_model_preset(args)["text_config"]
+    tiny = train_transfusion.load_model_preset("tiny")["text_config"]
+    assert text_config == {**tiny, "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "hidden_act": "gelu"}
+    assert isinstance(text_config["num_hidden_layers"], int)
+
+    out = run_main(tmp_path / "run", *SHAPES, "--max_train_steps", "1", "--config_overrides", "num_hidden_layers=1")
+    saved = json.loads((out / "transformer" / "config.json").read_text())
+    assert saved["text_config"]["num_hidden_layers"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, extra, message",
+    [
+        ("num_layers=2", [], r"--config_overrides='num_layers=2', field 'num_layers': key num_layers isn't in"),
+        ("num_hidden_layers=two", [], r"field 'num_hidden_layers': invalid literal for int\(\)"),
+        ("num_hidden_layers", [], r"give comma-separated key=value pairs"),
+        ("num_hidden_layers=2,", [], r"give comma-separated key=value pairs"),
+        ("num_hidden_layers=2", ["--text_model_name_or_path", "some/llm"], r"the LLM's own config is used"),
+    ],
+)
+def test_config_overrides_refuse_bad_fields_before_any_data(overrides, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train_transfusion.parse_args([*SHAPES, *TINY, "--config_overrides", overrides, *extra])
+
+
 def test_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
 
