@@ -79,8 +79,10 @@ from transfusion_hf.training_utils import (
     GradNormWindow,
     NonFiniteLossError,
     StepLosses,
+    TrainingClock,
     check_finite,
     checkpoint_step,
+    follow_time_budget,
     num_real_tokens,
     resolve_checkpoint,
     save_checkpoint,
@@ -310,6 +312,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=100)
     optim.add_argument(
+        "--lr_schedule_clock",
+        choices=["steps", "time"],
+        default="steps",
+        help="What moves the schedule: 'steps' (of --max_train_steps), or 'time', with --max_train_time_minutes: the "
+        "larger of the step and the spent share of the budget, so a run whose steps do not fit still decays fully.",
+    )
+    optim.add_argument(
         "--optim",
         choices=["adamw_torch_fused", "adamw_torch"],
         default="adamw_torch_fused",
@@ -387,6 +396,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--min_lr_ratio={args.min_lr_ratio} has no effect with --lr_scheduler={args.lr_scheduler}: use one of "
             f"{list(MIN_LR_SCHEDULERS)}."
         )
+    if args.max_train_time_minutes is not None and args.max_train_time_minutes <= 0:
+        raise ValueError(f"--max_train_time_minutes must be positive, got {args.max_train_time_minutes}.")
+    if args.lr_schedule_clock == "time" and args.max_train_time_minutes is None:
+        raise ValueError("--lr_schedule_clock=time needs --max_train_time_minutes (the budget the schedule follows).")
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
     check_text_and_packing_args(args)
@@ -675,9 +688,13 @@ def apply_lora(args: argparse.Namespace, model: TransfusionForMixedModal, new_to
 
 
 def build_lr_scheduler(
-    args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_processes: int
+    args: argparse.Namespace,
+    optimizer: torch.optim.Optimizer,
+    num_processes: int,
+    clock: TrainingClock | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """transformers' `get_scheduler(args.lr_scheduler)`, counted in optimizer steps of all processes.
+    """transformers' `get_scheduler(args.lr_scheduler)`, counted in optimizer steps of all processes; with
+    `--lr_schedule_clock time` it also advances with `clock`'s spent share of the time budget.
 
     Accelerate's prepared scheduler steps once per process at every optimizer step (and not on accumulation steps),
     so the warmup and total lengths are scaled by the number of processes.
@@ -685,13 +702,18 @@ def build_lr_scheduler(
     specific = {}
     if args.lr_scheduler in MIN_LR_SCHEDULERS:
         specific["min_lr_rate"] = DEFAULT_MIN_LR_RATIO if args.min_lr_ratio is None else args.min_lr_ratio
-    return get_scheduler(
+    scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
         num_warmup_steps=args.lr_warmup_steps * num_processes,
         num_training_steps=args.max_train_steps * num_processes,
         scheduler_specific_kwargs=specific,
     )
+    if args.lr_schedule_clock == "time":
+        if clock is None:
+            raise ValueError("--lr_schedule_clock=time: build_lr_scheduler needs the run's TrainingClock.")
+        follow_time_budget(scheduler, clock, args.max_train_steps * num_processes)
+    return scheduler
 
 
 def training_scheduler(prediction_type: str):
@@ -867,7 +889,9 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
     )
-    started, window_tokens, window_start = time.time(), 0, time.time()
+    clock = components["clock"]
+    clock.start()
+    window_tokens, window_start = 0, time.time()
     ema = components["ema"]
     step_losses = StepLosses()
     grad_norms = components["grad_norms"]
@@ -925,15 +949,22 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 run_validation(args, accelerator, model, components, components["examples"], global_step)
                 if ema is not None:
                     ema.restore(trainable_parameters(model))
-            out_of_time = args.max_train_time_minutes and time.time() - started > 60 * args.max_train_time_minutes
+            out_of_time = clock.out_of_time()
             if global_step >= args.max_train_steps or out_of_time:
-                if out_of_time:
+                if out_of_time and args.lr_schedule_clock == "time":
+                    accelerator.print(
+                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step} of "
+                        f"--max_train_steps={args.max_train_steps}; the schedule followed the budget to its end "
+                        f"(learning rate {lr_scheduler.get_last_lr()[0]:.3g})."
+                    )
+                elif out_of_time:
                     # The schedule was planned for --max_train_steps: say how far from its end the run stopped.
                     accelerator.print(
                         f"Time budget of {args.max_train_time_minutes} min reached at step {global_step} of "
                         f"--max_train_steps={args.max_train_steps}: the learning rate is still "
                         f"{lr_scheduler.get_last_lr()[0]:.3g} (its schedule ends at step {args.max_train_steps}; set "
-                        "--max_train_steps to what fits the budget for a run that decays fully)."
+                        "--max_train_steps to what fits the budget, or --lr_schedule_clock time, for a run that "
+                        "decays fully)."
                     )
                 progress.close()
                 return global_step
@@ -1316,7 +1347,11 @@ def build_dataloader(
 
 
 def build_optimizer(
-    args: argparse.Namespace, model: torch.nn.Module, row_trained: list[torch.nn.Parameter], num_processes: int
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    row_trained: list[torch.nn.Parameter],
+    num_processes: int,
+    clock: TrainingClock | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the trainable parameters (no weight decay on biases, norms and embeddings) and its learning-rate
     schedule, counted in optimizer steps of all `num_processes`."""
@@ -1328,7 +1363,7 @@ def build_optimizer(
         eps=args.adam_epsilon,
         fused=args.optim == "adamw_torch_fused",
     )
-    return optimizer, build_lr_scheduler(args, optimizer, num_processes)
+    return optimizer, build_lr_scheduler(args, optimizer, num_processes, clock)
 
 
 def prepare_with_accelerator(
@@ -1463,7 +1498,8 @@ def main(argv: list[str] | None = None) -> Path:
     context = model.config.text_config.max_position_embeddings
     collator = build_collator(args, processor, noiser, context, accelerator)
     dataloader = build_dataloader(args, data, vae, collator, accelerator)
-    optimizer, lr_scheduler = build_optimizer(args, model, row_trained, accelerator.num_processes)
+    clock = TrainingClock(args.max_train_time_minutes)
+    optimizer, lr_scheduler = build_optimizer(args, model, row_trained, accelerator.num_processes, clock)
     model, optimizer, dataloader, lr_scheduler = prepare_with_accelerator(
         args, accelerator, model, optimizer, dataloader, lr_scheduler
     )
@@ -1480,6 +1516,7 @@ def main(argv: list[str] | None = None) -> Path:
         "inference_scheduler": inference_scheduler(args, noiser.scheduler),
         "clean_error": CleanImageErrorTracker(noiser),
         "grad_norms": GradNormWindow(args.max_grad_norm),
+        "clock": clock,
         "collator": collator,
         "truncated_logged": 0,
         "text_validation_batches": text_validation_batches(data.held_out_texts, processor, noiser, context, args),

@@ -36,6 +36,7 @@ from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import special_token_ids
 from transfusion_hf.training_utils import (
     NonFiniteLossError,
+    TrainingClock,
     check_finite,
     checkpoint_step,
     list_checkpoints,
@@ -606,6 +607,57 @@ def test_time_budget_stop_says_how_far_the_schedule_was(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reached at step 1 of --max_train_steps=1000: the learning rate is still" in out
     assert json.loads((output_dir / "training_summary.json").read_text())["global_step"] == 1
+
+
+def test_time_clock_schedule_follows_the_budget_and_keeps_checkpoints_plain(tmp_path):
+    """`--lr_schedule_clock time`: the schedule's position is the larger of the step and the spent share of the budget
+    (capped at its end); before the clock starts it is the step schedule; its state holds no closure or clock."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+
+    def scheduler_at(spent_share: float | None, *flags: str):
+        args = train_transfusion.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
+                                             "--learning_rate", "1.0", "--max_train_time_minutes", "10", *flags])  # fmt: skip
+        clock = TrainingClock(args.max_train_time_minutes)
+        optimizer = torch.optim.SGD([parameter], lr=args.learning_rate)
+        scheduler = train_transfusion.build_lr_scheduler(args, optimizer, num_processes=1, clock=clock)
+        if spent_share is not None:
+            clock.started = time.time() - spent_share * clock.budget_seconds
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        return scheduler
+
+    by_steps = [scheduler_at(None).lr_lambdas[0](step) for step in range(11)]
+    assert scheduler_at(None, "--lr_schedule_clock", "time").get_last_lr()[0] == pytest.approx(by_steps[3])
+    # Steps ahead of the clock lead; a clock ahead of the steps leads; a spent budget gives the floor.
+    assert scheduler_at(0.1, "--lr_schedule_clock", "time").get_last_lr()[0] == pytest.approx(by_steps[3])
+    assert scheduler_at(0.5, "--lr_schedule_clock", "time").get_last_lr()[0] == pytest.approx(by_steps[5], rel=1e-3)
+    assert scheduler_at(3.0, "--lr_schedule_clock", "time").get_last_lr()[0] == pytest.approx(0.05)
+    assert scheduler_at(0.5).get_last_lr()[0] == pytest.approx(by_steps[3])  # the default clock ignores the time
+
+    torch.save(scheduler_at(0.5, "--lr_schedule_clock", "time").state_dict(), tmp_path / "scheduler.pt")
+    assert torch.load(tmp_path / "scheduler.pt", weights_only=True)["last_epoch"] == 3
+
+
+def test_time_clock_run_ends_its_schedule_with_the_budget(tmp_path, capsys):
+    """A run whose steps cannot fit its budget still ends at the schedule's floor (5% of the peak)."""
+    output_dir = tmp_path / "run"
+    run_main(output_dir, *SHAPES, "--max_train_steps", "100000", "--max_train_time_minutes", "0.02",
+             "--lr_schedule_clock", "time", "--learning_rate", "1e-3", "--checkpointing_steps", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "the schedule followed the budget to its end (learning rate 5e-05)" in out, out[-2000:]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_schedule_clock", "time"], r"--lr_schedule_clock=time needs --max_train_time_minutes"),
+        (["--max_train_time_minutes", "0"], r"--max_train_time_minutes must be positive, got 0.0"),
+    ],
+)
+def test_time_budget_flags_are_checked(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
 
 
 def test_model_presets_parse():

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -251,6 +252,55 @@ class GradNormWindow:
         record = {"grad_norm": self.total / self.count, "grad_clipped_fraction": self.clipped / self.count}
         self.reset()
         return record
+
+
+class TrainingClock:
+    """Wall time of a training run against its budget (`--max_train_time_minutes`), counted from `start()`.
+
+    Args:
+        budget_minutes (`float`, *optional*): the budget; without one the run never runs out of time.
+    """
+
+    def __init__(self, budget_minutes: float | None = None):
+        self.budget_seconds = None if budget_minutes is None else 60.0 * budget_minutes
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds since `start()` (0 before it)."""
+        return 0.0 if self.started is None else time.time() - self.started
+
+    def fraction(self) -> float:
+        """The spent share of the budget, from 0 (not started, or no budget) up; above 1 once it is spent."""
+        return 0.0 if not self.budget_seconds else self.elapsed() / self.budget_seconds
+
+    def out_of_time(self) -> bool:
+        return self.budget_seconds is not None and self.elapsed() > self.budget_seconds
+
+
+def follow_time_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, clock: TrainingClock, total_steps: int) -> None:
+    """Make a step-based `LambdaLR` schedule (any of `transformers.get_scheduler`'s) advance with the time budget too:
+    at step `s` it gives the factor of step `max(s, clock.fraction() * total_steps)`, capped at the last step. A run
+    whose steps do not fit the budget thus still warms up and decays to the schedule's end when the time runs out; one
+    that fits follows its steps. Budgeted training decays to the end of the budget (Li et al., 2020, "Budgeted
+    Training"); transformers and accelerate have no such schedule, so it wraps theirs.
+
+    The wrappers are plain closures, so `LambdaLR.state_dict` leaves them out of checkpoints (it saves only the step);
+    the clock of a resumed run restarts with the run, as its time budget does.
+    """
+
+    def follow(factor_of_step):
+        def at_time_or_step(step: int) -> float:
+            # The schedule's last step is total_steps - 1 (the factor of a full run's last update); past it some
+            # schedules rise again (cosine with a floor).
+            return factor_of_step(min(max(step, clock.fraction() * total_steps), total_steps - 1))
+
+        return at_time_or_step
+
+    # The first learning rate was set at construction, before the clock starts: the step schedule's own, unchanged.
+    scheduler.lr_lambdas = [follow(factor) for factor in scheduler.lr_lambdas]
 
 
 def num_real_tokens(batch: dict, pad_token_id: int | None) -> int:
