@@ -11,7 +11,7 @@ The paper's recipe is the default (section 4.1) except for the objective: lambda
 pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
 `cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
-cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 5
+cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20
 --snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow (README, "Why the
 paper's recipe did not draw"). U-Net patch layers take a linear shortcut of the raw patch unless
 `--unet_linear_shortcut false`.
@@ -420,7 +420,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         # not draw", cause 3), so a user who picked it for the paper's sake should hear it before ten minutes pass.
         logger.warning(
             "Plain epsilon prediction (--snr_gamma not set): the loss barely asks for the clean image at high noise, "
-            "where the prompt decides the layout; at small scale the samples ignore the prompt. --snr_gamma 5 "
+            "where the prompt decides the layout; at small scale the samples ignore the prompt. --snr_gamma 20 "
             "--snr_weighting truncated_min_snr --timestep_sampling importance is the measured fix (README, 'Why the "
             "paper's recipe did not draw')."
         )

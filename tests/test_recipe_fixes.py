@@ -821,7 +821,7 @@ def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, w
     with caplog.at_level("WARNING", logger="train_transfusion"):
         train_transfusion.parse_args(BASE + flags)
     messages = [record.getMessage() for record in caplog.records if record.name == "train_transfusion"]
-    fix = "--snr_gamma 5 --snr_weighting truncated_min_snr --timestep_sampling importance"
+    fix = "--snr_gamma 20 --snr_weighting truncated_min_snr --timestep_sampling importance"
     assert any("Plain epsilon prediction" in message and fix in message for message in messages) == warns
 
 
