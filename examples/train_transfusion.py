@@ -916,6 +916,7 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     grad_norms.add(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                    clock.tick(accelerator)  # before the schedule reads it and the budget check below
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -621,7 +621,9 @@ def test_time_clock_schedule_follows_the_budget_and_keeps_checkpoints_plain(tmp_
         optimizer = torch.optim.SGD([parameter], lr=args.learning_rate)
         scheduler = train_transfusion.build_lr_scheduler(args, optimizer, num_processes=1, clock=clock)
         if spent_share is not None:
-            clock.started = time.time() - spent_share * clock.budget_seconds
+            clock.start()
+            clock.started -= spent_share * clock.budget_seconds
+            clock.tick()
         for _ in range(3):
             optimizer.step()
             scheduler.step()
@@ -752,6 +754,22 @@ def test_two_processes_over_gloo(tmp_path):
         "random_states_0.pkl",
         "random_states_1.pkl",
     }
+    assert (out / "model_index.json").is_file()
+
+
+def test_two_processes_stop_together_at_the_time_budget(tmp_path):
+    """A budget that binds: both processes take the main process's clock (a broadcast per step), so they stop at the
+    same step with the same learning rate instead of one leaving the other in the next all-reduce."""
+    out = tmp_path / "run"
+    run = [str(SCRIPT), *TINY, *SHAPES, "--max_train_steps", "100000", "--max_train_time_minutes", "0.03",
+           "--lr_schedule_clock", "time", "--checkpointing_steps", "0", "--ddp_timeout", "60",
+           "--output_dir", str(out)]  # fmt: skip
+    result = accelerate_launch(
+        CONFIGS / "accelerate_cpu_2proc.yaml", run, dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("the schedule followed the budget to its end (learning rate 1.5e-05)") == 1
+    assert json.loads((out / "training_summary.json").read_text())["global_step"] > 1
     assert (out / "model_index.json").is_file()
 
 

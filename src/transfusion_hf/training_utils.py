@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -239,6 +240,8 @@ class GradNormWindow:
         backend reports none, as DeepSpeed does)."""
         if grad_norm is None:
             return
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         value = float(grad_norm)
         self.total += value
         self.count += 1
@@ -255,7 +258,12 @@ class GradNormWindow:
 
 
 class TrainingClock:
-    """Wall time of a training run against its budget (`--max_train_time_minutes`), counted from `start()`.
+    """Wall time of a training run against its budget (`--max_train_time_minutes`), counted from `start()` and read
+    at each `tick()`.
+
+    Every process must agree on when the budget is spent (one that stopped alone would leave the others waiting in the
+    next gradient all-reduce) and on the learning rate the budget implies (replicas with different rates drift apart),
+    so `tick` takes the main process's reading.
 
     Args:
         budget_minutes (`float`, *optional*): the budget; without one the run never runs out of time.
@@ -264,13 +272,25 @@ class TrainingClock:
     def __init__(self, budget_minutes: float | None = None):
         self.budget_seconds = None if budget_minutes is None else 60.0 * budget_minutes
         self.started: float | None = None
+        self.reading = 0.0
 
     def start(self) -> None:
-        self.started = time.time()
+        self.started, self.reading = time.time(), 0.0
+
+    def tick(self, accelerator=None) -> None:
+        """Read the time (once per optimizer step); with several processes, the main process's reading for all (one
+        scalar broadcast, only when there is a budget)."""
+        if self.started is None or self.budget_seconds is None:
+            return
+        elapsed = time.time() - self.started
+        if accelerator is not None and accelerator.num_processes > 1:
+            reading = torch.tensor([elapsed], dtype=torch.float64, device=accelerator.device)
+            elapsed = float(broadcast(reading, from_process=0)[0])
+        self.reading = elapsed
 
     def elapsed(self) -> float:
-        """Seconds since `start()` (0 before it)."""
-        return 0.0 if self.started is None else time.time() - self.started
+        """Seconds from `start()` to the last `tick()`."""
+        return self.reading
 
     def fraction(self) -> float:
         """The spent share of the budget, from 0 (not started, or no budget) up; above 1 once it is spent."""
