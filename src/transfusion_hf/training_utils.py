@@ -311,6 +311,9 @@ def follow_time_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, clock: Trai
     the clock of a resumed run restarts with the run, as its time budget does.
     """
 
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ValueError(f"A time budget can only move a LambdaLR schedule, not {type(scheduler).__name__}.")
+
     def follow(factor_of_step):
         def at_time_or_step(step: int) -> float:
             # The schedule's last step is total_steps - 1 (the factor of a full run's last update); past it some
