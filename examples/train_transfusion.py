@@ -573,12 +573,12 @@ def run_model_preset(args: argparse.Namespace) -> dict:
             f"--text_model_name_or_path={args.text_model_name_or_path!r} the LLM's own config is used."
         )
     pairs = overrides.split(",")
-    if not all(pair.count("=") == 1 and pair.split("=")[0] for pair in pairs):
+    keys = [pair.partition("=")[0] for pair in pairs]
+    if not all(pair.count("=") == 1 and key for pair, key in zip(pairs, keys)):
         raise ValueError(f"--config_overrides={overrides!r}: give comma-separated key=value pairs.")
     text_config = AutoConfig.for_model(**preset["text_config"])
     updated = {}
-    for pair in pairs:
-        key = pair.split("=")[0]
+    for pair, key in zip(pairs, keys):
         try:
             text_config.update_from_string(pair)
         except ValueError as error:
@@ -952,27 +952,29 @@ def training_loop(args, accelerator, model, optimizer, lr_scheduler, dataloader,
                     ema.restore(trainable_parameters(model))
             out_of_time = clock.out_of_time()
             if global_step >= args.max_train_steps or out_of_time:
-                if out_of_time and args.lr_schedule_clock == "time":
-                    accelerator.print(
-                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step} of "
-                        f"--max_train_steps={args.max_train_steps}; the schedule followed the budget to its end "
-                        f"(learning rate {lr_scheduler.get_last_lr()[0]:.3g})."
-                    )
-                elif out_of_time:
-                    # The schedule was planned for --max_train_steps: say how far from its end the run stopped.
-                    accelerator.print(
-                        f"Time budget of {args.max_train_time_minutes} min reached at step {global_step} of "
-                        f"--max_train_steps={args.max_train_steps}: the learning rate is still "
-                        f"{lr_scheduler.get_last_lr()[0]:.3g} (its schedule ends at step {args.max_train_steps}; set "
-                        "--max_train_steps to what fits the budget, or --lr_schedule_clock time, for a run that "
-                        "decays fully)."
-                    )
+                if out_of_time:
+                    accelerator.print(time_budget_message(args, global_step, lr_scheduler.get_last_lr()[0]))
                 progress.close()
                 return global_step
         state["epoch"] += 1
         state["batches_in_epoch"] = 0
     progress.close()
     return global_step
+
+
+def time_budget_message(args: argparse.Namespace, step: int, learning_rate: float) -> str:
+    """What a run stopped by `--max_train_time_minutes` says: with the step clock, how far from its end the schedule
+    (planned for `--max_train_steps`) stopped."""
+    reached = (
+        f"Time budget of {args.max_train_time_minutes} min reached at step {step} of "
+        f"--max_train_steps={args.max_train_steps}"
+    )
+    if args.lr_schedule_clock == "time":
+        return f"{reached}; the schedule followed the budget to its end (learning rate {learning_rate:.3g})."
+    return (
+        f"{reached}: the learning rate is still {learning_rate:.3g} (its schedule ends at step {args.max_train_steps}; "
+        "set --max_train_steps to what fits the budget, or --lr_schedule_clock time, for a run that decays fully)."
+    )
 
 
 def training_forward(model, batch: dict):
