@@ -662,6 +662,17 @@ def test_time_budget_flags_are_checked(flags, message):
         train_transfusion.parse_args([*SHAPES, *TINY, *flags])
 
 
+def test_shapes_demo_schedule_follows_its_time_cap():
+    """The demo's recipe caps training at 12.5 minutes and lets the schedule follow that cap, so a slow machine still
+    ends the run at the schedule's floor; a user's own flags override both."""
+    shapes_demo = load_script(ROOT / "examples" / "shapes_demo.py")
+    args = train_transfusion.parse_args([*shapes_demo.recipe_for([]), "--output_dir", "unused"])
+    assert (args.lr_schedule_clock, args.max_train_time_minutes) == ("time", 12.5)
+    overrides = ["--lr_schedule_clock", "steps", "--prediction_type", "epsilon"]
+    args = train_transfusion.parse_args([*shapes_demo.recipe_for(overrides), "--output_dir", "unused", *overrides])
+    assert (args.lr_schedule_clock, args.timestep_sampling) == ("steps", "uniform")
+
+
 def test_model_presets_parse():
     for name in ("tiny", "small", "paper_0.16b"):
         preset = train_transfusion.load_model_preset(name)
