@@ -42,8 +42,9 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "d_eps_min_snr": ("d", "epsilon + min-SNR-5", UNET + EPSILON + MIN_SNR),
     "d_eps_truncated_snr": ("d", "epsilon + truncated min-SNR-5", UNET + EPSILON + TRUNCATED),
     "d_eps_truncated_snr_importance": ("d", "epsilon + truncated min-SNR-5, importance-sampled t", UNET + EPSILON + TRUNCATED + ["--timestep_sampling", "importance"]),
-    # The paper's recipe as tuned for 10 CPU minutes (README, "Four layers and --snr_gamma 20"): not a one-change row.
-    "d_eps_cpu_recipe": ("d", "epsilon + truncated min-SNR-20, importance t, 4 layers, 8-64 ch U-Net + shortcut, batch 16", ["--model_config", "small_unet", "--config_overrides", "num_hidden_layers=4", "--unet_block_out_channels", "8", "16", "32", "64", "--unet_norm_num_groups", "4", "--train_batch_size", "16"] + EPSILON + ["--snr_gamma", "20", "--snr_weighting", "truncated_min_snr", "--timestep_sampling", "importance"]),
+    # The paper's recipe as tuned for 10 CPU minutes (README, "Four layers and --snr_gamma 20", "lambda 15"): not a
+    # one-change row.
+    "d_eps_cpu_recipe": ("d", "epsilon + truncated min-SNR-20, importance t, lambda 15, 4 layers, 8-64 ch U-Net + shortcut, batch 16", ["--model_config", "small_unet", "--config_overrides", "num_hidden_layers=4", "--unet_block_out_channels", "8", "16", "32", "64", "--unet_norm_num_groups", "4", "--train_batch_size", "16"] + EPSILON + ["--snr_gamma", "20", "--snr_weighting", "truncated_min_snr", "--timestep_sampling", "importance", "--diffusion_loss_weight", "15"]),
     "d_v": ("d", "v-prediction, DDPM cosine", UNET + ["--prediction_type", "v_prediction"]),
     "d_flow": ("d", "rectified flow (reference row)", UNET + FLOW),
     "d_flow_logit_normal": ("d", "rectified flow, logit-normal t", UNET + FLOW + ["--timestep_sampling", "logit_normal"]),

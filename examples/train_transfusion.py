@@ -12,8 +12,8 @@ pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
 `cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
 cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20
---snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow (README, "Why the
-paper's recipe did not draw"). U-Net patch layers take a linear shortcut of the raw patch unless
+--snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow, and sooner with
+`--diffusion_loss_weight 15` (README, "Why the paper's recipe did not draw"). U-Net patch layers take a linear shortcut of the raw patch unless
 `--unet_linear_shortcut false`.
 """
 
