@@ -13,8 +13,8 @@ embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learnin
 `cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
 cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20
 --snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow, and sooner with
-`--diffusion_loss_weight 15` (README, "Why the paper's recipe did not draw"). U-Net patch layers take a linear shortcut of the raw patch unless
-`--unet_linear_shortcut false`.
+`--diffusion_loss_weight 15` (README, "Why the paper's recipe did not draw"). U-Net patch layers take a linear
+shortcut of the raw patch unless `--unet_linear_shortcut false`.
 """
 
 from __future__ import annotations
@@ -972,8 +972,9 @@ def time_budget_message(args: argparse.Namespace, step: int, learning_rate: floa
     if args.lr_schedule_clock == "time":
         return f"{reached}; the schedule followed the budget to its end (learning rate {learning_rate:.3g})."
     return (
-        f"{reached}: the learning rate is still {learning_rate:.3g} (its schedule ends at step {args.max_train_steps}; "
-        "set --max_train_steps to what fits the budget, or --lr_schedule_clock time, for a run that decays fully)."
+        f"{reached}: the learning rate is still {learning_rate:.3g} (its schedule ends at step "
+        f"{args.max_train_steps}; set --max_train_steps to what fits the budget, or --lr_schedule_clock time, for a "
+        "run that decays fully)."
     )
 
 
