@@ -248,6 +248,10 @@ TINY = ["--model_config", "tiny", "--report_to", "none"]
             ["--unet_linear_shortcut", "true"],
             r"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got 'linear'",
         ),
+        (
+            ["--unet_output_shortcut", "true"],
+            r"`unet_output_shortcut`=True needs `patch_encoder`='unet', got 'linear'",
+        ),
     ],
 )
 def test_bad_model_flags_fail_before_any_data(
@@ -267,6 +271,22 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     )
     preset = train_transfusion.load_model_preset(args.model_config)
     assert train_transfusion.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "linear_shortcut", "output_shortcut"),
+    [
+        (["--model_config", "small_unet"], True, True),  # the preset's
+        (["--model_config", "small_unet", "--unet_output_shortcut", "false"], True, False),
+        (["--patch_encoder", "unet"], True, True),  # a U-Net on a preset that says nothing: both by default
+        (["--patch_encoder", "unet", "--unet_output_shortcut", "false"], True, False),
+        ([], False, False),  # linear patches: no shortcut to take
+    ],
+)
+def test_unet_shortcut_defaults(train_transfusion, no_data_loading, flags, linear_shortcut, output_shortcut):
+    args = train_transfusion.parse_args(["--dataset", "shapes", *TINY, *flags])
+    fields = train_transfusion.image_config_fields(args, train_transfusion.load_model_preset(args.model_config), 3, 32)
+    assert (fields["unet_linear_shortcut"], fields["unet_output_shortcut"]) == (linear_shortcut, output_shortcut)
 
 
 def test_missing_data_source_is_named(train_transfusion, no_data_loading, tmp_path):

@@ -213,6 +213,46 @@ def test_unet_linear_shortcut_adds_the_raw_patch_projection(tmp_path):
         small_unet_config(unet_linear_shortcut="yes")
 
 
+def test_unet_output_shortcut_adds_the_linear_decoder(tmp_path):
+    """`unet_output_shortcut=True`: the decoder's output is the U-Net's plus the linear decoder's projection of each
+    hidden state to its patch, zero at initialisation (the model's output starts unchanged) but trained; saved and
+    loaded with the model; refused without the U-Net."""
+    from transfusion_hf.image_layers import TransfusionLinearPatchDecoder
+
+    config = small_unet_config(unet_output_shortcut=True)
+    model = make_model(config, seed=0)
+    decoder = model.image_decoder
+    assert isinstance(decoder.shortcut, TransfusionLinearPatchDecoder)
+    assert decoder.shortcut.proj.out_features == 3 * 8 * 8 and not decoder.shortcut.proj.weight.any()
+    assert make_model(small_unet_config(), seed=0).image_decoder.shortcut is None
+    hidden = torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([0, 500])
+    skips = [torch.randn(2, c, 32 >> level, 32 >> level) for level, c in enumerate(config.unet_block_out_channels)]
+    perturb_zero_init(model, seed=1)
+    with torch.no_grad():
+        output = decoder(hidden, timesteps, skips)
+        shortcut, decoder.shortcut = decoder.shortcut, None
+        unet_output = decoder(hidden, timesteps, skips)
+        decoder.shortcut = shortcut
+        expected = unet_output + shortcut(hidden, timesteps)
+    torch.testing.assert_close(output, expected)
+    assert (output - unet_output).abs().mean() > 1e-3
+    # The raw patch of a token lands on that token's 8x8 window (row-major patch grid).
+    with torch.no_grad():
+        single = torch.zeros_like(hidden)
+        single[:, 5] = hidden[:, 5]
+        drawn = shortcut(single, timesteps) - shortcut(torch.zeros_like(hidden), timesteps)  # without the bias
+    assert drawn[:, :, 8:16, 8:16].abs().sum() > 0 and drawn[:, :, :8].abs().sum() == 0
+    model.save_pretrained(tmp_path)
+    loaded = TransfusionForMixedModal.from_pretrained(tmp_path)
+    assert loaded.config.unet_output_shortcut is True
+    assert torch.equal(loaded.image_decoder.shortcut.proj.weight, shortcut.proj.weight)
+    with pytest.raises(ValueError, match=r"`unet_output_shortcut`=True needs `patch_encoder`='unet', got 'linear'"):
+        small_unet_config(patch_encoder="linear", unet_linear_shortcut=False, unet_output_shortcut=True)
+    with pytest.raises(ValueError, match="`unet_output_shortcut` must be a bool, got 1"):
+        small_unet_config(unet_output_shortcut=1)
+
+
 def image_only_inputs(config: TransfusionConfig, latents: torch.Tensor, timesteps: torch.Tensor) -> dict:
     """One `<text> <boi> <image>*N <eoi>` row per image."""
     generator = torch.Generator().manual_seed(0)

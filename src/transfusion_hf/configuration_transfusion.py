@@ -54,6 +54,11 @@ class TransfusionConfig(PreTrainedConfig):
             computes) to the U-Net's token. The U-Net's tokens carry layout but lose colour early in training
             (captions naming a wrong colour, samples in mixed colours); the shortcut hands the patch's pixels to the
             transformer directly (see the README's ablation `u_linear_shortcut`). Not in the paper.
+        unet_output_shortcut (`bool`, defaults to `False`):
+            With `patch_encoder="unet"`, also add one linear projection of each token's hidden state back to its
+            patch (what the linear decoder computes, zero at initialisation) to the U-Net's output: the transformer
+            draws each patch directly and the U-Net's convolutions, which see across patch borders, add what it
+            cannot. Not in the paper.
         image_attention (`str`, defaults to `"bidirectional"`):
             `"bidirectional"`: the patches of one image attend to each other (paper, section 3.2). `"causal"`: plain
             causal attention everywhere, the paper's ablation (Table 5).
@@ -104,6 +109,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_norm_num_groups: int = 8
     unet_skip_connections: str = "fine"
     unet_linear_shortcut: bool = False
+    unet_output_shortcut: bool = False
     image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
     modality_experts: bool = False
@@ -186,6 +192,13 @@ class TransfusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
                 "encoder is that projection already)."
+            )
+        if not isinstance(self.unet_output_shortcut, bool):
+            raise ValueError(f"`unet_output_shortcut` must be a bool, got {self.unet_output_shortcut!r}.")
+        if self.unet_output_shortcut and self.patch_encoder != "unet":
+            raise ValueError(
+                f"`unet_output_shortcut`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
+                "decoder is that projection already)."
             )
         if not isinstance(self.modality_experts, bool):
             raise ValueError(f"`modality_experts` must be a bool, got {self.modality_experts!r}.")

@@ -220,7 +220,8 @@ class TransfusionUNetPatchDecoder(nn.Module):
     latent, the timestep fed into every block. The down path's skips are concatenated at the levels selected by
     `config.unet_skip_connections`: coarse skips let encoder and decoder denoise the whole image around the
     transformer, without the text, so by default only the full-resolution level is joined (it carries the per-pixel
-    noise that the patch tokens cannot)."""
+    noise that the patch tokens cannot). With `config.unet_output_shortcut` the linear decoder's projection of each
+    token to its patch is added to the output."""
 
     def __init__(self, config: TransfusionConfig):
         super().__init__()
@@ -248,6 +249,9 @@ class TransfusionUNetPatchDecoder(nn.Module):
         self.act = nn.SiLU()
         self.conv_out = mark_zero_init(nn.Conv2d(channels[0], config.latent_channels, 3, padding=1))
         mark_default_init(self)
+        # The linear decoder's projection, created after the U-Net's layers are flagged so that it starts at zero as
+        # the linear decoder does (`config.unet_output_shortcut`).
+        self.shortcut = TransfusionLinearPatchDecoder(config) if config.unet_output_shortcut else None
 
     def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """
@@ -272,7 +276,10 @@ class TransfusionUNetPatchDecoder(nn.Module):
             for block in blocks:
                 x = block(x, temb)
             x = upsample(x)
-        return self.conv_out(self.act(self.norm_out(x)))
+        output = self.conv_out(self.act(self.norm_out(x)))
+        if self.shortcut is not None:
+            output = output + self.shortcut(hidden_states, timesteps)
+        return output
 
 
 def unet_skip_levels(config: TransfusionConfig) -> frozenset[int]:
