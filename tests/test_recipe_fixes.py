@@ -55,6 +55,8 @@ def small_unet_config(**overrides) -> TransfusionConfig:
     fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
     assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [16, 32, 64, 128]
     fields.update(latent_channels=3, latent_size=32)
+    if overrides.get("patch_encoder") == "linear":  # the preset's U-Net shortcuts have nothing to attach to
+        fields.update(unet_linear_shortcut=False, unet_output_shortcut=False)
     fields.update(overrides)
     return tiny_config(text_config=llama_text_config(hidden_size=64, intermediate_size=128), **fields)
 
@@ -108,7 +110,9 @@ def test_unet_layers_keep_fan_in_init_and_output_layers_start_at_zero():
             if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) or name == "shortcut":
                 continue  # the shortcut is initialised as the linear encoder's projection (tested below)
             if getattr(layer, "_transfusion_zero_init", False):
-                assert name == "conv_out" and part is model.image_decoder
+                # The U-Net's last conv, and the output shortcut (the linear decoder's projection, as it starts).
+                assert name in ("conv_out", "shortcut.proj") and part is model.image_decoder, name
+                assert not layer.weight.any() and not layer.bias.any(), name
                 continue
             assert getattr(layer, "_transfusion_default_init", False), name
             # PyTorch's kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in),
@@ -224,7 +228,7 @@ def test_unet_output_shortcut_adds_the_linear_decoder(tmp_path):
     decoder = model.image_decoder
     assert isinstance(decoder.shortcut, TransfusionLinearPatchDecoder)
     assert decoder.shortcut.proj.out_features == 3 * 8 * 8 and not decoder.shortcut.proj.weight.any()
-    assert make_model(small_unet_config(), seed=0).image_decoder.shortcut is None
+    assert make_model(small_unet_config(unet_output_shortcut=False), seed=0).image_decoder.shortcut is None
     hidden = torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([0, 500])
     skips = [torch.randn(2, c, 32 >> level, 32 >> level) for level, c in enumerate(config.unet_block_out_channels)]
@@ -248,7 +252,7 @@ def test_unet_output_shortcut_adds_the_linear_decoder(tmp_path):
     assert loaded.config.unet_output_shortcut is True
     assert torch.equal(loaded.image_decoder.shortcut.proj.weight, shortcut.proj.weight)
     with pytest.raises(ValueError, match=r"`unet_output_shortcut`=True needs `patch_encoder`='unet', got 'linear'"):
-        small_unet_config(patch_encoder="linear", unet_linear_shortcut=False, unet_output_shortcut=True)
+        small_unet_config(patch_encoder="linear", unet_output_shortcut=True)
     with pytest.raises(ValueError, match="`unet_output_shortcut` must be a bool, got 1"):
         small_unet_config(unet_output_shortcut=1)
 
