@@ -14,8 +14,8 @@ embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learnin
 cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20
 --snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow, and sooner with
 `--diffusion_loss_weight 15` (README, "Why the paper's recipe did not draw"). U-Net patch layers take a linear
-shortcut of the raw patch unless `--unet_linear_shortcut false`, and a linear shortcut from each token back to its
-patch unless `--unet_output_shortcut false`.
+shortcut of the raw patch unless `--unet_linear_shortcut false`, and with flow a linear shortcut from each token back
+to its patch unless `--unet_output_shortcut false`.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["true", "false"],
         default=None,
         help="With the U-Net patch decoder, add a linear projection of each token back to its patch to the U-Net's "
-        "output (config field; default: true for a U-Net unless the preset sets it).",
+        "output (config field; default: true for a flow U-Net unless the preset sets it, false with epsilon or v).",
     )
     model.add_argument(
         "--patch_position_embedding",
@@ -646,10 +646,12 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
         is_unet = fields.get("patch_encoder", "linear") == "unet"
         fields["unet_linear_shortcut"] = is_unet and fields.get("unet_linear_shortcut", True)
     if args.unet_output_shortcut is None:
-        # Likewise the output shortcut: without it the U-Net draws blobs of the right colour, with it characters
-        # (glyph folder, 3,400 steps: t2i character 0.15 -> 0.80; README "The U-Net's output shortcut").
-        is_unet = fields.get("patch_encoder", "linear") == "unet"
-        fields["unet_output_shortcut"] = is_unet and fields.get("unet_output_shortcut", True)
+        # The output shortcut, for flow: without it the flow U-Net draws blobs of the right colour, with it characters
+        # (glyph folder, 3,400 steps: t2i character 0.15 -> 0.80). With epsilon it draws tiled shapes (the paper's
+        # recipe on the shapes, 2 seeds at 2,900 steps: 0.85 -> 0.49), as linear 8x8 epsilon does; v is unmeasured.
+        # README "The U-Net's output shortcut".
+        is_flow_unet = fields.get("patch_encoder") == "unet" and fields.get("prediction_type") == "flow_prediction"
+        fields["unet_output_shortcut"] = is_flow_unet and fields.get("unet_output_shortcut", True)
     return fields
 
 

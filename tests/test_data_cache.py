@@ -276,9 +276,15 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
 @pytest.mark.parametrize(
     ("flags", "linear_shortcut", "output_shortcut"),
     [
-        (["--model_config", "small_unet"], True, True),  # the preset's
+        (["--model_config", "small_unet"], True, True),  # a flow U-Net: both by default
         (["--model_config", "small_unet", "--unet_output_shortcut", "false"], True, False),
-        (["--patch_encoder", "unet"], True, True),  # a U-Net on a preset that says nothing: both by default
+        (["--model_config", "small_unet", "--prediction_type", "epsilon"], True, False),  # tiles with epsilon
+        (
+            ["--model_config", "small_unet", "--prediction_type", "epsilon", "--unet_output_shortcut", "true"],
+            True,
+            True,
+        ),
+        (["--patch_encoder", "unet"], True, True),  # a U-Net on a (flow) preset that says nothing
         (["--patch_encoder", "unet", "--unet_output_shortcut", "false"], True, False),
         ([], False, False),  # linear patches: no shortcut to take
     ],
