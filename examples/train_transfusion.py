@@ -638,19 +638,19 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
     for name in ("patch_position_embedding", "unet_linear_shortcut", "unet_output_shortcut"):  # true/false flags
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
+    is_unet = fields.get("patch_encoder", "linear") == "unet"
     if args.unet_linear_shortcut is None:
         # The script's U-Nets take the linear shortcut unless the preset says otherwise: without it the U-Net names
         # the wrong colour in most captions and draws mixed colours (2 seeds, README "Why the U-Net's captions
         # fail"). The config class keeps False as its default, so U-Net checkpoints saved before it load unchanged.
         # A linear encoder (e.g. `--patch_encoder linear` on the small_unet preset) has no shortcut to take.
-        is_unet = fields.get("patch_encoder", "linear") == "unet"
         fields["unet_linear_shortcut"] = is_unet and fields.get("unet_linear_shortcut", True)
     if args.unet_output_shortcut is None:
         # The output shortcut, for flow: without it the flow U-Net draws blobs of the right colour, with it characters
         # (glyph folder, 3,400 steps: t2i character 0.15 -> 0.80). With epsilon it draws tiled shapes (the paper's
         # recipe on the shapes, 2 seeds at 2,900 steps: 0.85 -> 0.49), as linear 8x8 epsilon does; v is unmeasured.
         # README "The U-Net's output shortcut".
-        is_flow_unet = fields.get("patch_encoder") == "unet" and fields.get("prediction_type") == "flow_prediction"
+        is_flow_unet = is_unet and fields.get("prediction_type") == "flow_prediction"
         fields["unet_output_shortcut"] = is_flow_unet and fields.get("unet_output_shortcut", True)
     return fields
 

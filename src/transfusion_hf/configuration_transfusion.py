@@ -186,20 +186,16 @@ class TransfusionConfig(PreTrainedConfig):
                     f"`unet_block_out_channels`={self.unet_block_out_channels} must be positive multiples of "
                     f"`unet_norm_num_groups`={groups} (GroupNorm splits the channels into that many groups)."
                 )
-        if not isinstance(self.unet_linear_shortcut, bool):
-            raise ValueError(f"`unet_linear_shortcut` must be a bool, got {self.unet_linear_shortcut!r}.")
-        if self.unet_linear_shortcut and self.patch_encoder != "unet":
-            raise ValueError(
-                f"`unet_linear_shortcut`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
-                "encoder is that projection already)."
-            )
-        if not isinstance(self.unet_output_shortcut, bool):
-            raise ValueError(f"`unet_output_shortcut` must be a bool, got {self.unet_output_shortcut!r}.")
-        if self.unet_output_shortcut and self.patch_encoder != "unet":
-            raise ValueError(
-                f"`unet_output_shortcut`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
-                "decoder is that projection already)."
-            )
+        # The two U-Net shortcuts (raw patch -> token, token -> patch) are what the linear encoder / decoder compute.
+        for name, linear_layer in (("unet_linear_shortcut", "encoder"), ("unet_output_shortcut", "decoder")):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+            if value and self.patch_encoder != "unet":
+                raise ValueError(
+                    f"`{name}`=True needs `patch_encoder`='unet', got {self.patch_encoder!r} (the linear "
+                    f"{linear_layer} is that projection already)."
+                )
         if not isinstance(self.modality_experts, bool):
             raise ValueError(f"`modality_experts` must be a bool, got {self.modality_experts!r}.")
         # Check the type first, so a non-number (e.g. None) gets the field's ValueError, not a TypeError.
