@@ -183,8 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--model_config",
         default="small",
-        help="Preset name in examples/configs (tiny, small, "
-        "paper_0.16b) or a json path: backbone text_config and image fields.",
+        help="Preset name in examples/configs (tiny, shapes, small, paper_0.16b) or a json path: backbone "
+        "text_config and image fields.",
     )
     model.add_argument(
         "--config_overrides",
@@ -434,6 +434,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     inference_scheduler(args, noiser.scheduler)
     check_model_fields(args, preset)
+    warn_about_preset_limits(args)
     check_image_text_source(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.train_data_files
     )
@@ -551,17 +552,41 @@ def check_text_freezing_args(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ components
-def load_model_preset(name_or_path: str) -> dict:
-    """A preset name of examples/configs (`model_{name}.json`) or a json path -> dict (keys starting with `_`
-    are comments)."""
+# Presets renamed: the old name still loads the preset under its new name.
+PRESET_ALIASES = {"small_unet": "small"}
+
+
+def preset_path(name_or_path: str) -> Path:
+    """The json file of a preset name of examples/configs (`model_{name}.json`, or a renamed one) or a json path."""
     path = Path(name_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / f"model_{name_or_path}.json"
+    if path.is_file():
+        return path
+    if name_or_path in PRESET_ALIASES:
+        logger.warning(f"--model_config {name_or_path} is now called {PRESET_ALIASES[name_or_path]}.")
+        name_or_path = PRESET_ALIASES[name_or_path]
+    path = CONFIG_DIR / f"model_{name_or_path}.json"
     if not path.is_file():
         presets = sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.json"))
         raise ValueError(f"--model_config={name_or_path!r} is neither a json file nor a preset {presets}.")
-    preset = json.loads(path.read_text())
+    return path
+
+
+def load_model_preset(name_or_path: str) -> dict:
+    """A preset name of examples/configs or a json path -> dict (keys starting with `_` are comments)."""
+    preset = json.loads(preset_path(name_or_path).read_text())
     return {key: value for key, value in preset.items() if not key.startswith("_")}
+
+
+def warn_about_preset_limits(args: argparse.Namespace) -> None:
+    """Say so before training when the preset declares (its `_warning`) that it does not draw this kind of data: the
+    `shapes` preset tiles real-looking images, `tiny` draws backgrounds only (README, "Do the presets draw
+    real-looking images?"). `except_dataset` names the built-in data set the preset is made for."""
+    warning = json.loads(preset_path(args.model_config).read_text()).get("_warning")
+    if warning is None:
+        return
+    made_for = warning.get("except_dataset")
+    if made_for is None or args.dataset_name != made_for:
+        logger.warning(f"--model_config {args.model_config}: {warning['text']}")
 
 
 def run_model_preset(args: argparse.Namespace) -> dict:
@@ -639,6 +664,17 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
     is_unet = fields.get("patch_encoder", "linear") == "unet"
+    channels, patch_size = fields.get("unet_block_out_channels"), fields.get("patch_size")
+    if (
+        is_unet
+        and args.unet_block_out_channels is None
+        and channels
+        and patch_size
+        and patch_size & (patch_size - 1) == 0
+    ):
+        # A preset's U-Net is laid out for its own patch size (one level per halving); with a smaller --patch_size
+        # keep its finest log2(patch_size) + 1 levels, so `--model_config small --patch_size 2` needs no channel list.
+        fields["unet_block_out_channels"] = channels[: patch_size.bit_length()]
     if args.unet_linear_shortcut is None:
         # The script's U-Nets take the linear shortcut unless the preset says otherwise: without it the U-Net names
         # the wrong colour in most captions and draws mixed colours (2 seeds, README "Why the U-Net's captions

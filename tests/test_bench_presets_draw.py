@@ -103,6 +103,9 @@ def test_tiny_end_to_end(presets_draw, tiny_judge, tmp_path, monkeypatch, capsys
     row = written["rows"][0]
     assert row["verdict"] in {"draws", "mean image", "mosaic", "noise"} and row["steps"] == 2
     assert written["all_draw"] == (row["verdict"] == "draws")
+    # The tiny preset declares that it does not draw: the training script warned, so a failure is not silent.
+    assert row["warned"] is True and written["silent_failures"] == []
+    assert "Not drawing without a warning: none." in printed
     assert row["metrics"]["num_t2i_images"] == 80 and Path(row["samples_grid"]).is_file()
     assert row["samples_grid"] in printed
     # The generic image folder: 64 PNGs with their captions, reused by the next run with the same settings.
@@ -126,7 +129,7 @@ def test_tiny_end_to_end(presets_draw, tiny_judge, tmp_path, monkeypatch, capsys
 def test_prepare_only_builds_the_folder_and_nothing_else(presets_draw, tiny_judge, tmp_path) -> None:
     work_dir = tmp_path / "work"
     result = presets_draw.main([*TINY_RUN, "--work_dir", str(work_dir), "--prepare_only"], judge=tiny_judge)
-    assert result == {"all_draw": True}
+    assert result == {"all_draw": True, "silent_failures": []}
     assert len(list((work_dir / "glyphs_folder").glob("*.png"))) == 64 and not (work_dir / "runs").exists()
 
 

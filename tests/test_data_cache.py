@@ -267,7 +267,7 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     assert args.encode_batch_size == 64 and args.latent_dtype == "float32" and args.latent_cache_dir is None
     train_transfusion.parse_args(["--dataset", "shapes", *TINY, "--resolution", "64", "--patch_size", "4"])
     args = train_transfusion.parse_args(
-        ["--dataset", "shapes", *TINY, "--model_config", "small_unet", "--unet_linear_shortcut", "true"]
+        ["--dataset", "shapes", *TINY, "--model_config", "small", "--unet_linear_shortcut", "true"]
     )
     preset = train_transfusion.load_model_preset(args.model_config)
     assert train_transfusion.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
@@ -276,11 +276,11 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
 @pytest.mark.parametrize(
     ("flags", "linear_shortcut", "output_shortcut"),
     [
-        (["--model_config", "small_unet"], True, True),  # a flow U-Net: both by default
-        (["--model_config", "small_unet", "--unet_output_shortcut", "false"], True, False),
-        (["--model_config", "small_unet", "--prediction_type", "epsilon"], True, False),  # tiles with epsilon
+        (["--model_config", "small"], True, True),  # a flow U-Net: both by default
+        (["--model_config", "small", "--unet_output_shortcut", "false"], True, False),
+        (["--model_config", "small", "--prediction_type", "epsilon"], True, False),  # tiles with epsilon
         (
-            ["--model_config", "small_unet", "--prediction_type", "epsilon", "--unet_output_shortcut", "true"],
+            ["--model_config", "small", "--prediction_type", "epsilon", "--unet_output_shortcut", "true"],
             True,
             True,
         ),

@@ -49,9 +49,9 @@ def make_model(config: TransfusionConfig, seed: int = 0, perturb: bool = False) 
 
 
 def small_unet_config(**overrides) -> TransfusionConfig:
-    """The image layers of examples/configs/model_small_unet.json (pixel space, 32x32, patch 8, a 16 -> 128 channel
-    U-Net) on a 64-wide, 2-layer backbone."""
-    preset = json.loads((ROOT / "examples" / "configs" / "model_small_unet.json").read_text())
+    """The image layers of examples/configs/model_small.json, the default preset (pixel space, 32x32, patch 8, a
+    16 -> 128 channel U-Net), on a 64-wide, 2-layer backbone."""
+    preset = json.loads((ROOT / "examples" / "configs" / "model_small.json").read_text())
     fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
     assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [16, 32, 64, 128]
     fields.update(latent_channels=3, latent_size=32)
@@ -841,7 +841,7 @@ def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch
         train_transfusion.parse_args(BASE + flags)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "small_unet"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "paper_0.16b"])
 def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(train_transfusion, preset):
     """Without --prediction_type, the preset's prediction type decides which noising flags are allowed."""
     prediction_type = train_transfusion.load_model_preset(preset).get("prediction_type", "epsilon")
@@ -858,7 +858,7 @@ def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type
         (["--model_config", "tiny", "--prediction_type", "epsilon"], True),
         (["--model_config", "tiny", "--prediction_type", "epsilon", "--snr_gamma", "5"], False),
         (["--model_config", "tiny", "--prediction_type", "v_prediction"], False),
-        (["--model_config", "small_unet"], False),
+        (["--model_config", "small"], False),
     ],
 )
 def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, warns):
@@ -873,7 +873,7 @@ def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, w
 
 def test_good_flag_combinations_parse(train_transfusion):
     args = train_transfusion.parse_args(
-        BASE + ["--model_config", "small_unet", "--prediction_type", "epsilon", "--snr_gamma", "5"]
+        BASE + ["--model_config", "small", "--prediction_type", "epsilon", "--snr_gamma", "5"]
     )
     assert args.snr_gamma == 5.0 and args.timestep_sampling == "uniform" and args.snr_weighting == "min_snr"
     args = train_transfusion.parse_args(
@@ -973,11 +973,11 @@ def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classe
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--model_config", "small_unet"], True),  # the preset's field
+        (["--model_config", "small"], True),  # the preset's field
         (["--model_config", "shapes", "--patch_encoder", "unet"], True),  # the script's default for a U-Net
         (["--model_config", "tiny", "--patch_encoder", "unet", "--unet_linear_shortcut", "false"], False),
-        (["--model_config", "small_unet", "--unet_linear_shortcut", "false"], False),
-        (["--model_config", "small_unet", "--patch_encoder", "linear"], False),  # no U-Net, no shortcut, no error
+        (["--model_config", "small", "--unet_linear_shortcut", "false"], False),
+        (["--model_config", "small", "--patch_encoder", "linear"], False),  # no U-Net, no shortcut, no error
         (["--model_config", "shapes"], False),
     ],
 )
@@ -991,6 +991,64 @@ def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(train_transfusio
     assert TransfusionConfig().unet_linear_shortcut is False
 
 
+def test_default_preset_is_the_unet_that_draws(train_transfusion, caplog):
+    """The script's default preset is the U-Net one that draws the glyph folder (README, "The U-Net's output
+    shortcut"): U-Net 8x8 patches with both shortcuts, rectified flow; its old name still loads it, with a warning."""
+    args = train_transfusion.parse_args(BASE)
+    assert args.model_config == "small"
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    config = model.config
+    assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("unet", 8, "flow_prediction")
+    assert config.unet_linear_shortcut and config.unet_output_shortcut and config.unet_skip_connections == "fine"
+    with caplog.at_level("WARNING", logger="train_transfusion"):
+        assert train_transfusion.load_model_preset("small_unet") == train_transfusion.load_model_preset("small")
+    assert "--model_config small_unet is now called small" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "channels"),
+    [
+        ([], [16, 32, 64, 128]),
+        (["--patch_size", "4"], [16, 32, 64]),
+        (["--patch_size", "2"], [16, 32]),
+        (["--patch_size", "2", "--unet_block_out_channels", "8", "8"], [8, 8]),  # the flag wins
+    ],
+)
+def test_smaller_patch_keeps_the_presets_finest_unet_levels(train_transfusion, flags, channels):
+    """A U-Net preset is laid out for its own patch size; `--patch_size` alone must not need a channel list."""
+    args = train_transfusion.parse_args(BASE + flags)
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    assert model.config.unet_block_out_channels == channels
+    assert len(model.image_encoder.levels) == len(channels)
+
+
+def test_larger_patch_than_the_unet_preset_fails_before_any_data(train_transfusion):
+    with pytest.raises(ValueError, match=r"unet_block_out_channels.*\[16, 32, 64, 128\]"):
+        train_transfusion.parse_args(BASE + ["--patch_size", "16"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "warning"),
+    [
+        (["--model_config", "shapes"], None),  # the flat shapes it is made for
+        (["--model_config", "shapes", "--dataset_name", "glyphs"], "draw mosaics of independent tiles"),
+        (["--model_config", "tiny"], "a smoke-test preset"),
+        (["--model_config", "small", "--dataset_name", "glyphs"], None),
+        (["--dataset_name", "glyphs"], None),
+    ],
+)
+def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, warning):
+    """No preset may silently draw mosaics or noise (issue 10): a preset's `_warning` is said before any data is
+    loaded, except on the built-in data set it is made for."""
+    with caplog.at_level("WARNING", logger="train_transfusion"):
+        args = train_transfusion.parse_args(BASE + flags)
+    warned = [record.getMessage() for record in caplog.records if "--model_config" in record.getMessage()]
+    if warning is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warning in warned[0] and f"--model_config {args.model_config}:" in warned[0]
+
+
 def test_new_model_flags_reach_the_config(train_transfusion):
     args = train_transfusion.parse_args(
         BASE
@@ -1002,11 +1060,11 @@ def test_new_model_flags_reach_the_config(train_transfusion):
     assert config.unet_skip_connections == "none" and config.image_attention == "causal"
     assert config.patch_position_embedding is False and model.patch_position_embedding is None
     # Without the flags, the preset's fields and the config defaults hold.
-    args = train_transfusion.parse_args(BASE + ["--model_config", "small_unet"])
+    args = train_transfusion.parse_args(BASE + ["--model_config", "small"])
     assert (
         args.unet_skip_connections is None and args.image_attention is None and args.patch_position_embedding is None
     )
     model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
-    preset = train_transfusion.load_model_preset("small_unet")
+    preset = train_transfusion.load_model_preset("small")
     assert model.config.unet_skip_connections == preset["unet_skip_connections"]
     assert model.config.image_attention == "bidirectional" and model.patch_position_embedding is not None
