@@ -420,6 +420,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             "the random frozen weights of a model trained from scratch it would train next to nothing."
         )
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
+    if args.model_config in PRESET_ALIASES and not Path(args.model_config).is_file():
+        logger.warning(f"--model_config {args.model_config} is now called {PRESET_ALIASES[args.model_config]}.")
+        args.model_config = PRESET_ALIASES[args.model_config]
     preset = run_model_preset(args)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     if noiser.prediction_type == "epsilon" and args.snr_gamma is None:
@@ -561,10 +564,7 @@ def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if name_or_path in PRESET_ALIASES:
-        logger.warning(f"--model_config {name_or_path} is now called {PRESET_ALIASES[name_or_path]}.")
-        name_or_path = PRESET_ALIASES[name_or_path]
-    path = CONFIG_DIR / f"model_{name_or_path}.json"
+    path = CONFIG_DIR / f"model_{PRESET_ALIASES.get(name_or_path, name_or_path)}.json"
     if not path.is_file():
         presets = sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.json"))
         raise ValueError(f"--model_config={name_or_path!r} is neither a json file nor a preset {presets}.")
@@ -664,17 +664,11 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
     is_unet = fields.get("patch_encoder", "linear") == "unet"
-    channels, patch_size = fields.get("unet_block_out_channels"), fields.get("patch_size")
-    if (
-        is_unet
-        and args.unet_block_out_channels is None
-        and channels
-        and patch_size
-        and patch_size & (patch_size - 1) == 0
-    ):
+    channels = fields.get("unet_block_out_channels")
+    if is_unet and channels and args.patch_size is not None and args.unet_block_out_channels is None:
         # A preset's U-Net is laid out for its own patch size (one level per halving); with a smaller --patch_size
         # keep its finest log2(patch_size) + 1 levels, so `--model_config small --patch_size 2` needs no channel list.
-        fields["unet_block_out_channels"] = channels[: patch_size.bit_length()]
+        fields["unet_block_out_channels"] = channels[: args.patch_size.bit_length()]
     if args.unet_linear_shortcut is None:
         # The script's U-Nets take the linear shortcut unless the preset says otherwise: without it the U-Net names
         # the wrong colour in most captions and draws mixed colours (2 seeds, README "Why the U-Net's captions

@@ -1000,9 +1000,11 @@ def test_default_preset_is_the_unet_that_draws(train_transfusion, caplog):
     config = model.config
     assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("unet", 8, "flow_prediction")
     assert config.unet_linear_shortcut and config.unet_output_shortcut and config.unet_skip_connections == "fine"
+    assert train_transfusion.load_model_preset("small_unet") == train_transfusion.load_model_preset("small")
     with caplog.at_level("WARNING", logger="train_transfusion"):
-        assert train_transfusion.load_model_preset("small_unet") == train_transfusion.load_model_preset("small")
-    assert "--model_config small_unet is now called small" in caplog.text
+        args = train_transfusion.parse_args(BASE + ["--model_config", "small_unet"])
+    assert args.model_config == "small"  # what the run saves and logs
+    assert caplog.text.count("--model_config small_unet is now called small") == 1
 
 
 @pytest.mark.parametrize(
