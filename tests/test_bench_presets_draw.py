@@ -90,6 +90,18 @@ def test_verdicts(presets_draw) -> None:
     assert presets_draw.verdict({**real, "t2i_character": 0.12, "sharpness_score": 13.0})[0] == "noise"
 
 
+def test_the_check_fails_only_on_silent_failures(presets_draw) -> None:
+    """A preset that does not draw fails the check unless the training script warned about it before training."""
+    rows = [
+        {"preset": "small", "verdict": "draws", "warned": False},
+        {"preset": "shapes", "verdict": "mosaic", "warned": True},
+        {"preset": "mine", "verdict": "mean image", "warned": False},
+    ]
+    assert presets_draw.outcome(rows) == {"all_draw": False, "silent_failures": ["mine"]}
+    assert presets_draw.outcome(rows[:2]) == {"all_draw": False, "silent_failures": []}
+    assert presets_draw.table_row({**rows[1], "train_minutes": 1.0})[-1] == "mosaic (warned)"
+
+
 def test_tiny_end_to_end(presets_draw, tiny_judge, tmp_path, monkeypatch, capsys) -> None:
     # The training subprocess reads this (conftest only sets this process's threads): one thread is as fast for the
     # tiny model and does not fight other jobs for the cores.
