@@ -9,7 +9,7 @@ flags, so the preset's own defaults are what is checked, and its saved pipeline 
 verdict: "draws", "mean image", "mosaic" or "noise" (thresholds below), and a samples grid in its run folder.
 
     python benchmarks/bench_presets_draw.py                      # every CPU-sized preset, 3,400 steps (<= 1 h) each
-    python benchmarks/bench_presets_draw.py --presets small shapes -- --use_ema
+    python benchmarks/bench_presets_draw.py --presets small tiny -- --use_ema
     python benchmarks/bench_presets_draw.py --presets tiny --num_samples 64 --max_train_steps 2 \\
         --images_per_caption 2 --num_inference_steps 2 --num_caption_images 8   # smoke run
 

@@ -52,7 +52,7 @@ if wants presets; then
     PRESETS_DIR=${PRESETS_WORK_DIR:-/tmp/presets_draw}
     # The image folder and the glyph judge are made once, before the presets start side by side.
     python3 benchmarks/bench_presets_draw.py --prepare_only --work_dir "$PRESETS_DIR" ${PRESETS_ARGS:-} || exit 1
-    for preset in ${PRESETS:-shapes small tiny}; do
+    for preset in ${PRESETS:-small tiny}; do
         timeout "${PRESETS_SECONDS:-540}" python3 benchmarks/bench_presets_draw.py --presets "$preset" \
             --work_dir "$PRESETS_DIR" --max_train_steps "${PRESETS_STEPS:-10000}" --max_train_time_minutes 60 \
             --output "$PRESETS_DIR/$preset.json" ${PRESETS_ARGS:-} > "$PRESETS_DIR/$preset.log" 2>&1 &

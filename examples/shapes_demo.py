@@ -30,7 +30,7 @@ from transfusion_hf.visualization import make_grid  # noqa: E402
 # fmt: off
 RECIPE = [
     "--dataset", "shapes",
-    "--model_config", "shapes",
+    "--model_config", "small",
     "--shapes_num_samples", "20000",
     "--train_batch_size", "32",
     "--max_train_steps", "2500",

@@ -421,8 +421,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     # The preset and the noising flags are checked here, before any data is loaded or encoded.
     if args.model_config in PRESET_ALIASES and not Path(args.model_config).is_file():
-        logger.warning(f"--model_config {args.model_config} is now called {PRESET_ALIASES[args.model_config]}.")
-        args.model_config = PRESET_ALIASES[args.model_config]
+        new_name, what_changed = PRESET_ALIASES[args.model_config]
+        logger.warning(f"--model_config {args.model_config} now loads {new_name}: {what_changed}")
+        args.model_config = new_name
     preset = run_model_preset(args)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     if noiser.prediction_type == "epsilon" and args.snr_gamma is None:
@@ -555,8 +556,20 @@ def check_text_freezing_args(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ components
-# Presets renamed: the old name still loads the preset under its new name.
-PRESET_ALIASES = {"small_unet": "small"}
+# Presets retired: the old name loads its successor under the new name, with a warning that says what changed.
+PRESET_ALIASES = {
+    "small_unet": (
+        "small",
+        "the same U-Net patch layers at half the width (8 -> 64 channels); --unet_block_out_channels 16 32 64 128 "
+        "--unet_norm_num_groups 8 gives the former width.",
+    ),
+    "shapes": (
+        "small",
+        "the built-in demo now trains the default preset (U-Net patch layers), which draws the shapes and "
+        "real-looking images alike, where the linear 8x8 patches of `shapes` drew mosaics of tiles on real-looking "
+        "images; --patch_encoder linear gives the former recipe.",
+    ),
+}
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -564,7 +577,7 @@ def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    path = CONFIG_DIR / f"model_{PRESET_ALIASES.get(name_or_path, name_or_path)}.json"
+    path = CONFIG_DIR / f"model_{PRESET_ALIASES.get(name_or_path, (name_or_path,))[0]}.json"
     if not path.is_file():
         presets = sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.json"))
         raise ValueError(f"--model_config={name_or_path!r} is neither a json file nor a preset {presets}.")
@@ -578,9 +591,9 @@ def load_model_preset(name_or_path: str) -> dict:
 
 
 def warn_about_preset_limits(args: argparse.Namespace) -> None:
-    """Say so before training when the preset declares (its `_warning`) that it does not draw this kind of data: the
-    `shapes` preset tiles real-looking images, `tiny` draws backgrounds only (README, "Do the presets draw
-    real-looking images?"). `except_dataset` names the built-in data set the preset is made for."""
+    """Say so before training when the preset declares (its `_warning`) that it does not draw this kind of data: `tiny`
+    draws backgrounds only (README, "Do the presets draw real-looking images?"). `except_dataset`, when given, names
+    the built-in data set the preset is made for (no warning there)."""
     warning = json.loads(preset_path(args.model_config).read_text()).get("_warning")
     if warning is None:
         return

@@ -50,10 +50,10 @@ def make_model(config: TransfusionConfig, seed: int = 0, perturb: bool = False) 
 
 def small_unet_config(**overrides) -> TransfusionConfig:
     """The image layers of examples/configs/model_small.json, the default preset (pixel space, 32x32, patch 8, a
-    16 -> 128 channel U-Net), on a 64-wide, 2-layer backbone."""
+    8 -> 64 channel U-Net), on a 64-wide, 2-layer backbone."""
     preset = json.loads((ROOT / "examples" / "configs" / "model_small.json").read_text())
     fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
-    assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [16, 32, 64, 128]
+    assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [8, 16, 32, 64]
     fields.update(latent_channels=3, latent_size=32)
     if overrides.get("patch_encoder") == "linear":  # the preset's U-Net shortcuts have nothing to attach to
         fields.update(unet_linear_shortcut=False, unet_output_shortcut=False)
@@ -87,7 +87,7 @@ def test_unet_encoder_keeps_the_signal_at_every_level():
         tokens, skips = model.image_encoder(latents, timesteps)
         outputs = model(**image_only_inputs(config, latents, timesteps), output_hidden_states=True)
         hidden_states = outputs.hidden_states[0]  # the backbone's input embeddings
-    assert [tuple(skip.shape[1:]) for skip in skips] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    assert [tuple(skip.shape[1:]) for skip in skips] == [(8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4)]
     stds = [float(skip.std()) for skip in skips]
     assert all(0.05 <= std <= 5.0 for std in stds), stds
     assert tokens.shape == (4, 16, 64)
@@ -294,14 +294,14 @@ def test_unet_decoder_reads_only_the_selected_skips(skip_connections, used_level
 
 def test_unet_skip_levels_set_the_decoder_widths():
     for skip_connections, finest, deepest in (
-        ("none", 32, 128),
-        ("fine", 32 + 16, 128),
-        ("coarse", 32, 128 + 128),
-        ("all", 32 + 16, 128 + 128),
+        ("none", 16, 64),
+        ("fine", 16 + 8, 64),
+        ("coarse", 16, 64 + 64),
+        ("all", 16 + 8, 64 + 64),
     ):
         decoder = make_model(small_unet_config(unet_skip_connections=skip_connections)).image_decoder
-        # The last up level (full resolution, 16 channels) takes the 32-channel upsampled map (+ the level-0 skip);
-        # the first takes the 128 channels of `proj` (+ the level-3 skip).
+        # The last up level (full resolution, 8 channels) takes the 16-channel upsampled map (+ the level-0 skip);
+        # the first takes the 64 channels of `proj` (+ the level-3 skip).
         assert decoder.levels[-1][0].conv1.in_channels == finest, skip_connections
         assert decoder.levels[0][0].conv1.in_channels == deepest, skip_connections
 
@@ -841,7 +841,7 @@ def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch
         train_transfusion.parse_args(BASE + flags)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "shapes", "paper_0.16b"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper_0.16b"])
 def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(train_transfusion, preset):
     """Without --prediction_type, the preset's prediction type decides which noising flags are allowed."""
     prediction_type = train_transfusion.load_model_preset(preset).get("prediction_type", "epsilon")
@@ -974,11 +974,11 @@ def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classe
     ("flags", "expected"),
     [
         (["--model_config", "small"], True),  # the preset's field
-        (["--model_config", "shapes", "--patch_encoder", "unet"], True),  # the script's default for a U-Net
+        (["--model_config", "tiny", "--patch_encoder", "unet"], True),  # the script's default for a U-Net
         (["--model_config", "tiny", "--patch_encoder", "unet", "--unet_linear_shortcut", "false"], False),
         (["--model_config", "small", "--unet_linear_shortcut", "false"], False),
         (["--model_config", "small", "--patch_encoder", "linear"], False),  # no U-Net, no shortcut, no error
-        (["--model_config", "shapes"], False),
+        (["--model_config", "tiny"], False),
     ],
 )
 def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(train_transfusion, flags, expected):
@@ -991,28 +991,48 @@ def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(train_transfusio
     assert TransfusionConfig().unet_linear_shortcut is False
 
 
-def test_default_preset_is_the_unet_that_draws(train_transfusion, caplog):
-    """The script's default preset is the U-Net one that draws the glyph folder (README, "The U-Net's output
-    shortcut"): U-Net 8x8 patches with both shortcuts, rectified flow; its old name still loads it, with a warning."""
+def test_default_preset_is_the_unet_that_draws(train_transfusion):
+    """The script's default preset is the U-Net one that draws the glyph folder and the shapes (README, "One preset
+    for the demo and the default"): U-Net 8x8 patches of 8 -> 64 channels with both shortcuts, rectified flow."""
     args = train_transfusion.parse_args(BASE)
     assert args.model_config == "small"
     model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
     config = model.config
     assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("unet", 8, "flow_prediction")
     assert config.unet_linear_shortcut and config.unet_output_shortcut and config.unet_skip_connections == "fine"
-    assert train_transfusion.load_model_preset("small_unet") == train_transfusion.load_model_preset("small")
+    assert (config.unet_block_out_channels, config.unet_norm_num_groups) == ([8, 16, 32, 64], 4)
+
+
+@pytest.mark.parametrize(
+    ("old_name", "what_changed"),
+    [("small_unet", "--unet_block_out_channels 16 32 64 128"), ("shapes", "--patch_encoder linear")],
+)
+def test_retired_presets_load_their_successor_with_a_warning(train_transfusion, caplog, old_name, what_changed):
+    """A retired preset name still trains (the default preset), says once what changed and how to get the old
+    recipe back, and the run records the new name."""
+    assert train_transfusion.load_model_preset(old_name) == train_transfusion.load_model_preset("small")
     with caplog.at_level("WARNING", logger="train_transfusion"):
-        args = train_transfusion.parse_args(BASE + ["--model_config", "small_unet"])
+        args = train_transfusion.parse_args(BASE + ["--model_config", old_name])
     assert args.model_config == "small"  # what the run saves and logs
-    assert caplog.text.count("--model_config small_unet is now called small") == 1
+    warned = [record.getMessage() for record in caplog.records if f"--model_config {old_name}" in record.getMessage()]
+    assert len(warned) == 1 and "now loads small" in warned[0] and what_changed in warned[0]
+
+
+def test_the_former_shapes_recipe_is_one_flag_away(train_transfusion):
+    """`--model_config small --patch_encoder linear` is the retired `shapes` preset: linear 8x8 patches, flow."""
+    args = train_transfusion.parse_args(BASE + ["--model_config", "small", "--patch_encoder", "linear"])
+    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    config = model.config
+    assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("linear", 8, "flow_prediction")
+    assert not config.unet_linear_shortcut and not config.unet_output_shortcut
 
 
 @pytest.mark.parametrize(
     ("flags", "channels"),
     [
-        ([], [16, 32, 64, 128]),
-        (["--patch_size", "4"], [16, 32, 64]),
-        (["--patch_size", "2"], [16, 32]),
+        ([], [8, 16, 32, 64]),
+        (["--patch_size", "4"], [8, 16, 32]),
+        (["--patch_size", "2"], [8, 16]),
         (["--patch_size", "2", "--unet_block_out_channels", "8", "8"], [8, 8]),  # the flag wins
     ],
 )
@@ -1025,23 +1045,23 @@ def test_smaller_patch_keeps_the_presets_finest_unet_levels(train_transfusion, f
 
 
 def test_larger_patch_than_the_unet_preset_fails_before_any_data(train_transfusion):
-    with pytest.raises(ValueError, match=r"unet_block_out_channels.*\[16, 32, 64, 128\]"):
+    with pytest.raises(ValueError, match=r"unet_block_out_channels.*\[8, 16, 32, 64\]"):
         train_transfusion.parse_args(BASE + ["--patch_size", "16"])
 
 
 @pytest.mark.parametrize(
     ("flags", "warning"),
     [
-        (["--model_config", "shapes"], None),  # the flat shapes it is made for
-        (["--model_config", "shapes", "--dataset_name", "glyphs"], "draw mosaics of independent tiles"),
         (["--model_config", "tiny"], "a smoke-test preset"),
+        (["--model_config", "tiny", "--dataset_name", "glyphs"], "a smoke-test preset"),
         (["--model_config", "small", "--dataset_name", "glyphs"], None),
         (["--dataset_name", "glyphs"], None),
+        (["--model_config", "paper_0.16b"], None),
     ],
 )
 def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, warning):
     """No preset may silently draw mosaics or noise (issue 10): a preset's `_warning` is said before any data is
-    loaded, except on the built-in data set it is made for."""
+    loaded."""
     with caplog.at_level("WARNING", logger="train_transfusion"):
         args = train_transfusion.parse_args(BASE + flags)
     warned = [record.getMessage() for record in caplog.records if "--model_config" in record.getMessage()]
@@ -1049,6 +1069,23 @@ def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, w
         assert warned == []
     else:
         assert len(warned) == 1 and warning in warned[0] and f"--model_config {args.model_config}:" in warned[0]
+
+
+@pytest.mark.parametrize(("dataset", "warns"), [("shapes", False), ("glyphs", True)])
+def test_a_preset_warning_can_spare_the_data_it_is_made_for(train_transfusion, caplog, tmp_path, dataset, warns):
+    """A preset json (the user's own too) may name, in `_warning.except_dataset`, the built-in data set where its
+    warning does not apply."""
+    preset = train_transfusion.load_model_preset("small") | {
+        "patch_encoder": "linear",
+        "_warning": {"text": "draws mosaics off the flat shapes", "except_dataset": "shapes"},
+    }
+    path = tmp_path / "linear_8x8.json"
+    path.write_text(json.dumps(preset))
+    flags = ["--dataset_name", dataset, "--report_to", "none", "--model_config", str(path)]
+    with caplog.at_level("WARNING", logger="train_transfusion"):
+        train_transfusion.parse_args(flags)
+    warned = [record.getMessage() for record in caplog.records if "draws mosaics" in record.getMessage()]
+    assert warned == ([f"--model_config {path}: draws mosaics off the flat shapes"] if warns else [])
 
 
 def test_new_model_flags_reach_the_config(train_transfusion):
