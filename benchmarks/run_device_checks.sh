@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/run_device_checks.sh            # SWEEP_SECONDS (default 540) caps the sweep's wall time
 #   STAGES=presets PRESETS_STEPS=10000 bash benchmarks/run_device_checks.sh      # only the presets check
-#   STAGES=sweep SWEEP_ROWS=a_linear_flow SWEEP_STEPS=2500 SWEEP_SEEDS="0 1 2 3" bash benchmarks/run_device_checks.sh
+#   STAGES=sweep SWEEP_ROWS=u_narrow SWEEP_STEPS=2500 SWEEP_SEEDS="0 1 2 3" bash benchmarks/run_device_checks.sh
 #                                                   # the demo's recipe over 4 seeds
 # STAGES: which of "bench sweep presets" run (default "sweep bench", and "presets" too when PRESETS_STEPS is set).
 #
