@@ -3,12 +3,12 @@
 The built-in glyphs (a character in one colour on a shaded background, many fonts) are written once to an ordinary
 diffusers-convention image folder (PNG files + `metadata.jsonl`), so that training goes through the same
 `--train_data_dir` route as a user's own data, not through `--dataset glyphs`. Each preset of
-`examples/configs/model_*.json` is then trained by `examples/train_transfusion.py` (a subprocess) with no recipe
+`transfusion_hf.recipes` is then trained by `examples/train_transfusion.py` (a subprocess) with no recipe
 flags, so the preset's own defaults are what is checked, and its saved pipeline is scored by
 `transfusion_hf.evaluation.glyphs_benchmark.evaluate_glyphs` on the 40 held-out glyph captions. Each preset gets a
 verdict: "draws", "mean image", "mosaic" or "noise" (thresholds below), and a samples grid in its run folder.
 
-    python benchmarks/bench_presets_draw.py                      # every CPU-sized preset, 3,400 steps (<= 1 h) each
+    python benchmarks/bench_presets_draw.py                      # every CPU-sized recipe, its own step count
     python benchmarks/bench_presets_draw.py --presets small tiny -- --use_ema
     python benchmarks/bench_presets_draw.py --presets tiny --num_samples 64 --max_train_steps 2 \\
         --images_per_caption 2 --num_inference_steps 2 --num_caption_images 8   # smoke run
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from transfusion_hf.evaluation.glyph_judge import GlyphJudge
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_DIR / "examples" / "configs"
 TRAIN_SCRIPT = REPO_DIR / "examples" / "train_transfusion.py"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "presets_draw.json"
 
@@ -101,14 +100,17 @@ class Preset:
 
 # ------------------------------------------------------------------------------------------------- arguments
 def available_presets() -> dict[str, Path]:
-    """Preset name -> json file, for every `examples/configs/model_*.json`."""
-    return {path.stem.removeprefix("model_"): path for path in sorted(CONFIG_DIR.glob("model_*.json"))}
+    """Recipe name -> json file, for every recipe of `transfusion_hf.recipes`."""
+    from transfusion_hf.recipes import list_recipes, recipe_path
+
+    return {name: recipe_path(name) for name in list_recipes()}
 
 
 def load_preset(name: str, path: Path) -> Preset:
-    """Read one preset json."""
-    config = json.loads(path.read_text())
-    return Preset(name, path, {key: value for key, value in config.items() if not key.startswith("_")})
+    """Read one recipe's model fields."""
+    from transfusion_hf.recipes import load_recipe
+
+    return Preset(name, path, load_recipe(path).model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=32)
     # The default preset draws the glyphs after ~3,400 steps (34 minutes on 2 threads); at 1,500 every preset is near
     # chance, so a shorter default would only measure the budget (README, "The U-Net's output shortcut").
-    parser.add_argument("--max_train_steps", type=int, default=3400)
-    parser.add_argument("--max_train_time_minutes", type=float, default=60.0, help="per preset")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the recipe's own step count")
+    parser.add_argument(
+        "--max_train_time_minutes", type=float, default=None, help="per recipe; default: no cap (the steps decide)"
+    )
     parser.add_argument("--work_dir", default="outputs/presets_draw", help="image folder and one run folder each")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
     parser.add_argument("--images_per_caption", type=int, default=2, help="per held-out caption (>= 2)")
@@ -187,10 +191,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         if not Path(args.merge).is_dir():
             parser.error(f"--merge={args.merge!r} is not a folder.")
         return args, [], []
-    for name in ("num_samples", "resolution", "max_train_steps", "num_inference_steps", "num_caption_images"):
+    for name in ("num_samples", "resolution", "num_inference_steps", "num_caption_images"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.max_train_time_minutes <= 0:
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        parser.error(f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    if args.max_train_time_minutes is not None and args.max_train_time_minutes <= 0:
         parser.error(f"--max_train_time_minutes must be positive, got {args.max_train_time_minutes}.")
     if args.images_per_caption < 2:
         parser.error(
@@ -270,20 +276,17 @@ def build_image_folder(work_dir: Path, num_samples: int, resolution: int) -> Pat
 
 # -------------------------------------------------------------------------------------------------- training
 def train_arguments(args: argparse.Namespace, preset: Preset, folder: Path, run_dir: Path) -> list[str]:
-    """The flags of `examples/train_transfusion.py` for one preset: no recipe flags, so the preset's own defaults
-    (prediction type, patch size and encoder) are what gets checked."""
+    """The flags of `examples/train_transfusion.py` for one recipe: data and run flags only, so the recipe's own
+    defaults (model and training hyper-parameters) are what gets checked."""
     return [
         "--train_data_dir", str(folder),
         "--resolution", str(args.resolution),
-        "--model_config", preset.name,
+        "--recipe", preset.name,
         "--output_dir", str(run_dir),
-        "--max_train_steps", str(args.max_train_steps),
-        "--max_train_time_minutes", str(args.max_train_time_minutes),
+        *(["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []),
+        *(["--max_train_time_minutes", str(args.max_train_time_minutes)] if args.max_train_time_minutes else []),
         "--report_to", "none",
         "--checkpointing_steps", "0",
-        "--learning_rate", "1e-3",
-        "--lr_warmup_steps", "100",
-        "--train_batch_size", "32",
         *args.extra_train_args,
     ]  # fmt: skip
 
@@ -310,7 +313,7 @@ def train(args: argparse.Namespace, preset: Preset, folder: Path, run_dir: Path)
     result["steps"] = json.loads(summary_path.read_text())["global_step"]
     # Whether the training script warned, before training, that this preset does not draw such images (the preset's
     # `_warning`): a preset that fails the check without that warning fails silently.
-    result["warned"] = f"--model_config {preset.name}:" in log_path.read_text()
+    result["warned"] = f"--recipe {preset.name}:" in log_path.read_text()
     print(f"[{preset.name}] trained {result['steps']} steps in {minutes:.1f} min.", flush=True)
     return result
 

@@ -4,23 +4,25 @@ with image copies of its weights and the text frozen: --modality_experts --freez
 image folder, or the built-in captioned shapes, optionally with text-only data mixed in and the sequences packed
 (`--text_dataset_name`, `--max_sequence_length`).
 
-    accelerate launch examples/train_transfusion.py --dataset_name shapes --model_config small \
-        --output_dir outputs/shapes --max_train_steps 3000
+    accelerate launch examples/train_transfusion.py --dataset_name shapes --output_dir outputs/shapes
 
-The paper's recipe is the default (section 4.1) except for the objective: lambda = 5, 80/20 caption-first/image-first
-pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
+Its defaults are the package's default recipe (`--recipe small`, `transfusion_hf.recipes`): the model config and the
+training hyper-parameters measured to draw what the prompt says on a CPU, in pixel space or on a VAE's latents
+(rectified flow, logit-normal times, learning rate 2e-3, 1,700 steps of 32). A flag given on the command line wins over
+the recipe. Beyond the recipe, the paper's choices (section 4.1): lambda = 5, 80/20 caption-first/image-first pairs, a
+noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
-`cosine_warmup_with_min_lr` schedule). The presets train rectified flow: the paper's epsilon prediction on DDPM's
-cosine schedule (`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20
---snr_weighting truncated_min_snr --timestep_sampling importance` it draws, in more steps than flow, and sooner with
-`--diffusion_loss_weight 15` (README, "Why the paper's recipe did not draw"). U-Net patch layers take a linear
-shortcut of the raw patch unless `--unet_linear_shortcut false`, and with flow a linear shortcut from each token back
-to its patch unless `--unet_output_shortcut false`.
+`cosine_warmup_with_min_lr` schedule). The paper's epsilon prediction on DDPM's cosine schedule (`--prediction_type
+epsilon`) ignores the prompt at small scale; with `--snr_gamma 20 --snr_weighting truncated_min_snr
+--timestep_sampling importance` it draws, in more steps than flow. `--validation_steps N` logs, with the samples, the
+text-conditioning gap: how much the held-out diffusion loss rises when each image gets another image's caption (about 0
+for a model that ignores the prompt).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import logging
@@ -74,6 +76,7 @@ from transfusion_hf.processing_transfusion import (
     add_special_tokens,
     special_token_ids,
 )
+from transfusion_hf.recipes import DEFAULT_RECIPE, RECIPE_ALIASES, list_recipes, load_recipe
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training_utils import (
     CleanImageErrorTracker,
@@ -92,7 +95,6 @@ from transfusion_hf.training_utils import (
 from transfusion_hf.visualization import make_grid
 
 logger = logging.getLogger("train_transfusion")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # transformers' schedules that need only the warmup and total steps (reduce_lr_on_plateau and greedy step on a metric,
 # warmup_stable_decay needs its own phase lengths).
 LR_SCHEDULERS = [
@@ -181,10 +183,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     model = parser.add_argument_group("model")
     model.add_argument(
+        "--recipe",
         "--model_config",
-        default="small",
-        help="Preset name in examples/configs (tiny, shapes, small, paper_0.16b) or a json path: backbone "
-        "text_config and image fields.",
+        dest="recipe",
+        default=DEFAULT_RECIPE,
+        help=f"A recipe of transfusion_hf.recipes ({', '.join(list_recipes())}; default {DEFAULT_RECIPE}, the one "
+        "that draws) or a recipe json path: the model config and this script's training defaults (learning rate, "
+        "warmup, timestep sampling, batch, steps); a flag given here wins. `--model_config` is the former name.",
     )
     model.add_argument(
         "--config_overrides",
@@ -376,8 +381,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--hub_model_id", default=None)
     run.add_argument("--hub_token", default=None)
     run.add_argument("--hub_private_repo", action="store_true")
+    recipe_name = apply_recipe_defaults(parser, argv)
     args = parser.parse_args(argv)
+    args.recipe = recipe_name  # a retired alias records its successor's name
     return check_args(args)
+
+
+def apply_recipe_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
+    """Make the recipe's training hyper-parameters the parser's defaults, so the script's defaults are the recipe and
+    a flag given on the command line wins. Returns the recipe's name (a retired alias warns and gives its successor).
+    A flow-only timestep sampling falls back to uniform when `--prediction_type` switches to epsilon or v."""
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--recipe", "--model_config", dest="recipe", default=DEFAULT_RECIPE)
+    pre_parser.add_argument("--prediction_type", default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    name = known.recipe
+    if name in RECIPE_ALIASES and not Path(name).is_file():
+        new_name, what_changed = RECIPE_ALIASES[name]
+        logger.warning(f"--recipe {name} now loads {new_name}: {what_changed}")
+        name = new_name
+    try:
+        recipe = load_recipe(name)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from error  # the recipes' messages start with "recipe=..."
+    # A recipe json of the user's that sets no training part (e.g. a bare model preset) trains with the default
+    # recipe's hyper-parameters: the ones measured to draw.
+    defaults = load_recipe(DEFAULT_RECIPE).training_defaults(known.prediction_type)
+    defaults.update(recipe.training_defaults(known.prediction_type))
+    if "diffusion_loss_weight" in recipe.model:
+        defaults["diffusion_loss_weight"] = recipe.model["diffusion_loss_weight"]
+    parser.set_defaults(**defaults)
+    return name
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -419,11 +453,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--lora_rank={args.lora_rank} needs --text_model_name_or_path: LoRA adapts a pretrained LLM, and over "
             "the random frozen weights of a model trained from scratch it would train next to nothing."
         )
-    # The preset and the noising flags are checked here, before any data is loaded or encoded.
-    if args.model_config in PRESET_ALIASES and not Path(args.model_config).is_file():
-        new_name, what_changed = PRESET_ALIASES[args.model_config]
-        logger.warning(f"--model_config {args.model_config} now loads {new_name}: {what_changed}")
-        args.model_config = new_name
+    # The recipe and the noising flags are checked here, before any data is loaded or encoded.
     preset = run_model_preset(args)
     noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
     if noiser.prediction_type == "epsilon" and args.snr_gamma is None:
@@ -556,60 +586,33 @@ def check_text_freezing_args(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ components
-# Presets retired: the old name loads its successor under the new name, with a warning that says what changed.
-PRESET_ALIASES = {
-    "small_unet": (
-        "small",
-        "the same U-Net patch layers at half the width (8 -> 64 channels); --unet_block_out_channels 16 32 64 128 "
-        "--unet_norm_num_groups 8 gives the former width.",
-    ),
-    "shapes": (
-        "small",
-        "the built-in demo now trains the default preset (U-Net patch layers), which draws the shapes and "
-        "real-looking images alike, where the linear 8x8 patches of `shapes` drew mosaics of tiles on real-looking "
-        "images; --patch_encoder linear gives the former recipe.",
-    ),
-}
-
-
-def preset_path(name_or_path: str) -> Path:
-    """The json file of a preset name of examples/configs (`model_{name}.json`, or a renamed one) or a json path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    path = CONFIG_DIR / f"model_{PRESET_ALIASES.get(name_or_path, (name_or_path,))[0]}.json"
-    if not path.is_file():
-        presets = sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.json"))
-        raise ValueError(f"--model_config={name_or_path!r} is neither a json file nor a preset {presets}.")
-    return path
-
-
 def load_model_preset(name_or_path: str) -> dict:
-    """A preset name of examples/configs or a json path -> dict (keys starting with `_` are comments)."""
-    preset = json.loads(preset_path(name_or_path).read_text())
-    return {key: value for key, value in preset.items() if not key.startswith("_")}
+    """The model fields of a recipe (`transfusion_hf.recipes`: a name, a retired alias, or a json path)."""
+    try:
+        return copy.deepcopy(load_recipe(name_or_path).model)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from error  # the recipes' messages start with "recipe=..."
 
 
 def warn_about_preset_limits(args: argparse.Namespace) -> None:
-    """Say so before training when the preset declares (its `_warning`) that it does not draw this kind of data: `tiny`
-    draws backgrounds only (README, "Do the presets draw real-looking images?"). `except_dataset`, when given, names
-    the built-in data set the preset is made for (no warning there)."""
-    warning = json.loads(preset_path(args.model_config).read_text()).get("_warning")
-    if warning is None:
+    """Say so before training when the recipe declares (its `warning`) that it does not draw this kind of data: `tiny`
+    draws backgrounds only. `warning_except_dataset`, when given, names the built-in data set the recipe is made for
+    (no warning there)."""
+    recipe = load_recipe(args.recipe)
+    if recipe.warning is None:
         return
-    made_for = warning.get("except_dataset")
-    if made_for is None or args.dataset_name != made_for:
-        logger.warning(f"--model_config {args.model_config}: {warning['text']}")
+    if recipe.warning_except_dataset is None or args.dataset_name != recipe.warning_except_dataset:
+        logger.warning(f"--recipe {args.recipe}: {recipe.warning}")
 
 
 def run_model_preset(args: argparse.Namespace) -> dict:
-    """The run's preset: `--model_config`, its backbone `text_config` updated by `--config_overrides`.
+    """The run's model fields: those of `--recipe`, its backbone `text_config` updated by `--config_overrides`.
 
     transformers' `PretrainedConfig.update_from_string` parses the overrides (each value cast to the type of the field
     it replaces, unknown fields refused), as in its `run_clm.py`; a pretrained LLM brings its own config, so the two
     do not combine.
     """
-    preset = load_model_preset(args.model_config)
+    preset = load_model_preset(args.recipe)
     overrides = args.config_overrides
     if overrides is None:
         return preset
@@ -812,9 +815,7 @@ def inference_scheduler(args: argparse.Namespace, train_scheduler):
     name = SCHEDULER_ALIASES.get(name, name)
     overrides = {}
     if prediction_type == "epsilon":
-        # The cosine schedule's last step has alpha_bar ~ 2e-9 (zero SNR), where an epsilon prediction says nothing
-        # about the image: x0 = (x_t - sigma * eps) / 5e-5. Start below it, as diffusers' "leading" spacing does.
-        overrides = {"timestep_spacing": "leading", "steps_offset": 1}
+        overrides = TransfusionPipeline.epsilon_start_below_zero_snr(name)
     if getattr(args, "vae_name_or_path", None) is None:
         # Pixel space: clamp the implied clean image to [-1, 1] at every step where the class can (DDPM's own sampler
         # does), and by default sample stochastically: fresh noise at every step washes out the model's errors

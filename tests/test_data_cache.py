@@ -269,7 +269,7 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     args = train_transfusion.parse_args(
         ["--dataset", "shapes", *TINY, "--model_config", "small", "--unet_linear_shortcut", "true"]
     )
-    preset = train_transfusion.load_model_preset(args.model_config)
+    preset = train_transfusion.load_model_preset(args.recipe)
     assert train_transfusion.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
 
 
@@ -291,7 +291,7 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
 )
 def test_unet_shortcut_defaults(train_transfusion, no_data_loading, flags, linear_shortcut, output_shortcut):
     args = train_transfusion.parse_args(["--dataset", "shapes", *TINY, *flags])
-    fields = train_transfusion.image_config_fields(args, train_transfusion.load_model_preset(args.model_config), 3, 32)
+    fields = train_transfusion.image_config_fields(args, train_transfusion.load_model_preset(args.recipe), 3, 32)
     assert (fields["unet_linear_shortcut"], fields["unet_output_shortcut"]) == (linear_shortcut, output_shortcut)
 
 

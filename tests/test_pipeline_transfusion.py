@@ -192,6 +192,33 @@ def test_each_scheduler_runs(components, models, name):
     torch.testing.assert_close(latents, run(pipe, num_inference_steps=3, use_kv_cache=False), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_inference_steps", [10, 250, 1000])
+def test_epsilon_sampler_of_the_cosine_schedule_at_any_step_count(components, models, caplog, num_inference_steps):
+    """The epsilon sampler the training script saves (DPM-Solver++ cut at `EPSILON_LAMBDA_MIN`) starts at t = 995 at
+    every step count and, with an exact predictor, lands on the clean image; 1000 steps (more than the 995 distinct
+    timesteps above zero SNR) sample each timestep once, with a warning, instead of dividing by a zero step (NaN)."""
+    training = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    fields = TransfusionPipeline.epsilon_start_below_zero_snr("DPMSolverMultistepScheduler")
+    scheduler = TransfusionPipeline.scheduler_from_config("DPMSolverMultistepScheduler", training.config, "epsilon")
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, **fields)
+    pipe = make_pipe(components, transformer=models["epsilon"], scheduler=scheduler)
+    clean = torch.linspace(-0.9, 0.9, 4 * 4 * 4).reshape(1, 4, 4, 4)
+    alphas_cumprod = training.alphas_cumprod
+    seen = []
+
+    def exact_epsilon(latents, timestep, *args):
+        seen.append(int(timestep))
+        alpha_bar = alphas_cumprod[int(timestep)]
+        return (latents - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
+
+    pipe._predict = exact_epsilon
+    with caplog.at_level("WARNING"):
+        latents = run(pipe, prompt=PROMPTS[:1], num_inference_steps=num_inference_steps, guidance_scale=1.0)
+    assert seen[0] == 995 and len(seen) == len(set(seen)) == min(num_inference_steps, 995)
+    assert ("distinct timesteps" in caplog.text) is (num_inference_steps > 995)
+    torch.testing.assert_close(latents, clean, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------- CFG
 def prefix(pipe, text):
     return pipe.processor.encode_parts([text]) + [pipe.processor.boi_token_id]

@@ -33,6 +33,7 @@ from transfusion_hf.masking_transfusion import build_transfusion_mask
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from transfusion_hf.recipes import load_recipe
 from transfusion_hf.training_utils import CleanImageErrorTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +50,9 @@ def make_model(config: TransfusionConfig, seed: int = 0, perturb: bool = False) 
 
 
 def small_unet_config(**overrides) -> TransfusionConfig:
-    """The image layers of examples/configs/model_small.json, the default preset (pixel space, 32x32, patch 8, a
-    8 -> 64 channel U-Net), on a 64-wide, 2-layer backbone."""
-    preset = json.loads((ROOT / "examples" / "configs" / "model_small.json").read_text())
-    fields = {key: value for key, value in preset.items() if not key.startswith("_") and key != "text_config"}
+    """The image layers of the default recipe `small` (pixel space, 32x32, patch 8, a 8 -> 64 channel U-Net), on a
+    64-wide, 2-layer backbone."""
+    fields = {key: value for key, value in load_recipe("small").model.items() if key != "text_config"}
     assert fields["patch_encoder"] == "unet" and fields["unet_block_out_channels"] == [8, 16, 32, 64]
     fields.update(latent_channels=3, latent_size=32)
     if overrides.get("patch_encoder") == "linear":  # the preset's U-Net shortcuts have nothing to attach to
@@ -827,8 +827,8 @@ BASE = ["--dataset_name", "shapes", "--report_to", "none"]
             ["--prediction_type", "flow_prediction", "--inference_scheduler", "EulerDiscreteScheduler"],
             "inference_scheduler=EulerDiscreteScheduler.*does not fit.*flow_prediction",
         ),
-        (["--model_config", "no_such_preset"], "model_config"),
-        (["--model_config", "/nonexistent/model.json"], "model_config"),
+        (["--model_config", "no_such_preset"], "--recipe=.no_such_preset."),
+        (["--recipe", "/nonexistent/model.json"], "--recipe=./nonexistent/model.json."),
     ],
 )
 def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch, flags, message):
@@ -896,23 +896,28 @@ def test_good_flag_combinations_parse(train_transfusion):
             train_transfusion.parse_args(BASE + bad_choice)
 
 
-def test_epsilon_inference_scheduler_starts_below_zero_snr(train_transfusion):
-    """The cosine schedule's t = 999 has alpha_bar ~ 2e-9: epsilon sampling starts below it ("leading" spacing)."""
-    args = argparse.Namespace(inference_scheduler=None)
-    for prediction_type in ("epsilon", "v_prediction", "flow_prediction"):
-        train_scheduler = train_transfusion.training_scheduler(prediction_type)
-        scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
-        expected = "FlowMatchEulerDiscreteScheduler" if prediction_type == "flow_prediction" else "DPMSolverMultistep"
-        assert type(scheduler).__name__.startswith(expected)
-        scheduler.set_timesteps(25)
-        first = float(scheduler.timesteps[0])
-        if prediction_type == "epsilon":
-            assert scheduler.config.prediction_type == "epsilon"
-            assert 900 < first < 999 and float(train_scheduler.alphas_cumprod[int(first)]) > 1e-4
-        elif prediction_type == "v_prediction":
-            assert scheduler.config.prediction_type == "v_prediction" and first == 999
-        else:
-            assert first == 1000
+@pytest.mark.parametrize("num_steps", [10, 25, 50, 100, 250, 500, 995])
+def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(train_transfusion, num_steps):
+    """The cosine schedule's t = 999 has alpha_bar ~ 2e-9 (zero SNR). The saved epsilon sampler starts at the same
+    t = 995 (alpha_bar 4e-5: pure noise to 0.6%) whatever the step count; the "leading" spacing it had started at 951
+    at 25 steps, 901 at 100 and 751 at 250, from pure noise all the same (issue 26: 250 steps drew worse than 25)."""
+    for vae in (None, "some/vae"):
+        args = argparse.Namespace(inference_scheduler=None, vae_name_or_path=vae)
+        for prediction_type in ("epsilon", "v_prediction", "flow_prediction"):
+            train_scheduler = train_transfusion.training_scheduler(prediction_type)
+            scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+            expected = "FlowMatchEuler" if prediction_type == "flow_prediction" else "DPMSolverMultistep"
+            assert type(scheduler).__name__.startswith(expected)
+            scheduler.set_timesteps(num_steps)
+            timesteps = scheduler.timesteps.tolist()
+            assert len(set(timesteps)) == len(timesteps) == num_steps
+            if prediction_type == "epsilon":
+                assert scheduler.config.prediction_type == "epsilon" and timesteps[0] == 995
+                assert float(train_scheduler.alphas_cumprod[int(timesteps[0])]) > 1e-5
+            elif prediction_type == "v_prediction":
+                assert timesteps[0] == 999  # v is defined at zero SNR (it is -x0 there)
+            else:
+                assert timesteps[0] == 1000
 
 
 def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusion):
@@ -995,7 +1000,7 @@ def test_default_preset_is_the_unet_that_draws(train_transfusion):
     """The script's default preset is the U-Net one that draws the glyph folder and the shapes (README, "One preset
     for the demo and the default"): U-Net 8x8 patches of 8 -> 64 channels with both shortcuts, rectified flow."""
     args = train_transfusion.parse_args(BASE)
-    assert args.model_config == "small"
+    assert args.recipe == "small"
     model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
     config = model.config
     assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("unet", 8, "flow_prediction")
@@ -1013,8 +1018,8 @@ def test_retired_presets_load_their_successor_with_a_warning(train_transfusion, 
     assert train_transfusion.load_model_preset(old_name) == train_transfusion.load_model_preset("small")
     with caplog.at_level("WARNING", logger="train_transfusion"):
         args = train_transfusion.parse_args(BASE + ["--model_config", old_name])
-    assert args.model_config == "small"  # what the run saves and logs
-    warned = [record.getMessage() for record in caplog.records if f"--model_config {old_name}" in record.getMessage()]
+    assert args.recipe == "small"  # what the run saves and logs
+    warned = [record.getMessage() for record in caplog.records if f"--recipe {old_name}" in record.getMessage()]
     assert len(warned) == 1 and "now loads small" in warned[0] and what_changed in warned[0]
 
 
@@ -1052,8 +1057,8 @@ def test_larger_patch_than_the_unet_preset_fails_before_any_data(train_transfusi
 @pytest.mark.parametrize(
     ("flags", "warning"),
     [
-        (["--model_config", "tiny"], "a smoke-test preset"),
-        (["--model_config", "tiny", "--dataset_name", "glyphs"], "a smoke-test preset"),
+        (["--model_config", "tiny"], "a smoke-test recipe"),
+        (["--model_config", "tiny", "--dataset_name", "glyphs"], "a smoke-test recipe"),
         (["--model_config", "small", "--dataset_name", "glyphs"], None),
         (["--dataset_name", "glyphs"], None),
         (["--model_config", "paper_0.16b"], None),
@@ -1064,11 +1069,11 @@ def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, w
     loaded."""
     with caplog.at_level("WARNING", logger="train_transfusion"):
         args = train_transfusion.parse_args(BASE + flags)
-    warned = [record.getMessage() for record in caplog.records if "--model_config" in record.getMessage()]
+    warned = [record.getMessage() for record in caplog.records if "--recipe" in record.getMessage()]
     if warning is None:
         assert warned == []
     else:
-        assert len(warned) == 1 and warning in warned[0] and f"--model_config {args.model_config}:" in warned[0]
+        assert len(warned) == 1 and warning in warned[0] and f"--recipe {args.recipe}:" in warned[0]
 
 
 @pytest.mark.parametrize(("dataset", "warns"), [("shapes", False), ("glyphs", True)])
@@ -1085,7 +1090,7 @@ def test_a_preset_warning_can_spare_the_data_it_is_made_for(train_transfusion, c
     with caplog.at_level("WARNING", logger="train_transfusion"):
         train_transfusion.parse_args(flags)
     warned = [record.getMessage() for record in caplog.records if "draws mosaics" in record.getMessage()]
-    assert warned == ([f"--model_config {path}: draws mosaics off the flat shapes"] if warns else [])
+    assert warned == ([f"--recipe {path}: draws mosaics off the flat shapes"] if warns else [])
 
 
 def test_new_model_flags_reach_the_config(train_transfusion):

@@ -98,7 +98,7 @@ def test_text_data_packing_and_accumulation_end_to_end(tmp_path, monkeypatch, ca
 
 def test_captions_longer_than_the_context_are_truncated_and_counted(tmp_path):
     """A model whose context is shorter than some captions trains anyway; the log counts the cut sequences."""
-    preset = json.loads((Path(train_transfusion.CONFIG_DIR) / "model_tiny.json").read_text())
+    preset = train_transfusion.load_model_preset("tiny")
     preset["text_config"]["max_position_embeddings"] = 24  # 8x8 pixels, patch 2: 16 patches + 4 specials + 4 text
     (tmp_path / "short.json").write_text(json.dumps(preset))
     out = tmp_path / "run"

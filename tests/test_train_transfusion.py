@@ -662,22 +662,48 @@ def test_time_budget_flags_are_checked(flags, message):
         train_transfusion.parse_args([*SHAPES, *TINY, *flags])
 
 
-def test_shapes_demo_schedule_follows_its_time_cap():
-    """The demo's recipe caps training at 12.5 minutes and lets the schedule follow that cap, so a slow machine still
-    ends the run at the schedule's floor; a user's own flags override both."""
+def test_shapes_demo_is_the_script_plus_data_flags():
+    """The demo trains the script's defaults, which are the package's default recipe, and stops at its step count
+    (no wall-clock cap: a slow machine takes longer instead of training a worse model); a user's flags override."""
+    from transfusion_hf.recipes import load_recipe
+
     shapes_demo = load_script(ROOT / "examples" / "shapes_demo.py")
-    args = train_transfusion.parse_args([*shapes_demo.recipe_for([]), "--output_dir", "unused"])
-    assert (args.lr_schedule_clock, args.max_train_time_minutes) == ("time", 12.5)
-    overrides = ["--lr_schedule_clock", "steps", "--prediction_type", "epsilon"]
-    args = train_transfusion.parse_args([*shapes_demo.recipe_for(overrides), "--output_dir", "unused", *overrides])
-    assert (args.lr_schedule_clock, args.timestep_sampling) == ("steps", "uniform")
+    assert set(shapes_demo.DEMO_FLAGS[::2]) == {"--dataset", "--shapes_num_samples", "--logging_steps"}
+    args = train_transfusion.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused"])
+    recipe = load_recipe("small")
+    assert args.recipe == "small" and recipe.training["max_train_steps"] == args.max_train_steps == 1700
+    assert (args.max_train_time_minutes, args.lr_schedule_clock) == (None, "steps")
+    for name, value in recipe.training.items():
+        assert getattr(args, name) == value, name
+    overrides = ["--prediction_type", "epsilon"]
+    args = train_transfusion.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused", *overrides])
+    assert (args.timestep_sampling, args.learning_rate) == ("uniform", recipe.training["learning_rate"])
+
+
+def test_a_recipe_sets_the_scripts_defaults_and_a_flag_wins(tmp_path):
+    """`--recipe` sets the training defaults (a json of the user's too); a flag on the command line wins; a json
+    without a training part trains with the default recipe's hyper-parameters, measured to draw."""
+    from transfusion_hf.recipes import load_recipe
+
+    mine = {"model": load_recipe("tiny").model, "training": {"learning_rate": 5e-4, "max_train_steps": 7}}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(mine))
+    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path)])
+    assert (args.learning_rate, args.max_train_steps, args.timestep_sampling) == (5e-4, 7, "logit_normal")
+    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path), "--learning_rate", "1e-4"])
+    assert (args.learning_rate, args.max_train_steps) == (1e-4, 7)
+    path.write_text(json.dumps(load_recipe("tiny").model))  # a bare model preset
+    args = train_transfusion.parse_args([*SHAPES, "--model_config", str(path)])
+    assert (args.learning_rate, args.max_train_steps) == (2e-3, 1700)
+    args = train_transfusion.parse_args([*SHAPES, "--recipe", "paper_0.16b"])
+    assert (args.learning_rate, args.lr_warmup_steps) == (3e-4, 4000)
 
 
 def test_model_presets_parse():
     for name in ("tiny", "small", "paper_0.16b"):
         preset = train_transfusion.load_model_preset(name)
         assert preset["text_config"]["model_type"] == "llama" and "patch_size" in preset
-    with pytest.raises(ValueError, match="neither a json file nor a preset"):
+    with pytest.raises(ValueError, match="neither a json file nor a recipe"):
         train_transfusion.load_model_preset("huge")
 
 

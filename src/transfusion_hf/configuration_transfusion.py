@@ -83,10 +83,21 @@ class TransfusionConfig(PreTrainedConfig):
         timestep_embedding_dim (`int`, defaults to 256):
             Width of the sinusoidal timestep features before the timestep MLP.
 
+    Which defaults draw: the class defaults are the paper's architecture as written (epsilon prediction, linear
+    2x2 patches; section 3), and they stay so because `save_pretrained` writes only the fields that differ from them:
+    changing one would change every checkpoint saved before. At the scale of a CPU or a small GPU run that
+    architecture ignores the prompt. The recipe that draws what the prompt says is the package's default recipe,
+    `TransfusionConfig.from_recipe("small")` (U-Net 8x8 patch layers with both linear shortcuts, rectified flow), with
+    its training hyper-parameters in `transfusion_hf.recipes.load_recipe("small").training` (learning rate 2e-3,
+    logit-normal times); `examples/train_transfusion.py` trains it by default.
+
     Example:
 
     ```python
     >>> from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+    >>> config = TransfusionConfig.from_recipe("small", vocab_size=512)  # the recipe that draws
+    >>> config.patch_encoder, config.prediction_type
+    ('unet', 'flow_prediction')
     >>> config = TransfusionConfig(text_config={"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32,
     ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
     ...     boi_token_id=61, eoi_token_id=62, image_token_id=63, latent_size=4)
@@ -211,6 +222,26 @@ class TransfusionConfig(PreTrainedConfig):
                 )
         if len(set(special.values())) != len(special):
             raise ValueError(f"The special tokens must have distinct ids, got {special}.")
+
+    @classmethod
+    def from_recipe(cls, name_or_path: str = "small", vocab_size: int | None = None, **kwargs) -> TransfusionConfig:
+        """The model config of a named recipe (`transfusion_hf.recipes`), e.g. the default `"small"` that draws.
+
+        Args:
+            name_or_path (`str`): a recipe of `transfusion_hf.recipes.list_recipes()` or a recipe json path.
+            vocab_size (`int`, *optional*): the backbone's vocabulary size (your tokenizer's `len(tokenizer)`).
+            kwargs: config fields that replace the recipe's (e.g. `latent_channels=4, latent_size=8` for a VAE's
+                latents, `boi_token_id=...`).
+        """
+        # Imported here: this file is copied alone beside a saved config for `trust_remote_code` loading, where the
+        # package (and its recipe files) may not exist; only this method needs them.
+        from transfusion_hf.recipes import load_recipe
+
+        fields = dict(load_recipe(name_or_path).model)
+        text_config = dict(fields.pop("text_config"))
+        if vocab_size is not None:
+            text_config["vocab_size"] = vocab_size
+        return cls(text_config=text_config, **{**fields, **kwargs})
 
     @property
     def num_patches(self) -> int:

@@ -59,6 +59,9 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 
 
 # Samplers of a DDPM-style noise schedule (betas): the same for epsilon and v models.
+# Half the log-SNR where an epsilon sampler's schedule is cut (diffusers' `lambda_min_clipped`, "critical for the
+# cosine schedule" in its docs; unCLIP uses the same value): t = 995 of DDPM's 1000-step cosine schedule.
+EPSILON_LAMBDA_MIN = -5.1
 _NOISE_SCHEDULE_SCHEDULERS = [
     "DDPMScheduler",
     "DDIMScheduler",
@@ -247,6 +250,33 @@ class TransfusionPipeline(DiffusionPipeline):
             # diffusers' dynamic thresholding clamps to s = quantile(|x0|) limited to [1, sample_max_value]: s = 1.
             return {"thresholding": True, "sample_max_value": 1.0}
         return {}
+
+    @classmethod
+    def epsilon_start_below_zero_snr(cls, scheduler_class: str | type[SchedulerMixin]) -> dict[str, Any]:
+        """Config fields with which `scheduler_class` samples an epsilon model on DDPM's cosine schedule from the top of
+        the schedule at every step count, without dividing by its zero SNR.
+
+        The cosine schedule's t = 999 has alpha_bar ~ 2e-9: there an epsilon prediction says nothing about the image
+        (x0 = (x_t - sigma * eps) / 5e-5). diffusers' "leading" spacing avoids it by starting lower, but how much lower
+        depends on the step count (951 at 25 steps, 901 at 100, 751 at 250) while sampling always starts from pure
+        noise: more steps sampled worse. The solvers with `lambda_min_clipped` (DPM-Solver, SA-Solver) instead cut the
+        schedule where half the log-SNR falls below `EPSILON_LAMBDA_MIN` (t = 995, alpha_bar 4e-5: pure noise to
+        0.6%) and space the steps evenly from there ("linspace"), so every step count starts at t = 995. Other classes
+        keep "leading" spacing: `DDIMScheduler` / `DDPMScheduler` clip the clean image in pixel space, and the
+        Euler-type schedulers work in sigma and never divide by alpha.
+
+        Args:
+            scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
+        """
+        if isinstance(scheduler_class, str):
+            scheduler_class = getattr(diffusers, scheduler_class)
+        parameters = inspect.signature(scheduler_class.__init__).parameters
+        if "lambda_min_clipped" in parameters:
+            fields = {"lambda_min_clipped": EPSILON_LAMBDA_MIN}
+            if "timestep_spacing" in parameters:
+                fields["timestep_spacing"] = "linspace"
+            return fields
+        return {"timestep_spacing": "leading", "steps_offset": 1}
 
     # ------------------------------------------------------------------------------------------- validation
     @classmethod
@@ -481,9 +511,19 @@ class TransfusionPipeline(DiffusionPipeline):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         # After the timesteps are set: `init_noise_sigma` (in `prepare_latents`) depends on them.
+        custom = timesteps is not None or sigmas is not None
         timesteps, _ = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
         )
+        distinct = len(torch.unique(timesteps))
+        if not custom and distinct < len(timesteps):
+            # A schedule cut below zero SNR (`lambda_min_clipped`) has fewer distinct timesteps than 1000: asking for
+            # more repeats some, and a multistep solver then divides by a zero step (NaN). Take each once.
+            logger.warning(
+                f"num_inference_steps={num_inference_steps} exceeds the {distinct} distinct timesteps of this "
+                f"{type(self.scheduler).__name__} schedule; sampling {distinct} steps."
+            )
+            timesteps, _ = retrieve_timesteps(self.scheduler, distinct, device)
         self._num_timesteps = len(timesteps)
         self._interrupt = False
         latents = self.prepare_latents(num_images, generator, latents, device)
