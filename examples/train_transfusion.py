@@ -78,6 +78,7 @@ from transfusion_hf.processing_transfusion import (
 )
 from transfusion_hf.recipes import DEFAULT_RECIPE, RECIPE_ALIASES, list_recipes, load_recipe
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
+from transfusion_hf.training import text_conditioning_gap
 from transfusion_hf.training_utils import (
     CleanImageErrorTracker,
     GradNormWindow,
@@ -108,6 +109,9 @@ MIN_LR_SCHEDULERS = (SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value, SchedulerTyp
 DEFAULT_LR_SCHEDULER = SchedulerType.COSINE_WARMUP_WITH_MIN_LR.value
 DEFAULT_MIN_LR_RATIO = 0.05  # the paper: 3e-4 -> 1.5e-5
 DEFAULT_TEXT_ONLY_SHARE = 0.5
+# Pairs of the data on which validation measures the text-conditioning gap (kept in memory with the validation ones).
+CONDITIONING_GAP_PAIRS = 64
+DEFAULT_VALIDATION_STEPS = 250
 # With --streaming the BPE tokenizer learns from the captions of the stream's first rows.
 STREAMING_TOKENIZER_ROWS = 10000
 # Short names of `--inference_scheduler`; which schedulers fit which prediction type is the pipeline's knowledge
@@ -354,7 +358,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
     run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    run.add_argument("--validation_steps", type=int, default=0, help="0 disables validation during training.")
+    run.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help=f"Every this many steps (default {DEFAULT_VALIDATION_STEPS}; 0 under FSDP, whose sharded weights the "
+        "validation cannot run): samples for the validation prompts and captions (a PNG grid in "
+        "output_dir/validation) and the text-conditioning gap (logs/validation_log.jsonl, the trackers and the "
+        "console): how much the diffusion loss of fixed pairs rises with another pair's caption, ~0 while the model "
+        "ignores the prompt. 0 disables validation.",
+    )
     run.add_argument("--validation_prompts", nargs="*", default=None)
     run.add_argument("--num_validation_captions", type=int, default=4)
     run.add_argument(
@@ -438,6 +451,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--min_lr_ratio={args.min_lr_ratio} has no effect with --lr_scheduler={args.lr_scheduler}: use one of "
             f"{list(MIN_LR_SCHEDULERS)}."
         )
+    if args.validation_steps is not None and args.validation_steps < 0:
+        raise ValueError(f"--validation_steps must be >= 0 (0 disables validation), got {args.validation_steps}.")
     if args.max_train_time_minutes is not None and args.max_train_time_minutes <= 0:
         raise ValueError(f"--max_train_time_minutes must be positive, got {args.max_train_time_minutes}.")
     if args.lr_schedule_clock == "time" and args.max_train_time_minutes is None:
@@ -920,6 +935,7 @@ def run_validation(args, accelerator, model, components, examples, step: int) ->
     ]
     captions = pipeline.caption(reference, max_new_tokens=24) if reference else []
     model.train(was_training)
+    log_text_conditioning_gap(args, accelerator, pipeline.transformer, components, examples, step)
     grid = make_grid(images + reference, [f"prompt: {p}" for p in prompts] + [f"caption: {c}" for c in captions])
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -930,6 +946,26 @@ def run_validation(args, accelerator, model, components, examples, step: int) ->
 
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
             tracker.writer.add_text("validation/captions", "\n".join(captions), step)
+
+
+def log_text_conditioning_gap(args, accelerator, model, components, examples: list[dict], step: int) -> None:
+    """Measure the text-conditioning gap on the first `CONDITIONING_GAP_PAIRS` pairs of the data (the same noise and
+    times at every validation) and log it: trackers, `logs/validation_log.jsonl` and one console line."""
+    pairs = [example for example in examples[:CONDITIONING_GAP_PAIRS] if example.get("latents") is not None]
+    captions = [example["text"] for example in pairs]
+    if len(set(captions)) < 2:
+        return  # one caption for every image: there is nothing to swap
+    clean = torch.stack([torch.as_tensor(example["latents"]) for example in pairs])
+    gap = text_conditioning_gap(model, components["processor"], components["noiser"], captions, clean, seed=args.seed)
+    record = gap.log_record()
+    accelerator.log(record, step=step)
+    with (Path(args.output_dir) / "logs" / "validation_log.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": step, **record}) + "\n")
+    bands = ", ".join(f"{band} {value:+.3f}" for band, value in gap.relative_gap.items())
+    accelerator.print(
+        f"step {step}: text-conditioning gap (diffusion loss with another pair's caption / with its own - 1; ~0 while "
+        f"the model ignores the prompt): {bands}"
+    )
 
 
 def make_pipeline(model, components: dict, args) -> TransfusionPipeline:
@@ -1194,6 +1230,8 @@ def check_fsdp_setup(args: argparse.Namespace, accelerator: Accelerator) -> None
         )
     if accelerator.distributed_type != DistributedType.FSDP:
         return
+    if args.validation_steps is None:
+        args.validation_steps = 0
     if args.lora_rank or args.use_ema or args.validation_steps or args.freeze_text:
         raise ValueError(
             "With FSDP, --lora_rank, --use_ema, --validation_steps and --freeze_text are not supported (sharded "
@@ -1258,6 +1296,8 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         kwargs_handlers=accelerator_kwargs_handlers(args),
     )
     check_fsdp_setup(args, accelerator)
+    if args.validation_steps is None:
+        args.validation_steps = DEFAULT_VALIDATION_STEPS
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each train alone on
@@ -1303,7 +1343,7 @@ def prepare_training_data(
         vae (`AutoencoderKL` or None): the frozen VAE, None in pixel space.
         accelerator (`Accelerator`): the run's accelerator (the encoding is shared among its processes).
     """
-    num_head = max(4, args.num_validation_captions)
+    num_head = max(CONDITIONING_GAP_PAIRS, args.num_validation_captions)
     if args.streaming:
         stream = load_dataset_from_args(args, streaming=True)
         # Validation prompts and captions use the stream's first rows; the tokenizer learns from its first captions.
@@ -1500,7 +1540,8 @@ def restore_checkpoint(
         collator.num_batches = state["micro_batches"]
         state["last_checkpoint"] = checkpoint
         if accelerator.is_main_process:
-            truncate_log(Path(args.output_dir) / "logs" / "train_log.jsonl", checkpoint_step(checkpoint))
+            for log_name in ("train_log.jsonl", "validation_log.jsonl"):
+                truncate_log(Path(args.output_dir) / "logs" / log_name, checkpoint_step(checkpoint))
         accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from scratch.")
@@ -1581,6 +1622,8 @@ def main(argv: list[str] | None = None) -> Path:
         "grad_norms": GradNormWindow(args.max_grad_norm),
         "clock": clock,
         "collator": collator,
+        "processor": processor,
+        "noiser": noiser,
         "truncated_logged": 0,
         "text_validation_batches": text_validation_batches(data.held_out_texts, processor, noiser, context, args),
     }

@@ -153,6 +153,11 @@ def test_shapes_validation_and_final_pipeline(tmp_path, capsys):
     assert all(0 < record["grad_norm"] < 1e4 for record in records), records
     assert sorted(path.name for path in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
     assert PIL.Image.open(out / "validation" / "step-000004.png").size[0] > 0
+    # The text-conditioning gap of each validation: one record per band and the whole, on the console too.
+    gaps = [json.loads(line) for line in (out / "logs" / "validation_log.jsonl").read_text().splitlines()]
+    assert [gap["step"] for gap in gaps] == [2, 4]
+    assert set(gaps[0]) == {"step", "text_gap/all"} | {f"text_gap/t{250 * b}-{250 * (b + 1)}" for b in range(4)}
+    assert all(abs(value) < 10 for gap in gaps for value in gap.values() if value != gap["step"])
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["train_batch_size"] == 4
 
