@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from pipeline_components import get_tokenizer, get_transformer
 
+from pipeline_components import get_tokenizer, get_transformer
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.processing_transfusion import TransfusionProcessor, pad_sequences, special_token_ids
 from transfusion_hf.training import text_conditioning_gap
