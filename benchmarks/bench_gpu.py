@@ -1,6 +1,6 @@
 """GPU training throughput and MFU of the paper's 0.16B Transfusion model: SDPA vs flex attention (optionally compiled).
 
-Model: ``examples/configs/model_paper_0.16b.json`` (Llama blocks, 16 layers, width 768, 12 heads, linear patch
+Model: the recipe ``paper_0.16b`` of ``transfusion_hf.recipes`` (Llama blocks, 16 layers, width 768, 12 heads, linear patch
 encoder, patch 2) with 4-channel ``--latent_size`` latents. Every sequence is ``--seq_len`` positions:
 ``<s>`` then ``--num_images`` times (text, ``<boi> <image>*N <eoi>``), more text, ``</s>``; the text is spread evenly
 between the images. A train step is forward (text CE + diffusion MSE) under bf16 autocast (fp32 master weights),
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -57,7 +56,9 @@ TINY = dict(seq_len=256, num_images=2, latent_size=8, batch_size=2)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "examples" / "configs" / "model_paper_0.16b.json"))
+    parser.add_argument(
+        "--config", default="paper_0.16b", help="a recipe name of transfusion_hf.recipes or a json path"
+    )
     parser.add_argument("--seq_len", type=int, default=4096)
     parser.add_argument("--num_images", type=int, default=4)
     parser.add_argument("--latent_size", type=int, default=32, help="latent side; patch 2 -> 256 patches at 32")
@@ -93,8 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------- model
 def load_config(args: argparse.Namespace, attn_implementation: str) -> common.TransfusionConfig:
-    raw = {key: value for key, value in json.loads(Path(args.config).read_text()).items() if key != "_comment"}
-    text = raw.pop("text_config")
+    from transfusion_hf.recipes import load_recipe
+
+    raw = {
+        key: value
+        for key, value in load_recipe(args.config).model.items()
+        if key not in ("latent_channels", "latent_size")
+    }
+    text = dict(raw.pop("text_config"))
     if args.tiny:
         text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         text["num_key_value_heads"] = 4

@@ -5,7 +5,7 @@ and a few long, as in caption data), are collated twice by `TransfusionDataColla
 of the batch (the default), and packed into rows of ``--max_sequence_length`` tokens (``max_sequence_length=``). Both
 hold the same sequences and noised images (the draws come before packing), so they give the same loss (checked on the
 first batch, printed and saved); only the positions computed differ. One train step = forward, backward, AdamW, on a
-model of the preset (``examples/configs/model_<preset>.json``, pixel space 32x32, sdpa).
+model of the recipe (``transfusion_hf.recipes``, pixel space 32x32, sdpa).
 
 Timing: two models of the same initialisation, one per layout, stepped alternately in one process (A B A B ..., the
 order flipped every round: ``bench_common.alternate``), both on the same sequence of batches, after ``--warmup``
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 import time
@@ -36,8 +35,8 @@ import bench_common as common
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
+from transfusion_hf.recipes import load_recipe
 
-PRESETS_DIR = common.BENCH_DIR.parent / "examples" / "configs"
 DEFAULTS = dict(preset="small", batch_size=16, max_words=192, max_sequence_length=512, rounds=3, steps=8, batches=8)
 QUICK = dict(preset="tiny", batch_size=4, max_words=24, max_sequence_length=512, rounds=2, steps=1, batches=2)
 TEXT_VOCAB = 256
@@ -46,7 +45,7 @@ IMAGE_SIZE = 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", help="model preset of examples/configs (default small)")
+    parser.add_argument("--preset", help="recipe of transfusion_hf.recipes (default small)")
     parser.add_argument("--batch_size", type=int, help="pairs per step (default 16)")
     parser.add_argument("--min_words", type=int, default=2, help="fewest caption words")
     parser.add_argument("--max_words", type=int, help="most caption words (default 192)")
@@ -66,8 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(preset_name: str, tokenizer) -> TransfusionForMixedModal:
     """A model of the preset in pixel space (3-channel 32x32 "latents"), with the tokenizer's special ids."""
-    preset = json.loads((PRESETS_DIR / f"model_{preset_name}.json").read_text())
-    preset = {key: value for key, value in preset.items() if not key.startswith("_")}
+    preset = {
+        key: value
+        for key, value in load_recipe(preset_name).model.items()
+        if key not in ("latent_channels", "latent_size")
+    }
     text_config = {
         **preset.pop("text_config"),
         "vocab_size": len(tokenizer),
