@@ -804,7 +804,7 @@ def test_two_processes_stop_together_at_the_time_budget(tmp_path):
     same step with the same learning rate instead of one leaving the other in the next all-reduce."""
     out = tmp_path / "run"
     run = [str(SCRIPT), *TINY, *SHAPES, "--max_train_steps", "100000", "--max_train_time_minutes", "0.03",
-           "--lr_schedule_clock", "time", "--checkpointing_steps", "0", "--ddp_timeout", "60",
+           "--lr_schedule_clock", "time", "--checkpointing_steps", "0", "--ddp_timeout", "60", "--learning_rate", "3e-4",
            "--output_dir", str(out)]  # fmt: skip
     result = accelerate_launch(
         CONFIGS / "accelerate_cpu_2proc.yaml", run, dict(subprocess_env(), ACCELERATE_USE_CPU="1")

@@ -233,9 +233,13 @@ class TransfusionConfig(PreTrainedConfig):
             kwargs: config fields that replace the recipe's (e.g. `latent_channels=4, latent_size=8` for a VAE's
                 latents, `boi_token_id=...`).
         """
-        # Imported here: this file is copied alone beside a saved config for `trust_remote_code` loading, where the
-        # package (and its recipe files) may not exist; only this method needs them.
-        from transfusion_hf.recipes import load_recipe
+        # Imported here, inside try/except: this file is copied beside a saved config for `trust_remote_code` loading,
+        # where the package (and its recipe files) may not exist, and transformers' import scan of remote code skips
+        # try/except blocks; only this method needs the package.
+        try:
+            from transfusion_hf.recipes import load_recipe
+        except ImportError as error:
+            raise ImportError("`TransfusionConfig.from_recipe` needs the transfusion_hf package installed.") from error
 
         fields = dict(load_recipe(name_or_path).model)
         text_config = dict(fields.pop("text_config"))

@@ -17,6 +17,11 @@ deviations, a few stray pixels and soft edges:
    - color: each pixel is divided by its brightest channel (so dim or soft-edged pixels keep their hue), the
      per-channel median is taken and the nearest palette colour (Euclidean in RGB) wins.
 5. No component of at least 12 px (scaled with the resolution) means no shape: the judge returns `None`.
+6. Background: every pixel farther than 1 px from the shape (soft edges excluded). The data set draws it black; a
+   person sees a speckled or tinted one at once, so the judge reads it too: `background_level` is the mean brightest
+   channel there, `background_speckle` the share of its pixels at least `SPECKLE_LEVEL` bright, and the background
+   is clean when both stay under `CLEAN_BACKGROUND_MAX_LEVEL` / `CLEAN_BACKGROUND_MAX_SPECKLE` (drawn images: 0 and
+   0). A text-to-image sample counts as right only with a clean background (`metrics.text_to_image_accuracy`).
 
 Accepted image formats (anything else raises `TypeError`/`ValueError`):
 
@@ -57,6 +62,16 @@ SQUARE_FILL_RATIO: dict[str, float] = {"small": 0.85, "large": 0.9}
 Drawn squares fill 1.0 and circles 0.81, but soft edges round a small square's corners (down to ~0.86) and a large
 circle clipped by the image border fills up to ~0.87 of its box, hence a lower bar for small shapes."""
 
+SPECKLE_LEVEL: float = 64.0
+"""A background pixel whose brightest channel, in [0, 255], is at least this is a speckle (a quarter of full scale)."""
+
+CLEAN_BACKGROUND_MAX_LEVEL: float = 16.0
+"""Largest mean brightest channel of a clean background (drawn: 0; gaussian pixel noise of sigma 10 reads 8, of
+sigma 20 reads 17: dirty; so does a uniform tint of 7% of full scale)."""
+
+CLEAN_BACKGROUND_MAX_SPECKLE: float = 0.01
+"""Largest share of speckles in a clean background (about 9 of the ~900 background pixels of a small shape)."""
+
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
 _POSITION_NAMES = tuple(POSITIONS)
@@ -77,6 +92,8 @@ class JudgeResult:
         fill_ratio (`float`): Share of the bounding box covered by the shape.
         vertical_skew (`float`): Skewness of the rows of the shape's pixels (negative: mass sits low).
         color_rgb (`tuple[float, float, float]`): Median brightness-normalised colour, in [0, 255].
+        background_level (`float`): Mean brightest channel of the background, in [0, 255] (drawn: 0).
+        background_speckle (`float`): Share of background pixels at least `SPECKLE_LEVEL` bright (drawn: 0).
     """
 
     spec: ShapeSpec
@@ -86,6 +103,35 @@ class JudgeResult:
     fill_ratio: float
     vertical_skew: float
     color_rgb: tuple[float, float, float]
+    background_level: float = 0.0
+    background_speckle: float = 0.0
+
+    @property
+    def background_clean(self) -> bool:
+        """Whether a person would call the background clean: dark and without speckles."""
+        return (
+            self.background_level <= CLEAN_BACKGROUND_MAX_LEVEL
+            and self.background_speckle <= CLEAN_BACKGROUND_MAX_SPECKLE
+        )
+
+
+def background_statistics(brightest: np.ndarray, shape_mask: np.ndarray) -> tuple[float, float]:
+    """Mean level and speckle share of the pixels farther than 1 px (8-connected) from the shape.
+
+    Args:
+        brightest (`np.ndarray` of shape `(H, W)`): the brightest channel of each pixel, in [0, 255].
+        shape_mask (`np.ndarray` of shape `(H, W)`, bool): the shape's pixels.
+    """
+    padded = np.pad(shape_mask, 1)
+    height, width = shape_mask.shape
+    near = np.zeros_like(shape_mask)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            near |= padded[dy : dy + height, dx : dx + width]
+    background = brightest[~near]
+    if background.size == 0:
+        return 0.0, 0.0
+    return float(background.mean()), float((background >= SPECKLE_LEVEL).mean())
 
 
 def to_rgb_array(image: Any, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -232,6 +278,7 @@ def judge_image_details(image: Any, value_range: tuple[float, float] | None = No
     extent = max((x1 - x0) * scale_x, (y1 - y0) * scale_y)
     position_i = int(np.argmin(np.linalg.norm(_POSITION_CENTRES - np.array(center, dtype=np.float32), axis=1)))
     color, color_rgb = _nearest_color(rgb[mask])
+    background_level, background_speckle = background_statistics(rgb.max(axis=2), mask)
     size = _LARGE if extent >= LARGE_EXTENT else _SMALL
     spec = ShapeSpec(
         size=size,
@@ -247,6 +294,8 @@ def judge_image_details(image: Any, value_range: tuple[float, float] | None = No
         fill_ratio=fill_ratio,
         vertical_skew=vertical_skew,
         color_rgb=color_rgb,
+        background_level=background_level,
+        background_speckle=background_speckle,
     )
 
 

@@ -1,6 +1,6 @@
 """Accuracy metrics for the captioned-shapes data set, in both directions.
 
-- `text_to_image_accuracy`: the judge (`judge_image`) reads each generated image back and compares it with the
+- `text_to_image_accuracy`: the judge (`judge_image_details`) reads each generated image back and compares it with the
   caption that prompted it.
 - `caption_accuracy`: generated captions are compared with reference captions, as whole strings and per attribute.
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from transfusion_hf.data.shapes import ShapeSpec, normalize_caption
-from transfusion_hf.evaluation.judge import judge_image
+from transfusion_hf.evaluation.judge import judge_image_details
 
 ATTRIBUTES: tuple[str, ...] = ("size", "color", "shape", "position")
 
@@ -53,24 +53,31 @@ def text_to_image_accuracy(
     """Scores generated images against the captions that prompted them, using the rule-based judge.
 
     Args:
-        images (`Sequence`): Images in any format `judge_image` accepts (PIL, `(H, W, 3)` numpy, `(3, H, W)`
+        images (`Sequence`): Images in any format `judge_image_details` accepts (PIL, `(H, W, 3)` numpy, `(3, H, W)`
             tensor); a batched `(N, 3, H, W)` tensor or `(N, H, W, 3)` array works too, as it iterates per image.
         captions (`Sequence[str]`): One valid caption per image.
         value_range (`tuple[float, float]`, *optional*): (low, high) of floating-point images; inferred when `None`.
 
     Returns:
-        `dict[str, float | int]`: `accuracy` (share of images whose four attributes all match), per-attribute
-        accuracies `size`, `color`, `shape`, `position`, and `num_images`.
+        `dict[str, float | int]`: `accuracy` (share of images whose four attributes all match on a clean
+        background: what a person would accept), per-attribute accuracies `size`, `color`, `shape`, `position`,
+        `background` (share of clean backgrounds, `JudgeResult.background_clean`), `attributes` (the four match,
+        background aside) and `num_images`.
 
     Raises:
         ValueError: If the lengths differ, the inputs are empty or a caption does not parse.
     """
     total = _check_lengths("images", images, "captions", captions)
     references = _parse_references(captions)
-    predictions = [judge_image(image, value_range) for image in images]
+    details = [judge_image_details(image, value_range) for image in images]
+    predictions = [None if detail is None else detail.spec for detail in details]
+    clean = [detail is not None and detail.background_clean for detail in details]
+    right = [pred == ref for pred, ref in zip(predictions, references)]
     return {
-        "accuracy": sum(pred == ref for pred, ref in zip(predictions, references)) / total,
+        "accuracy": sum(is_right and is_clean for is_right, is_clean in zip(right, clean)) / total,
         **_attribute_scores(predictions, references),
+        "background": sum(clean) / total,
+        "attributes": sum(right) / total,
         "num_images": total,
     }
 

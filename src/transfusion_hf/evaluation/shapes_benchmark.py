@@ -100,6 +100,8 @@ def evaluate_shapes(
     for name in ("size", "color", "shape", "position"):
         metrics[f"t2i_{name}"] = t2i[name]
         metrics[f"caption_{name}"] = captions[name]
+    # What a person would also look at: a clean background (the judge's `background_clean`); `t2i_accuracy` needs it.
+    metrics.update(t2i_background=t2i["background"], t2i_attributes=t2i["attributes"])
     metrics.update(num_t2i_images=len(images), num_captioned_images=len(drawn))
     return ShapesEvaluation(metrics, prompts, images, drawn, references, predicted)
 
