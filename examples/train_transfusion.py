@@ -954,7 +954,10 @@ def log_text_conditioning_gap(args, accelerator, model, components, examples: li
     pairs = [example for example in examples[:CONDITIONING_GAP_PAIRS] if example.get("latents") is not None]
     captions = [example["text"] for example in pairs]
     if len(set(captions)) < 2:
-        return  # one caption for every image: there is nothing to swap
+        if not components.get("gap_skip_warned"):
+            logger.warning("Every validation pair has the same caption: the text-conditioning gap is not measured.")
+            components["gap_skip_warned"] = True
+        return
     clean = torch.stack([torch.as_tensor(example["latents"]) for example in pairs])
     gap = text_conditioning_gap(model, components["processor"], components["noiser"], captions, clean, seed=args.seed)
     record = gap.log_record()
@@ -1354,8 +1357,10 @@ def prepare_training_data(
         tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS))
         return TrainingData(head, None, stream, text_examples, held_out_texts, tokenizer)
     examples = prepare_examples(args, vae, args.resolution, accelerator)
-    # Validation prompts and captions use a few training examples: keep only those in memory.
-    head = list(examples.select(range(min(len(examples), num_head))))
+    # Validation prompts, captions and the text-conditioning gap use a few training examples, spread evenly over the
+    # data set (a folder sorted by class must not give 64 pairs of one caption): keep only those in memory.
+    spread = torch.linspace(0, len(examples) - 1, min(len(examples), num_head)).round().long().unique()
+    head = list(examples.select(spread.tolist()))
     text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
     # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
     tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
