@@ -374,10 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference_scheduler",
         choices=INFERENCE_SCHEDULER_CHOICES,
         default=None,
-        help="Validation and saved-pipeline scheduler (one that fits the prediction type); default: DPM-Solver++ "
-        "(dpm), FlowMatchEuler (flow_euler) for flow matching, each in its stochastic form in pixel space "
-        "(sde-dpmsolver++, stochastic_sampling=True). In pixel space a scheduler that can clamps the implied clean "
-        "image to [-1, 1] (clip_sample or thresholding).",
+        help="Validation and saved-pipeline scheduler (one that fits the prediction type); default: in pixel space "
+        "DPM-Solver++ SDE (dpm with sde-dpmsolver++, clamping the implied clean image to [-1, 1] for epsilon / v); on "
+        "a VAE's latents DPM-Solver++ (dpm), FlowMatchEuler (flow_euler) for flow matching. A scheduler chosen in "
+        "pixel space clamps the implied clean image where it can (clip_sample or thresholding).",
     )
     run.add_argument("--num_inference_steps", type=int, default=25)
     run.add_argument("--guidance_scale", type=float, default=3.0)
@@ -826,24 +826,29 @@ def inference_scheduler(args: argparse.Namespace, train_scheduler):
     """The sampling scheduler of `--inference_scheduler`, built from the training scheduler's config by the pipeline
     (raises a ValueError naming the flag when it does not fit the prediction type)."""
     prediction_type = TransfusionPipeline.scheduler_prediction_type(train_scheduler)
-    name = args.inference_scheduler or ("flow_euler" if prediction_type == "flow_prediction" else "dpm")
-    name = SCHEDULER_ALIASES.get(name, name)
+    pixel_space = getattr(args, "vae_name_or_path", None) is None
+    # Pixel space samples with DPM-Solver++ SDE (below) whatever the objective; on a VAE's latents flow keeps
+    # FlowMatchEuler.
+    default = "flow_euler" if prediction_type == "flow_prediction" and not pixel_space else "dpm"
+    name = SCHEDULER_ALIASES.get(args.inference_scheduler or default, args.inference_scheduler or default)
     overrides = {}
     if prediction_type == "epsilon":
         overrides = TransfusionPipeline.epsilon_start_below_zero_snr(name)
-    if getattr(args, "vae_name_or_path", None) is None:
-        # Pixel space: clamp the implied clean image to [-1, 1] at every step where the class can (DDPM's own sampler
-        # does), and by default sample stochastically: fresh noise at every step washes out the model's errors
-        # instead of integrating them. Held-out text-to-image at 25 steps (README, "Sampling in pixel space"): the
-        # demo's flow model 0.91 -> 0.98 (FlowMatchEuler's `stochastic_sampling`), the paper's epsilon recipe after
-        # 10 CPU minutes (seed 0) 0.18 -> 0.42 (DPM-Solver++ SDE with the clamp; either alone: 0.19 / 0.16).
+    if pixel_space and args.inference_scheduler is None:
+        # Pixel space samples stochastically: fresh noise at every step washes out the model's errors instead of
+        # integrating them. DPM-Solver++ SDE, a discretisation of the reverse SDE, samples the model's distribution;
+        # FlowMatchEuler's `stochastic_sampling` (the former flow default) re-noises the predicted clean image, a
+        # posterior mean, at every step, so its samples drift towards the prompt's average image: on the photo folder
+        # (docs/research/recipes.md) the samples of one prompt spread 0.63x as much as real crops (0.94x with the SDE)
+        # and t2i 0.82 (0.91); on the shapes 1.00 (0.98). For epsilon / v the SDE also clamps the implied clean image
+        # to [-1, 1] (the paper's recipe after 10 CPU minutes: 0.18 -> 0.42); for flow the clamp cost the shapes 0.03.
+        overrides["algorithm_type"] = "sde-dpmsolver++"
+        if prediction_type != "flow_prediction":
+            overrides.update(TransfusionPipeline.pixel_range_clamp(name))
+    elif pixel_space:
+        # A chosen scheduler in pixel space clamps the implied clean image to [-1, 1] where its class can (DDPM's own
+        # sampler does).
         overrides.update(TransfusionPipeline.pixel_range_clamp(name))
-        if args.inference_scheduler is None:
-            overrides.update(
-                {"stochastic_sampling": True}
-                if prediction_type == "flow_prediction"
-                else {"algorithm_type": "sde-dpmsolver++"}
-            )
     try:
         return TransfusionPipeline.scheduler_from_config(name, train_scheduler.config, prediction_type, **overrides)
     except ValueError as error:

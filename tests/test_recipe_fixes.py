@@ -906,7 +906,8 @@ def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(train
         for prediction_type in ("epsilon", "v_prediction", "flow_prediction"):
             train_scheduler = train_transfusion.training_scheduler(prediction_type)
             scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
-            expected = "FlowMatchEuler" if prediction_type == "flow_prediction" else "DPMSolverMultistep"
+            flow_euler = prediction_type == "flow_prediction" and vae is not None
+            expected = "FlowMatchEuler" if flow_euler else "DPMSolverMultistep"
             assert type(scheduler).__name__.startswith(expected)
             scheduler.set_timesteps(num_steps)
             timesteps = scheduler.timesteps.tolist()
@@ -917,7 +918,7 @@ def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(train
             elif prediction_type == "v_prediction":
                 assert timesteps[0] == 999  # v is defined at zero SNR (it is -x0 there)
             else:
-                assert timesteps[0] == 1000
+                assert timesteps[0] == (1000 if vae is not None else 999)  # sigma 1 of the flow schedule
 
 
 def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusion):
@@ -937,12 +938,18 @@ def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusi
         args.inference_scheduler, args.vae_name_or_path = None, "some/vae"
         latent = train_transfusion.inference_scheduler(args, train_scheduler)
         assert latent.config.thresholding is False and latent.config.algorithm_type == "dpmsolver++"
+    # Flow in pixel space: DPM-Solver++ SDE on flow sigmas, unclamped (issue 26: FlowMatchEuler's stochastic form
+    # re-noises the posterior mean and collapses the samples of one prompt); with a VAE, FlowMatchEuler.
     args = train_transfusion.parse_args(BASE)
     flow_training = train_transfusion.training_scheduler("flow_prediction")
     flow = train_transfusion.inference_scheduler(args, flow_training)
-    assert type(flow).__name__ == "FlowMatchEulerDiscreteScheduler" and flow.config.stochastic_sampling is True
+    assert type(flow).__name__ == "DPMSolverMultistepScheduler" and flow.config.algorithm_type == "sde-dpmsolver++"
+    assert flow.config.use_flow_sigmas and flow.config.prediction_type == "flow_prediction"
+    assert flow.config.thresholding is False
     args.vae_name_or_path = "some/vae"
-    assert train_transfusion.inference_scheduler(args, flow_training).config.stochastic_sampling is False
+    latent_flow = train_transfusion.inference_scheduler(args, flow_training)
+    assert type(latent_flow).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert latent_flow.config.stochastic_sampling is False
 
 
 @pytest.mark.parametrize(
