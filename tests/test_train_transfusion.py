@@ -704,6 +704,26 @@ def test_a_recipe_sets_the_scripts_defaults_and_a_flag_wins(tmp_path):
     assert (args.learning_rate, args.lr_warmup_steps) == (3e-4, 4000)
 
 
+def test_same_command_and_seed_give_the_same_model_on_one_or_two_threads(tmp_path):
+    """Training stops at the step count, not at a time budget, and nothing depends on the machine's speed: a run on
+    one thread (a machine half as fast) trains the same weights as on two (the tiny recipe: bit for bit)."""
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = tmp_path / f"threads{count}"
+            run_main(out, *SHAPES, "--max_train_steps", "6", "--checkpointing_steps", "0", "--validation_steps", "0")
+            assert json.loads((out / "training_summary.json").read_text())["global_step"] == 6
+            weights.append(load_file(out / "transformer" / "model.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_model_presets_parse():
     for name in ("tiny", "small", "paper_0.16b"):
         preset = train_transfusion.load_model_preset(name)
