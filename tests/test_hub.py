@@ -506,3 +506,11 @@ def test_train_script_pushes_pipeline_and_card(hub, tmp_path, monkeypatch, fresh
     assert "| Training steps | 2 |" in card.text and "transfusion" in card.data.tags
     pipeline = TransfusionPipeline.from_pretrained(repo_id)
     assert pipeline.transformer.config.latent_size == 8
+
+
+def test_the_cards_built_in_data_sets_are_the_readers():
+    """A glyphs run's card must not name `glyphs` as a Hub data set: the card's list follows the data readers'."""
+    from transfusion_hf import hub as card_code
+    from transfusion_hf.data.image_text import BUILTIN_DATASETS
+
+    assert set(card_code.BUILTIN_DATASETS) == set(BUILTIN_DATASETS)
