@@ -102,10 +102,13 @@ def test_packing_quick(bench, tmp_path):
 def test_data_memory_quick(bench, tmp_path, capsys):
     """One tiny image folder through the training script in a child process: its peak RSS and encoding throughput."""
     output = tmp_path / "data_memory.json"
-    result = bench("bench_data_memory").main(["--quick", "--sizes", "8", "--output", str(output)])
-    [row] = result["rows"]
+    result = bench("bench_data_memory").main(["--quick", "--sizes", "8", "16", "--output", str(output)])
+    row, larger = result["rows"]
     assert row["images"] == 8 and 100 < row["peak_rss_mb"] < 10_000 and row["encode_images_per_s"] > 0
-    assert row["latent_cache_mb"] > 0 and result["peak_rss_ratio"] == 1.0
+    assert larger["images"] == 16 and larger["latent_cache_mb"] > row["latent_cache_mb"] > 0
+    # The ratio the benchmark reports is that of its two rows (memory flat in the data size: near 1, never 2x).
+    assert result["peak_rss_ratio"] == pytest.approx(larger["peak_rss_mb"] / row["peak_rss_mb"], rel=1e-2)
+    assert 0.5 < result["peak_rss_ratio"] < 1.5
     assert "| images | peak RSS (MB) |" in capsys.readouterr().out
     assert json.loads(output.read_text())["rows"][0]["images"] == 8
 
@@ -148,7 +151,10 @@ def test_samplers_quick(bench, tmp_path, capsys):
     assert set(rows) == {"dpm", "sde_dpm_clamped"}  # flow_euler does not fit an epsilon model: named, skipped
     assert "do not fit" in capsys.readouterr().out
     assert rows["sde_dpm_clamped"]["overrides"]["thresholding"] is True
-    assert all(0 <= row["t2i_accuracy"] <= 1 and row["num_inference_steps"] == 2 for row in rows.values())
+    # Every attribute must be right for an image to count: the accuracy is at most each attribute's score.
+    for row in rows.values():
+        attributes = [row[f"t2i_{name}"] for name in ("size", "color", "shape", "position")]
+        assert row["t2i_accuracy"] <= min(attributes) and row["num_inference_steps"] == 2
     assert json.loads(output.read_text())["settings"]["images_per_caption"] == 1
     assert sorted(path.name for path in (tmp_path / "g").iterdir()) == [
         "pipeline_dpm.png",
