@@ -14,9 +14,9 @@ noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.
 embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
 `cosine_warmup_with_min_lr` schedule). The paper's epsilon prediction on DDPM's cosine schedule (`--prediction_type
 epsilon`) ignores the prompt at small scale; with `--snr_gamma 20 --snr_weighting truncated_min_snr
---timestep_sampling importance` it draws, in more steps than flow. `--validation_steps N` logs, with the samples, the
-text-conditioning gap: how much the held-out diffusion loss rises when each image gets another image's caption (about 0
-for a model that ignores the prompt).
+--timestep_sampling importance` it draws, in more steps than flow. Every `--validation_steps` (250) the run logs, with a grid of
+samples, the text-conditioning gap: how much the diffusion loss of 64 fixed pairs rises when each image gets another
+image's caption (about 0 for a model that ignores the prompt).
 """
 
 from __future__ import annotations
@@ -419,8 +419,9 @@ def apply_recipe_defaults(parser: argparse.ArgumentParser, argv: list[str] | Non
         raise ValueError(f"--{error}") from error  # the recipes' messages start with "recipe=..."
     # A recipe json of the user's that sets no training part (e.g. a bare model preset) trains with the default
     # recipe's hyper-parameters: the ones measured to draw.
-    defaults = load_recipe(DEFAULT_RECIPE).training_defaults(known.prediction_type)
-    defaults.update(recipe.training_defaults(known.prediction_type))
+    prediction_type = known.prediction_type or recipe.model.get("prediction_type", "epsilon")
+    defaults = load_recipe(DEFAULT_RECIPE).training_defaults(prediction_type)
+    defaults.update(recipe.training_defaults(prediction_type))
     if "diffusion_loss_weight" in recipe.model:
         defaults["diffusion_loss_weight"] = recipe.model["diffusion_loss_weight"]
     parser.set_defaults(**defaults)

@@ -702,6 +702,10 @@ def test_a_recipe_sets_the_scripts_defaults_and_a_flag_wins(tmp_path):
     assert (args.learning_rate, args.max_train_steps) == (2e-3, 1700)
     args = train_transfusion.parse_args([*SHAPES, "--recipe", "paper_0.16b"])
     assert (args.learning_rate, args.lr_warmup_steps) == (3e-4, 4000)
+    # An epsilon model of the user's, no training part: the default recipe's times fall back to uniform.
+    path.write_text(json.dumps({**load_recipe("tiny").model, "prediction_type": "epsilon"}))
+    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path), "--snr_gamma", "5"])
+    assert (args.timestep_sampling, args.learning_rate) == ("uniform", 2e-3)
 
 
 def test_same_command_and_seed_give_the_same_model_on_one_or_two_threads(tmp_path):
