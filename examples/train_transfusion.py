@@ -955,8 +955,9 @@ def run_validation(args, accelerator, model, components, examples, step: int) ->
 
 
 def log_text_conditioning_gap(args, accelerator, model, components, examples: list[dict], step: int) -> None:
-    """Measure the text-conditioning gap on the first `CONDITIONING_GAP_PAIRS` pairs of the data (the same noise and
-    times at every validation) and log it: trackers, `logs/validation_log.jsonl` and one console line."""
+    """Measure the text-conditioning gap on the validation examples (up to `CONDITIONING_GAP_PAIRS`, spread over the
+    data set; the same noise and times at every validation) and log it: trackers, `logs/validation_log.jsonl` and one
+    console line."""
     pairs = [example for example in examples[:CONDITIONING_GAP_PAIRS] if example.get("latents") is not None]
     captions = [example["text"] for example in pairs]
     if len(set(captions)) < 2:
