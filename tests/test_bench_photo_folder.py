@@ -40,3 +40,30 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         photo.main(["--prepare", "--num_images", "3", "--work_dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_scores_a_saved_pipeline_end_to_end(tmp_path):
+    """A tiny random pixel-space pipeline through the benchmark's scoring: every class prompted, the judge's reading,
+    the captions of real crops, the diversity against real crops, and the grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipeline_components import get_tokenizer, get_transformer
+    from transfusion_hf import TransfusionPipeline
+
+    tokenizer = get_tokenizer()
+    transformer = get_transformer(tokenizer, "flow_prediction", latent_channels=3, latent_size=32, patch_size=8)
+    pipeline = TransfusionPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), tokenizer=tokenizer
+    )
+    pipeline.save_pretrained(tmp_path / "run")
+    judge, accuracy = photo.train_judge(tmp_path / "judge.pt", num_per_class=16, steps=3)
+    assert 0 <= accuracy <= 1 and (tmp_path / "judge.pt").is_file()
+    assert photo.train_judge(tmp_path / "judge.pt")[1] == accuracy  # loaded, not trained again
+    result = photo.evaluate(tmp_path / "run", judge, images_per_class=2, guidance_scale=2.0, steps=2)
+    assert set(result["t2i_per_class"]) == set(photo.CLASSES)
+    # The overall score is the mean over classes of equal size.
+    assert result["t2i_accuracy"] == pytest.approx(np.mean(list(result["t2i_per_class"].values())))
+    assert result["diversity_ratio"] > 0 and set(result["diversity_ratio_per_class"]) == set(photo.CLASSES)
+    # A random model's captions name no class: 0, not a fluke of the scoring.
+    assert result["caption_accuracy"] < 0.5
+    assert Path(result["samples_grid"]).is_file()
