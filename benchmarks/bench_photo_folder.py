@@ -168,7 +168,7 @@ def evaluate(run_dir: Path, judge: PhotoClassifier, images_per_class: int, guida
         generated += [np.asarray(image.convert("RGB")) for image in output.images]
     generated = np.stack(generated)
     labels = np.repeat(np.arange(len(names)), images_per_class)
-    t2i = float((classify(judge, generated) == labels).mean())
+    read_right = classify(judge, generated) == labels
     real, real_labels = sample_crops(images_per_class, EVAL_SEED)
     spread_ratio = [
         pairwise_spread(generated[labels == c]) / max(pairwise_spread(real[real_labels == c]), 1e-9)
@@ -180,10 +180,8 @@ def evaluate(run_dir: Path, judge: PhotoClassifier, images_per_class: int, guida
     grid = make_grid([Image.fromarray(image) for image in generated], prompts, columns=images_per_class)
     grid.save(run_dir / "photo_samples.png")
     return {
-        "t2i_accuracy": t2i,
-        "t2i_per_class": {
-            name: float((classify(judge, generated[labels == c]) == c).mean()) for c, name in enumerate(names)
-        },
+        "t2i_accuracy": float(read_right.mean()),
+        "t2i_per_class": {name: float(read_right[labels == c].mean()) for c, name in enumerate(names)},
         "caption_accuracy": float(np.mean(caption_right)),
         "diversity_ratio": float(np.mean(spread_ratio)),
         "diversity_ratio_per_class": dict(zip(names, map(float, spread_ratio))),

@@ -22,7 +22,6 @@ image's caption (about 0 for a model that ignores the prompt).
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import logging
@@ -76,7 +75,7 @@ from transfusion_hf.processing_transfusion import (
     add_special_tokens,
     special_token_ids,
 )
-from transfusion_hf.recipes import DEFAULT_RECIPE, RECIPE_ALIASES, list_recipes, load_recipe
+from transfusion_hf.recipes import DEFAULT_RECIPE, list_recipes, load_recipe, resolve_recipe_name
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
 from transfusion_hf.training import text_conditioning_gap
 from transfusion_hf.training_utils import (
@@ -408,11 +407,9 @@ def apply_recipe_defaults(parser: argparse.ArgumentParser, argv: list[str] | Non
     pre_parser.add_argument("--recipe", "--model_config", dest="recipe", default=DEFAULT_RECIPE)
     pre_parser.add_argument("--prediction_type", default=None)
     known, _ = pre_parser.parse_known_args(argv)
-    name = known.recipe
-    if name in RECIPE_ALIASES and not Path(name).is_file():
-        new_name, what_changed = RECIPE_ALIASES[name]
-        logger.warning(f"--recipe {name} now loads {new_name}: {what_changed}")
-        name = new_name
+    name, what_changed = resolve_recipe_name(known.recipe)
+    if what_changed is not None:
+        logger.warning(f"--recipe {known.recipe} now loads {name}: {what_changed}")
     try:
         recipe = load_recipe(name)
     except ValueError as error:
@@ -605,7 +602,7 @@ def check_text_freezing_args(args: argparse.Namespace) -> None:
 def load_model_preset(name_or_path: str) -> dict:
     """The model fields of a recipe (`transfusion_hf.recipes`: a name, a retired alias, or a json path)."""
     try:
-        return copy.deepcopy(load_recipe(name_or_path).model)
+        return load_recipe(name_or_path).model  # parsed afresh on every call: the caller may change it
     except ValueError as error:
         raise ValueError(f"--{error}") from error  # the recipes' messages start with "recipe=..."
 

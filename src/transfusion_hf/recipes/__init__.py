@@ -130,6 +130,13 @@ def list_recipes() -> list[str]:
     return sorted(path.stem for path in RECIPE_DIR.glob("*.json"))
 
 
+def resolve_recipe_name(name_or_path: str | Path) -> tuple[str | Path, str | None]:
+    """A retired recipe name -> (its successor, what changed); anything else (a json path too) -> (itself, None)."""
+    if str(name_or_path) in RECIPE_ALIASES and not Path(name_or_path).is_file():
+        return RECIPE_ALIASES[str(name_or_path)]
+    return name_or_path, None
+
+
 def recipe_path(name_or_path: str | Path) -> Path:
     """The json file of a recipe name (or retired alias) of the package, or a json path."""
     path = Path(name_or_path)
@@ -137,8 +144,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise ValueError(f"recipe={str(name_or_path)!r}: no such json file.")
         return path
-    name = RECIPE_ALIASES.get(str(name_or_path), (str(name_or_path),))[0]
-    path = RECIPE_DIR / f"{name}.json"
+    path = RECIPE_DIR / f"{resolve_recipe_name(name_or_path)[0]}.json"
     if not path.is_file():
         raise ValueError(f"recipe={str(name_or_path)!r} is neither a json file nor a recipe {list_recipes()}.")
     return path
@@ -154,8 +160,8 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> TransfusionRecipe:
         `ValueError` naming the recipe and the field: an unknown name, unreadable json, a training key that is not a
         training hyper-parameter.
     """
-    if str(name_or_path) in RECIPE_ALIASES and not Path(name_or_path).is_file():
-        new_name, what_changed = RECIPE_ALIASES[str(name_or_path)]
+    new_name, what_changed = resolve_recipe_name(name_or_path)
+    if what_changed is not None:
         logger.warning(f"recipe {name_or_path} now loads {new_name}: {what_changed}")
         name_or_path = new_name
     path = recipe_path(name_or_path)
@@ -170,26 +176,27 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> TransfusionRecipe:
     warning = content.get("warning", content.get("_warning"))
     except_dataset = warning.get("except_dataset") if isinstance(warning, dict) else None
     warning = warning.get("text") if isinstance(warning, dict) else warning
-    if "model" not in content:
-        # A bare model preset: its fields are the model (keys starting with `_` are comments).
+    if "model" in content:
+        unknown = sorted(set(content) - {"model", "training", "description", "warning"})
+        if unknown:
+            raise ValueError(
+                f"recipe={name!r}: unknown keys {unknown} (expected model, training, description, warning)."
+            )
+        model = dict(content["model"])
+        training = dict(content.get("training", {}))
+        description = content.get("description", "")
+        unknown = sorted(set(training) - set(TRAINING_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"recipe={name!r}: training keys {unknown} are not training hyper-parameters {TRAINING_FIELDS}."
+            )
+    else:
+        # A bare model preset: its fields are the model (keys starting with `_` are comments), no training part.
         model = {key: value for key, value in content.items() if not key.startswith("_")}
-        if "text_config" not in model:
-            raise ValueError(f"recipe={name!r}: the model needs a `text_config` (the backbone).")
-        return TransfusionRecipe(name, model, warning=warning, warning_except_dataset=except_dataset)
-    unknown = sorted(set(content) - {"model", "training", "description", "warning"})
-    if unknown:
-        raise ValueError(f"recipe={name!r}: unknown keys {unknown} (expected model, training, description, warning).")
-    training = content.get("training", {})
-    unknown = sorted(set(training) - set(TRAINING_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"recipe={name!r}: training keys {unknown} are not training hyper-parameters {TRAINING_FIELDS}."
-        )
-    if "text_config" not in content["model"]:
+        training, description = {}, ""
+    if "text_config" not in model:
         raise ValueError(f"recipe={name!r}: the model needs a `text_config` (the backbone).")
-    return TransfusionRecipe(
-        name, dict(content["model"]), dict(training), content.get("description", ""), warning, except_dataset
-    )
+    return TransfusionRecipe(name, model, training, description, warning, except_dataset)
 
 
 __all__ = [
@@ -200,4 +207,5 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "recipe_path",
+    "resolve_recipe_name",
 ]

@@ -26,7 +26,7 @@ class TextConditioningGap:
     Args:
         own_loss (`dict[str, float]`): per timestep band (`"t0-250"`, ...), with each image's own caption.
         shuffled_loss (`dict[str, float]`): the same images, noise and times, with the caption of another image.
-        num_pairs (`int`): images measured (pairs whose shuffled caption equals their own are left out).
+        num_pairs (`int`): images measured (each with a partner whose caption differs from its own).
     """
 
     own_loss: dict[str, float]
@@ -92,10 +92,10 @@ def text_conditioning_gap(
             f"`captions` ({len(captions)}) and `clean_latents` ({clean_latents.shape[0]}) must hold the same number of "
             "pairs, at least 2."
         )
-    partners = derangement_partner(captions)
-    keep = [index for index, partner in enumerate(partners) if captions[partner] != captions[index]]
-    if not keep:
+    if len(set(captions)) < 2:
         raise ValueError("Every caption is the same: a shuffled caption cannot differ from the own one.")
+    # With two captions or more, every pair has a partner whose caption differs from its own.
+    partners = derangement_partner(captions)
     generator = torch.Generator().manual_seed(seed)
     top = noiser.num_train_timesteps if noiser.prediction_type == "flow_prediction" else noiser.num_train_timesteps - 1
     bands = torch.arange(len(captions)) % num_bands
@@ -111,28 +111,29 @@ def text_conditioning_gap(
     for name, order in (("own", list(range(len(captions)))), ("shuffled", partners)):
         per_image = []
         for start in range(0, len(captions), batch_size):
-            indices = range(start, min(start + batch_size, len(captions)))
+            stop = min(start + batch_size, len(captions))
             sequences = [
-                processor.encode_parts([captions[order[i]], None], add_bos=True, add_eos=True) for i in indices
+                processor.encode_parts([captions[order[i]], None], add_bos=True, add_eos=True)
+                for i in range(start, stop)
             ]
             input_ids, attention_mask = pad_sequences(sequences, processor.tokenizer.pad_token_id, "right")
             output = model(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                latents=noised.latents[start : indices[-1] + 1].to(device, model.dtype),
-                timesteps=noised.timesteps[start : indices[-1] + 1].to(device),
+                latents=noised.latents[start:stop].to(device, model.dtype),
+                timesteps=noised.timesteps[start:stop].to(device),
             )
-            targets = noised.targets[start : indices[-1] + 1].to(device)
+            targets = noised.targets[start:stop].to(device)
             per_image.append((output.diffusion_predictions.float() - targets.float()).pow(2).mean(dim=(1, 2, 3)).cpu())
         losses[name] = torch.cat(per_image)
     model.train(was_training)
     width = noiser.num_train_timesteps // num_bands
     own, shuffled = {}, {}
     for band in range(num_bands):
-        members = [index for index in keep if bands[index] == band]
-        if not members:
+        members = bands == band
+        if not members.any():
             continue
         label = f"t{band * width}-{(band + 1) * width}"
         own[label] = float(losses["own"][members].mean())
         shuffled[label] = float(losses["shuffled"][members].mean())
-    return TextConditioningGap(own, shuffled, len(keep))
+    return TextConditioningGap(own, shuffled, len(captions))
