@@ -33,8 +33,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import bench_common as common
 from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf.data.collator import TransfusionDataCollator
 from transfusion_hf.noising import TransfusionNoiser
-from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
+from transfusion_hf.processing_transfusion import TransfusionProcessor, special_token_ids
 from transfusion_hf.recipes import load_recipe
 
 DEFAULTS = dict(preset="small", batch_size=16, max_words=192, max_sequence_length=512, rounds=3, steps=8, batches=8)

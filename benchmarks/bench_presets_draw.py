@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
 import subprocess
 import sys
 import time
+import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,18 +211,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def check_training_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: list[Preset]) -> None:
     """Run the training script's own argument checks on each command, so a bad extra flag fails now."""
-    # Imported, not run: its parse_args checks the flags, the preset and the noising options without loading data.
-    spec = importlib.util.spec_from_file_location("_bench_train_transfusion", TRAIN_SCRIPT)
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
-    # Its check that the data source exists would refuse the image folder, which is written only after these checks.
-    train_script.check_image_text_source = lambda *args, **kwargs: None
+    # The package's parse_args (the script's own) checks the flags, the recipe and the noising options without loading
+    # data; its check that the data source exists would refuse the image folder, which is written only after these.
+    from transfusion_hf.training import arguments as training_arguments
+
     for preset in presets:
         command = train_arguments(args, preset, args.work_dir / "glyphs_folder", args.work_dir / "runs" / preset.name)
         messages = io.StringIO()
         try:
             with contextlib.redirect_stderr(messages):  # its usage text would name our script and list its flags
-                train_script.parse_args(command)
+                with unittest.mock.patch.object(training_arguments, "check_image_text_source"):
+                    training_arguments.parse_args(command)
         except SystemExit:
             reason = (messages.getvalue().strip().splitlines() or ["?"])[-1].split("error: ", 1)[-1]
             parser.error(f"examples/train_transfusion.py rejects the extra flags {args.extra_train_args}: {reason}")

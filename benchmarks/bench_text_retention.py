@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import importlib.util
+import json
 import math
+import os
 import random
+import subprocess
 import sys
 import sysconfig
 import time
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -237,13 +237,6 @@ def pretrain_llm(args: argparse.Namespace, llm_dir: Path) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- images
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("_bench_train_transfusion", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_arguments(args: argparse.Namespace, variant: str, llm_dir: Path, run_dir: Path) -> list[str]:
     flags = [flag.format(lora_rank=args.lora_rank) for flag in VARIANTS[variant][1]]
     return [
@@ -267,33 +260,15 @@ def train_arguments(args: argparse.Namespace, variant: str, llm_dir: Path, run_d
     ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def timed_training_loop(train_script, timing: dict):
-    """Time the script's training loop alone (not the data encoding nor the final save)."""
-    original = train_script.training_loop
-
-    def timed(*loop_args, **loop_kwargs):
-        started = time.perf_counter()
-        steps = original(*loop_args, **loop_kwargs)
-        timing["seconds"], timing["steps"] = time.perf_counter() - started, steps
-        return steps
-
-    train_script.training_loop = timed
-    try:
-        yield timing
-    finally:
-        train_script.training_loop = original
-        # Accelerate keeps process-wide singletons: reset them so the next run starts clean.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def run_variant(args, train_script, variant: str, llm_dir: Path, held_out: torch.LongTensor, llm) -> dict[str, Any]:
-    """Train one variant, then score its saved pipeline on text and on the shapes."""
+def run_variant(args, variant: str, llm_dir: Path, held_out: torch.LongTensor, llm) -> dict[str, Any]:
+    """Train one variant (the training script, in its own process), then score its saved pipeline on text and on the
+    shapes."""
     run_dir = args.work_dir / "runs" / variant
     print(f"\n=== {VARIANTS[variant][0]} ===", flush=True)
-    with timed_training_loop(train_script, {}) as timing:
-        train_script.main(train_script.parse_args(train_arguments(args, variant, llm_dir, run_dir)))
+    command = [sys.executable, str(TRAIN_SCRIPT), *train_arguments(args, variant, llm_dir, run_dir)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    timing = {"seconds": summary["train_loop_seconds"], "steps": summary["global_step"]}
     pipeline = TransfusionPipeline.from_pretrained(run_dir)
     pipeline.set_progress_bar_config(disable=True)
     model = pipeline.transformer
@@ -309,7 +284,7 @@ def run_variant(args, train_script, variant: str, llm_dir: Path, held_out: torch
         "name": VARIANTS[variant][0],
         "steps": timing["steps"],
         "seconds_per_step": timing["seconds"] / timing["steps"],
-        "trainable_parameters": trainable_parameter_count(train_script, args, variant, llm_dir),
+        "trainable_parameters": trainable_parameter_count(args, variant, llm_dir),
         "parameters": model.num_parameters(),
         "held_out_perplexity": text_perplexity(model, held_out, llm.config.vocab_size),
         "held_out_perplexity_all_tokens": text_perplexity(model, held_out),
@@ -319,17 +294,19 @@ def run_variant(args, train_script, variant: str, llm_dir: Path, held_out: torch
     }
 
 
-def trainable_parameter_count(train_script, args, variant: str, llm_dir: Path) -> int:
-    """Parameters the variant trains (LoRA's before merging), from the script's own model set-up."""
+def trainable_parameter_count(args, variant: str, llm_dir: Path) -> int:
+    """Parameters the variant trains (LoRA's before merging), from the training package's own model set-up."""
     from transfusion_hf.modality_experts import freeze_text_weights
+    from transfusion_hf.processing_transfusion import add_special_tokens
+    from transfusion_hf.training import apply_lora, build_model, parse_args
 
-    script_args = train_script.parse_args(train_arguments(args, variant, llm_dir, args.work_dir / "unused"))
+    script_args = parse_args(train_arguments(args, variant, llm_dir, args.work_dir / "unused"))
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-    train_script.add_special_tokens(tokenizer, ("<boi>", "<eoi>", "<image>"))
-    model, _ = train_script.build_model(script_args, tokenizer, latent_channels=3, latent_size=32)
+    add_special_tokens(tokenizer, ("<boi>", "<eoi>", "<image>"))
+    model, _ = build_model(script_args, tokenizer, latent_channels=3, latent_size=32)
     new_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<boi>", "<eoi>", "<image>")]
     if script_args.lora_rank:
-        model = train_script.apply_lora(script_args, model, new_ids)
+        model = apply_lora(script_args, model, new_ids)
     if script_args.freeze_text:
         # Only the new rows of the embeddings and the LM head train: count those rows, not the whole matrices.
         row_trained = freeze_text_weights(model, new_ids)
@@ -371,14 +348,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.work_dir = Path(args.work_dir).resolve()
     llm_dir = args.work_dir / "llm"
-    train_script = load_train_script()
     llm_info = pretrain_llm(args, llm_dir)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     held_out = token_blocks(tokenizer, text_corpus(0, with_docstrings=False)[1], args.sequence_length)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir)
     before = text_perplexity(llm, held_out)
     print(f"LLM: {llm_info['parameters'] / 1e6:.2f}M parameters, held-out text perplexity {before:.2f}", flush=True)
-    rows = [run_variant(args, train_script, variant, llm_dir, held_out, llm) for variant in args.variants]
+    rows = [run_variant(args, variant, llm_dir, held_out, llm) for variant in args.variants]
     print("\n" + table(before, rows))
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_transfusion  # noqa: E402
-from transfusion_hf.evaluation.shapes_benchmark import evaluate_shapes, held_out_samples_grid  # noqa: E402
-from transfusion_hf.pipeline_transfusion import TransfusionPipeline  # noqa: E402
-from transfusion_hf.visualization import make_grid  # noqa: E402
+from transfusion_hf.evaluation.shapes_benchmark import evaluate_shapes, held_out_samples_grid
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+from transfusion_hf.training import parse_args as parse_training_args
+from transfusion_hf.visualization import make_grid
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_transfusion.py"
 
 # Data flags only: the recipe is the training script's default (`transfusion_hf.recipes`, "small": learning rate
 # 2e-3, logit-normal times, 1,700 steps of 32). Training stops at that step count, never at a wall-clock cap, so the
@@ -72,8 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if not args.skip_training:
-        train_args = train_transfusion.parse_args(DEMO_FLAGS + ["--output_dir", str(output_dir)] + train_overrides)
-        train_transfusion.main(train_args)
+        train_argv = DEMO_FLAGS + ["--output_dir", str(output_dir)] + train_overrides
+        parse_training_args(train_argv)  # a bad flag fails here, in a second, with one line naming it
+        # The training script runs as the user would run it (its own process, its own logging).
+        result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *train_argv])
+        if result.returncode:
+            raise SystemExit(result.returncode)
     trained = time.time()
     pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
     pipeline.set_progress_bar_config(disable=True)

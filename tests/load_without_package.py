@@ -92,6 +92,7 @@ def main(spec_path: str) -> None:
         report["classes"][f"model/{label}"] = f"{type(model).__module__}.{type(model).__name__}"
         outputs.update({f"model/{label}/{name}": value for name, value in model_outputs(model, inputs).items()})
         report[f"model/{label}/refusal"] = refusal(lambda source=source: AutoModel.from_pretrained(source))
+        report["model/push_without_package"] = refusal(lambda model=model: model.push_to_hub("never-pushed"))
 
     processor = AutoProcessor.from_pretrained(spec["processor"], trust_remote_code=True)
     report["classes"]["processor"] = f"{type(processor).__module__}.{type(processor).__name__}"
@@ -106,6 +107,7 @@ def main(spec_path: str) -> None:
         report["classes"][f"pipeline/{label}/transformer"] = type(pipe.transformer).__module__
         outputs[f"pipeline/{label}/images"], captions[label] = pipeline_outputs(pipe, spec["prompt"], image)
         report[f"pipeline/{label}/refusal"] = refusal(lambda source=source: DiffusionPipeline.from_pretrained(source))
+        report["pipeline/push_without_package"] = refusal(lambda pipe=pipe: pipe.push_to_hub("never-pushed"))
     report["captions"] = captions
     report["loaded_package_modules"] = sorted(name for name in sys.modules if name.startswith("transfusion_hf"))
 

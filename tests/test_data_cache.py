@@ -19,10 +19,12 @@ from hub_server import LocalHub
 from launching import accelerate_launch
 from pipeline_components import get_vae
 from script_loading import load_script
+from transfusion_hf import training
 from transfusion_hf.data.image_text import CorruptImageError, encode_latents, load_image_text_dataset
 from transfusion_hf.data.latent_cache import cache_latents, encoder_fingerprint
 from transfusion_hf.data.shapes import draw_shape, sample_specs
 from transfusion_hf.pipeline_transfusion import pixels_to_latents
+from transfusion_hf.training.model_setup import load_model_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_transfusion.py"
@@ -216,8 +218,8 @@ def no_data_loading(train_transfusion, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_transfusion, "load_dataset_from_args", refuse)
-    monkeypatch.setattr(train_transfusion, "cache_latents", refuse)
+    monkeypatch.setattr(training.data, "load_dataset_from_args", refuse)
+    monkeypatch.setattr(training.data, "cache_latents", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -259,18 +261,18 @@ def test_bad_model_flags_fail_before_any_data(
 ):
     flags = [flag.format(vae=vae_folder, tmp=tmp_path) for flag in flags]
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args(["--dataset_name", "shapes", *TINY, *flags])
+        training.parse_args(["--dataset_name", "shapes", *TINY, *flags])
 
 
 def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
-    args = train_transfusion.parse_args(["--dataset", "shapes", *TINY, "--vae_name_or_path", str(vae_folder)])
+    args = training.parse_args(["--dataset", "shapes", *TINY, "--vae_name_or_path", str(vae_folder)])
     assert args.encode_batch_size == 64 and args.latent_dtype == "float32" and args.latent_cache_dir is None
-    train_transfusion.parse_args(["--dataset", "shapes", *TINY, "--resolution", "64", "--patch_size", "4"])
-    args = train_transfusion.parse_args(
+    training.parse_args(["--dataset", "shapes", *TINY, "--resolution", "64", "--patch_size", "4"])
+    args = training.parse_args(
         ["--dataset", "shapes", *TINY, "--model_config", "small", "--unet_linear_shortcut", "true"]
     )
-    preset = train_transfusion.load_model_preset(args.recipe)
-    assert train_transfusion.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
+    preset = load_model_preset(args.recipe)
+    assert training.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
 
 
 @pytest.mark.parametrize(
@@ -290,19 +292,19 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     ],
 )
 def test_unet_shortcut_defaults(train_transfusion, no_data_loading, flags, linear_shortcut, output_shortcut):
-    args = train_transfusion.parse_args(["--dataset", "shapes", *TINY, *flags])
-    fields = train_transfusion.image_config_fields(args, train_transfusion.load_model_preset(args.recipe), 3, 32)
+    args = training.parse_args(["--dataset", "shapes", *TINY, *flags])
+    fields = training.image_config_fields(args, load_model_preset(args.recipe), 3, 32)
     assert (fields["unet_linear_shortcut"], fields["unet_output_shortcut"]) == (linear_shortcut, output_shortcut)
 
 
 def test_missing_data_source_is_named(train_transfusion, no_data_loading, tmp_path):
     with pytest.raises(ValueError, match=r"^`train_data_dir`='.*missing' is not a folder\.$"):
-        train_transfusion.parse_args(["--train_data_dir", str(tmp_path / "missing"), *TINY])
+        training.parse_args(["--train_data_dir", str(tmp_path / "missing"), *TINY])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"^`train_data_dir`='.*empty' cannot be loaded: "):
-        train_transfusion.parse_args(["--train_data_dir", str(tmp_path / "empty"), *TINY])
+        training.parse_args(["--train_data_dir", str(tmp_path / "empty"), *TINY])
     with pytest.raises(ValueError, match=r"^`dataset_name`='.*empty' cannot be loaded: "):
-        train_transfusion.parse_args(["--dataset_name", str(tmp_path / "empty"), *TINY])
+        training.parse_args(["--dataset_name", str(tmp_path / "empty"), *TINY])
 
 
 def test_unreachable_hub_dataset_is_one_line(tmp_path):

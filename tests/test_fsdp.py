@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from launching import accelerate_launch
 from test_train_transfusion import CONFIGS, ROOT, SCRIPT, SHAPES, TINY, read_log, subprocess_env, train_transfusion
-from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal, training
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 
 SHIM = ROOT / "tests" / "fsdp_on_cpu.py"
@@ -88,7 +88,7 @@ def refuse_what_fsdp_cannot_train():
     os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     accelerator = Accelerator(cpu=True)
     assert accelerator.is_fsdp2 and accelerator.num_processes == 2
-    train_transfusion.check_fsdp_setup(train_transfusion.parse_args([*TINY, *SHAPES]), accelerator)  # accepted
+    training.check_fsdp_setup(training.parse_args([*TINY, *SHAPES]), accelerator)  # accepted
     # (flags, attributes set after parsing, message): --lora_rank and --freeze_text need a pretrained LLM, whose
     # config `parse_args` loads; only `check_fsdp_setup` is under test here.
     refused = [
@@ -103,10 +103,10 @@ def refuse_what_fsdp_cannot_train():
         ),
     ]
     for flags, attributes, message in refused:
-        args = train_transfusion.parse_args([*TINY, *SHAPES, *flags])
+        args = training.parse_args([*TINY, *SHAPES, *flags])
         vars(args).update(attributes)
         with pytest.raises(ValueError, match=message):
-            train_transfusion.check_fsdp_setup(args, accelerator)
+            training.check_fsdp_setup(args, accelerator)
 
 
 def test_flags_fsdp_cannot_train_are_refused():

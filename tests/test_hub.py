@@ -9,6 +9,9 @@ from __future__ import annotations
 import ast
 import configparser
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from importlib import resources
 from pathlib import Path
@@ -280,6 +283,21 @@ def test_push_a_saved_output_dir(hub, pipe, run_dir, capsys):
     )
 
 
+@pytest.mark.parametrize("module", ["transfusion_hf.hub", "transfusion_hf.commands.hub"])
+def test_the_documented_command_runs_as_a_module(module):
+    """`python -m transfusion_hf.hub` (docs/hub.md) runs the command line of `transfusion_hf.commands.hub`."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m transfusion_hf.hub ") and "output_dir" in result.stdout
+    assert "RuntimeWarning" not in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 def test_missing_repo_or_revision_errors(hub, model):
     missing = f"{hub.user}/does-not-exist"
@@ -391,7 +409,8 @@ def module_level_imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_no_import_circle_between_hub_model_and_pipeline(hub, pipe, run_dir):
-    """hub.py imports neither the model nor the pipeline module, anywhere (they import it, at module level).
+    """hub.py and the card module import neither the model nor the pipeline module, anywhere; those import the Hub
+    code by name only when they push (no relative import, so the code saved beside the weights carries none of it).
 
     Proof at run time: a fresh interpreter imports `transfusion_hf.hub` with the package's `__init__` left out (it
     imports every module on purpose, to register the Auto classes), builds the card of a saved pipeline folder and
@@ -399,10 +418,12 @@ def test_no_import_circle_between_hub_model_and_pipeline(hub, pipe, run_dir):
     """
     package = Path(transfusion_hf.__file__).parent
     hub_top, hub_nested = module_level_imports(package / "hub.py")
-    assert hub_top == {"configuration_transfusion"} and not hub_nested
+    assert hub_top == {"modelcard_transfusion"} and hub_nested == {"commands.hub"}  # the command line, when run
+    card_top, card_nested = module_level_imports(package / "modelcard_transfusion.py")
+    assert card_top == {"configuration_transfusion"} and not card_nested
     for name in ("modeling_transfusion", "pipeline_transfusion"):
         top, nested = module_level_imports(package / f"{name}.py")
-        assert "hub" in top and "hub" not in nested, name
+        assert not {"hub", "modelcard_transfusion"} & (top | nested), name
 
     pipe.save_pretrained(run_dir)
     expected_card = str(build_model_card(run_dir, "org/no-circle", output_dir=run_dir))
@@ -422,7 +443,11 @@ def test_no_import_circle_between_hub_model_and_pipeline(hub, pipe, run_dir):
         """
     )
     result = json.loads(hub.run_python(code, extra_env={"OMP_NUM_THREADS": "1"}).stdout.strip().splitlines()[-1])
-    assert result["modules"] == ["transfusion_hf.configuration_transfusion", "transfusion_hf.hub"]
+    assert result["modules"] == [
+        "transfusion_hf.configuration_transfusion",
+        "transfusion_hf.hub",
+        "transfusion_hf.modelcard_transfusion",
+    ]
     assert result["card"] == expected_card
     assert set(hub.list_files("org/no-circle")) == PIPELINE_FILES
 
@@ -486,8 +511,9 @@ def fresh_accelerate_state():
 
 
 def test_train_script_pushes_pipeline_and_card(hub, tmp_path, monkeypatch, fresh_accelerate_state):
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    import train_transfusion
+    from script_loading import load_script
+
+    train_transfusion = load_script(ROOT / "examples" / "train_transfusion.py")
 
     output_dir = tmp_path / "out"
     argv = [

@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
-from script_loading import load_script
-from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal, training
+from transfusion_hf.data.collator import TransfusionDataCollator
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
-from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
+from transfusion_hf.processing_transfusion import TransfusionProcessor, special_token_ids
 from transfusion_hf.tokenization_transfusion import train_bpe_tokenizer
-from transfusion_hf.training_utils import CleanImageErrorTracker
+from transfusion_hf.training import CleanImageErrorTracker
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_transfusion.py"
 IMAGE_SIZE = 8
@@ -111,11 +111,10 @@ def train(model, collator, examples, steps: int, learning_rate: float) -> list[f
     ("prediction_type", "snr_gamma"), [("epsilon", 5.0), ("v_prediction", None), ("flow_prediction", None)]
 )
 def test_overfit_then_sample_each_caption_gives_its_image(prediction_type, snr_gamma, patch_encoder):
-    script = load_script(SCRIPT, "train_transfusion_overfit")
     images = quadrant_images()
     tokenizer = train_bpe_tokenizer(CAPTIONS * 8, vocab_size=300)
     model = build_model(tokenizer, prediction_type, patch_encoder)
-    train_scheduler = script.training_scheduler(prediction_type)
+    train_scheduler = training.training_scheduler(prediction_type)
     noiser = TransfusionNoiser(train_scheduler, prediction_type, snr_gamma=snr_gamma)
     processor = TransfusionProcessor(tokenizer, image_size=IMAGE_SIZE, num_image_tokens=model.config.num_patches)
     collator = TransfusionDataCollator(processor, noiser, seed=0)
@@ -134,7 +133,7 @@ def test_overfit_then_sample_each_caption_gives_its_image(prediction_type, snr_g
             tracker.update(batch, model(**batch).diffusion_predictions)
     x0_error_ratios = {name.split("/")[1]: round(value, 4) for name, value in tracker.compute().items()}
 
-    scheduler = script.inference_scheduler(argparse.Namespace(inference_scheduler=None), train_scheduler)
+    scheduler = training.inference_scheduler(argparse.Namespace(inference_scheduler=None), train_scheduler)
     expected_scheduler = "FlowMatchEulerDiscreteScheduler" if prediction_type == "flow_prediction" else "DPMSolver"
     assert type(scheduler).__name__.startswith(expected_scheduler)
     pipe = TransfusionPipeline(transformer=model, scheduler=scheduler, vae=None, tokenizer=tokenizer)

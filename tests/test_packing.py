@@ -15,12 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pipeline_components import CAPTIONS, get_tokenizer, perturb_  # noqa: E402
 from tiny_configs import llama_text_config, tiny_config  # noqa: E402
 from transfusion_hf import TransfusionForMixedModal  # noqa: E402
+from transfusion_hf.data.collator import TransfusionDataCollator  # noqa: E402
 from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
-from transfusion_hf.processing_transfusion import (  # noqa: E402
-    TransfusionDataCollator,
-    TransfusionProcessor,
-    special_token_ids,
-)
+from transfusion_hf.processing_transfusion import TransfusionProcessor, special_token_ids  # noqa: E402
 
 # The layout of each pair: image_first_probability, and whether the pairs keep their images.
 LAYOUTS = {

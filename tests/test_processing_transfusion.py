@@ -15,14 +15,12 @@ from transformers import AutoProcessor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline_components import CAPTIONS, get_tokenizer, get_transformer, get_vae  # noqa: E402
+from transfusion_hf.data.collator import TransfusionDataCollator, first_fit_rows, pack_sequences  # noqa: E402
 from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
 from transfusion_hf.processing_transfusion import (  # noqa: E402
-    TransfusionDataCollator,
     TransfusionProcessor,
     add_special_tokens,
-    first_fit_rows,
     images_to_pixel_values,
-    pack_sequences,
     pad_sequences,
     special_token_ids,
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -26,15 +25,17 @@ from tiny_configs import (
     random_text,
     tiny_config,
 )
-from transfusion_hf import TransfusionConfig, TransfusionForMixedModal
+from transfusion_hf import TransfusionConfig, TransfusionForMixedModal, training
+from transfusion_hf.data.collator import TransfusionDataCollator
 from transfusion_hf.image_layers import TransfusionTimestepEmbedding, sinusoidal_timestep_features
 from transfusion_hf.loss_transfusion import diffusion_loss
 from transfusion_hf.masking_transfusion import build_transfusion_mask
 from transfusion_hf.noising import TransfusionNoiser
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
-from transfusion_hf.processing_transfusion import TransfusionDataCollator, TransfusionProcessor
+from transfusion_hf.processing_transfusion import TransfusionProcessor
 from transfusion_hf.recipes import load_recipe
-from transfusion_hf.training_utils import CleanImageErrorTracker
+from transfusion_hf.training import CleanImageErrorTracker
+from transfusion_hf.training.model_setup import load_model_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_transfusion.py"
@@ -779,14 +780,6 @@ def test_clean_image_error_tracker_omits_empty_buckets_and_single_images():
 
 
 # ============================================================================================ training script flags
-@pytest.fixture(scope="module")
-def train_transfusion():
-    spec = importlib.util.spec_from_file_location("train_transfusion_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 BASE = ["--dataset_name", "shapes", "--report_to", "none"]
 
 
@@ -831,25 +824,25 @@ BASE = ["--dataset_name", "shapes", "--report_to", "none"]
         (["--recipe", "/nonexistent/model.json"], "--recipe=./nonexistent/model.json."),
     ],
 )
-def test_bad_flag_combinations_fail_in_parse_args(train_transfusion, monkeypatch, flags, message):
+def test_bad_flag_combinations_fail_in_parse_args(monkeypatch, flags, message):
     # Nothing may be loaded before the check: any data loading would fail the test with another error.
     def no_loading(*args, **kwargs):
         raise AssertionError("data loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_transfusion, "load_dataset_from_args", no_loading)
+    monkeypatch.setattr(training.data, "load_dataset_from_args", no_loading)
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args(BASE + flags)
+        training.parse_args(BASE + flags)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper_0.16b"])
-def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(train_transfusion, preset):
+def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type(preset):
     """Without --prediction_type, the preset's prediction type decides which noising flags are allowed."""
-    prediction_type = train_transfusion.load_model_preset(preset).get("prediction_type", "epsilon")
+    prediction_type = load_model_preset(preset).get("prediction_type", "epsilon")
     flow_only, ddpm_only = ["--timestep_sampling", "logit_normal"], ["--snr_gamma", "5"]
     allowed, refused = (flow_only, ddpm_only) if prediction_type == "flow_prediction" else (ddpm_only, flow_only)
-    train_transfusion.parse_args(BASE + ["--model_config", preset] + allowed)
+    training.parse_args(BASE + ["--model_config", preset] + allowed)
     with pytest.raises(ValueError, match=refused[0].removeprefix("--")):
-        train_transfusion.parse_args(BASE + ["--model_config", preset] + refused)
+        training.parse_args(BASE + ["--model_config", preset] + refused)
 
 
 @pytest.mark.parametrize(
@@ -861,30 +854,28 @@ def test_parse_args_checks_the_noising_flags_against_the_presets_prediction_type
         (["--model_config", "small"], False),
     ],
 )
-def test_plain_epsilon_warns_before_training(train_transfusion, caplog, flags, warns):
+def test_plain_epsilon_warns_before_training(caplog, flags, warns):
     """Plain epsilon draws shapes that ignore the prompt at small scale (README): say so at parse time, and only
     then (epsilon with SNR weighting, v and flow stay quiet)."""
-    with caplog.at_level("WARNING", logger="train_transfusion"):
-        train_transfusion.parse_args(BASE + flags)
-    messages = [record.getMessage() for record in caplog.records if record.name == "train_transfusion"]
+    with caplog.at_level("WARNING", logger="transfusion_hf.training"):
+        training.parse_args(BASE + flags)
+    messages = [record.getMessage() for record in caplog.records if record.name == "transfusion_hf.training"]
     fix = "--snr_gamma 20 --snr_weighting truncated_min_snr --timestep_sampling importance"
     assert any("Plain epsilon prediction" in message and fix in message for message in messages) == warns
 
 
-def test_good_flag_combinations_parse(train_transfusion):
-    args = train_transfusion.parse_args(
-        BASE + ["--model_config", "small", "--prediction_type", "epsilon", "--snr_gamma", "5"]
-    )
+def test_good_flag_combinations_parse():
+    args = training.parse_args(BASE + ["--model_config", "small", "--prediction_type", "epsilon", "--snr_gamma", "5"])
     assert args.snr_gamma == 5.0 and args.timestep_sampling == "uniform" and args.snr_weighting == "min_snr"
-    args = train_transfusion.parse_args(
+    args = training.parse_args(
         BASE + ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--snr_weighting", "truncated_min_snr"]
     )
-    noiser = train_transfusion.build_noiser(args, "v_prediction")
+    noiser = training.build_noiser(args, "v_prediction")
     assert noiser.snr_gamma == 5.0 and noiser.snr_weighting == "truncated_min_snr"
-    args = train_transfusion.parse_args(
+    args = training.parse_args(
         BASE + ["--prediction_type", "flow_prediction", "--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]
     )
-    noiser = train_transfusion.build_noiser(args, "flow_prediction")
+    noiser = training.build_noiser(args, "flow_prediction")
     assert noiser.timestep_sampling == "logit_normal" and noiser.logit_mean == 0.5 and noiser.logit_std == 1.0
     assert noiser.snr_gamma is None
     for bad_choice in (
@@ -893,19 +884,19 @@ def test_good_flag_combinations_parse(train_transfusion):
         ["--image_attention", "x"],
     ):
         with pytest.raises(SystemExit):  # argparse choices
-            train_transfusion.parse_args(BASE + bad_choice)
+            training.parse_args(BASE + bad_choice)
 
 
 @pytest.mark.parametrize("num_steps", [10, 25, 50, 100, 250, 500, 995])
-def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(train_transfusion, num_steps):
+def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(num_steps):
     """The cosine schedule's t = 999 has alpha_bar ~ 2e-9 (zero SNR). The saved epsilon sampler starts at the same
     t = 995 (alpha_bar 4e-5: pure noise to 0.6%) whatever the step count; the "leading" spacing it had started at 951
     at 25 steps, 901 at 100 and 751 at 250, from pure noise all the same (issue 26: 250 steps drew worse than 25)."""
     for vae in (None, "some/vae"):
         args = argparse.Namespace(inference_scheduler=None, vae_name_or_path=vae)
         for prediction_type in ("epsilon", "v_prediction", "flow_prediction"):
-            train_scheduler = train_transfusion.training_scheduler(prediction_type)
-            scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+            train_scheduler = training.training_scheduler(prediction_type)
+            scheduler = training.inference_scheduler(args, train_scheduler)
             flow_euler = prediction_type == "flow_prediction" and vae is not None
             expected = "FlowMatchEuler" if flow_euler else "DPMSolverMultistep"
             assert type(scheduler).__name__.startswith(expected)
@@ -921,33 +912,33 @@ def test_epsilon_inference_scheduler_starts_at_the_top_at_every_step_count(train
                 assert timesteps[0] == (1000 if vae is not None else 999)  # sigma 1 of the flow schedule
 
 
-def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusion):
+def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped():
     """In pixel space the saved sampler is stochastic: DPM-Solver++ SDE clamping x0 to [-1, 1] for epsilon / v (0.18
     -> 0.42 for the paper's recipe, README), FlowMatchEuler's stochastic_sampling for flow (0.91 -> 0.98 for the
     demo); a chosen DDPM clips; with a VAE the deterministic samplers, unclamped."""
     for prediction_type in ("epsilon", "v_prediction"):
-        train_scheduler = train_transfusion.training_scheduler(prediction_type)
-        args = train_transfusion.parse_args(BASE + ["--prediction_type", prediction_type])
-        scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+        train_scheduler = training.training_scheduler(prediction_type)
+        args = training.parse_args(BASE + ["--prediction_type", prediction_type])
+        scheduler = training.inference_scheduler(args, train_scheduler)
         config = scheduler.config
         assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
         assert config.algorithm_type == "sde-dpmsolver++" and config.thresholding and config.sample_max_value == 1.0
         args.inference_scheduler = "ddpm"
-        ddpm = train_transfusion.inference_scheduler(args, train_scheduler)
+        ddpm = training.inference_scheduler(args, train_scheduler)
         assert ddpm.config.clip_sample is True and ddpm.config.clip_sample_range == 1.0
         args.inference_scheduler, args.vae_name_or_path = None, "some/vae"
-        latent = train_transfusion.inference_scheduler(args, train_scheduler)
+        latent = training.inference_scheduler(args, train_scheduler)
         assert latent.config.thresholding is False and latent.config.algorithm_type == "dpmsolver++"
     # Flow in pixel space: DPM-Solver++ SDE on flow sigmas, unclamped (issue 26: FlowMatchEuler's stochastic form
     # re-noises the posterior mean and collapses the samples of one prompt); with a VAE, FlowMatchEuler.
-    args = train_transfusion.parse_args(BASE)
-    flow_training = train_transfusion.training_scheduler("flow_prediction")
-    flow = train_transfusion.inference_scheduler(args, flow_training)
+    args = training.parse_args(BASE)
+    flow_training = training.training_scheduler("flow_prediction")
+    flow = training.inference_scheduler(args, flow_training)
     assert type(flow).__name__ == "DPMSolverMultistepScheduler" and flow.config.algorithm_type == "sde-dpmsolver++"
     assert flow.config.use_flow_sigmas and flow.config.prediction_type == "flow_prediction"
     assert flow.config.thresholding is False
     args.vae_name_or_path = "some/vae"
-    latent_flow = train_transfusion.inference_scheduler(args, flow_training)
+    latent_flow = training.inference_scheduler(args, flow_training)
     assert type(latent_flow).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert latent_flow.config.stochastic_sampling is False
 
@@ -964,16 +955,14 @@ def test_pixel_space_epsilon_and_v_sample_stochastic_and_clamped(train_transfusi
         ("HeunDiscreteScheduler", "v_prediction", "HeunDiscreteScheduler"),
     ],
 )
-def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classes(
-    train_transfusion, flag, prediction_type, expected
-):
+def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classes(flag, prediction_type, expected):
     """The flag's short names still work, and every class of `TransfusionPipeline._compatibles` is a choice; the
     scheduler is set up for the prediction type (flow sigmas for a solver on a flow model)."""
-    args = train_transfusion.parse_args(
+    args = training.parse_args(
         BASE + ["--model_config", "tiny", "--prediction_type", prediction_type, "--inference_scheduler", flag]
     )
-    train_scheduler = train_transfusion.training_scheduler(prediction_type)
-    scheduler = train_transfusion.inference_scheduler(args, train_scheduler)
+    train_scheduler = training.training_scheduler(prediction_type)
+    scheduler = training.inference_scheduler(args, train_scheduler)
     assert type(scheduler).__name__ == expected
     assert TransfusionPipeline.scheduler_prediction_type(scheduler) == prediction_type
     if prediction_type == "flow_prediction" and "use_flow_sigmas" in scheduler.config:
@@ -993,22 +982,22 @@ def test_inference_scheduler_flag_takes_the_short_names_and_the_pipelines_classe
         (["--model_config", "tiny"], False),
     ],
 )
-def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(train_transfusion, flags, expected):
+def test_unet_linear_shortcut_is_the_scripts_default_for_a_unet(flags, expected):
     """Without the shortcut the U-Net names the wrong colour in most captions (2 seeds, README), so the script's
     U-Nets take it unless told otherwise; the config class keeps False so older U-Net checkpoints load unchanged."""
-    args = train_transfusion.parse_args(BASE + flags)
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    args = training.parse_args(BASE + flags)
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
     assert model.config.unet_linear_shortcut is expected
     assert (model.config.patch_encoder == "unet" and model.image_encoder.shortcut is not None) is expected
     assert TransfusionConfig().unet_linear_shortcut is False
 
 
-def test_default_preset_is_the_unet_that_draws(train_transfusion):
+def test_default_preset_is_the_unet_that_draws():
     """The script's default preset is the U-Net one that draws the glyph folder and the shapes (README, "One preset
     for the demo and the default"): U-Net 8x8 patches of 8 -> 64 channels with both shortcuts, rectified flow."""
-    args = train_transfusion.parse_args(BASE)
+    args = training.parse_args(BASE)
     assert args.recipe == "small"
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
     config = model.config
     assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("unet", 8, "flow_prediction")
     assert config.unet_linear_shortcut and config.unet_output_shortcut and config.unet_skip_connections == "fine"
@@ -1019,21 +1008,21 @@ def test_default_preset_is_the_unet_that_draws(train_transfusion):
     ("old_name", "what_changed"),
     [("small_unet", "--unet_block_out_channels 16 32 64 128"), ("shapes", "--patch_encoder linear")],
 )
-def test_retired_presets_load_their_successor_with_a_warning(train_transfusion, caplog, old_name, what_changed):
+def test_retired_presets_load_their_successor_with_a_warning(caplog, old_name, what_changed):
     """A retired preset name still trains (the default preset), says once what changed and how to get the old
     recipe back, and the run records the new name."""
-    assert train_transfusion.load_model_preset(old_name) == train_transfusion.load_model_preset("small")
-    with caplog.at_level("WARNING", logger="train_transfusion"):
-        args = train_transfusion.parse_args(BASE + ["--model_config", old_name])
+    assert load_model_preset(old_name) == load_model_preset("small")
+    with caplog.at_level("WARNING", logger="transfusion_hf.training"):
+        args = training.parse_args(BASE + ["--model_config", old_name])
     assert args.recipe == "small"  # what the run saves and logs
     warned = [record.getMessage() for record in caplog.records if f"--recipe {old_name}" in record.getMessage()]
     assert len(warned) == 1 and "now loads small" in warned[0] and what_changed in warned[0]
 
 
-def test_the_former_shapes_recipe_is_one_flag_away(train_transfusion):
+def test_the_former_shapes_recipe_is_one_flag_away():
     """`--model_config small --patch_encoder linear` is the retired `shapes` preset: linear 8x8 patches, flow."""
-    args = train_transfusion.parse_args(BASE + ["--model_config", "small", "--patch_encoder", "linear"])
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    args = training.parse_args(BASE + ["--model_config", "small", "--patch_encoder", "linear"])
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
     config = model.config
     assert (config.patch_encoder, config.patch_size, config.prediction_type) == ("linear", 8, "flow_prediction")
     assert not config.unet_linear_shortcut and not config.unet_output_shortcut
@@ -1048,17 +1037,17 @@ def test_the_former_shapes_recipe_is_one_flag_away(train_transfusion):
         (["--patch_size", "2", "--unet_block_out_channels", "8", "8"], [8, 8]),  # the flag wins
     ],
 )
-def test_smaller_patch_keeps_the_presets_finest_unet_levels(train_transfusion, flags, channels):
+def test_smaller_patch_keeps_the_presets_finest_unet_levels(flags, channels):
     """A U-Net preset is laid out for its own patch size; `--patch_size` alone must not need a channel list."""
-    args = train_transfusion.parse_args(BASE + flags)
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
+    args = training.parse_args(BASE + flags)
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=32)
     assert model.config.unet_block_out_channels == channels
     assert len(model.image_encoder.levels) == len(channels)
 
 
-def test_larger_patch_than_the_unet_preset_fails_before_any_data(train_transfusion):
+def test_larger_patch_than_the_unet_preset_fails_before_any_data():
     with pytest.raises(ValueError, match=r"unet_block_out_channels.*\[8, 16, 32, 64\]"):
-        train_transfusion.parse_args(BASE + ["--patch_size", "16"])
+        training.parse_args(BASE + ["--patch_size", "16"])
 
 
 @pytest.mark.parametrize(
@@ -1071,11 +1060,11 @@ def test_larger_patch_than_the_unet_preset_fails_before_any_data(train_transfusi
         (["--model_config", "paper_0.16b"], None),
     ],
 )
-def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, warning):
+def test_presets_warn_where_they_do_not_draw(caplog, flags, warning):
     """No preset may silently draw mosaics or noise (issue 10): a preset's `_warning` is said before any data is
     loaded."""
-    with caplog.at_level("WARNING", logger="train_transfusion"):
-        args = train_transfusion.parse_args(BASE + flags)
+    with caplog.at_level("WARNING", logger="transfusion_hf.training"):
+        args = training.parse_args(BASE + flags)
     warned = [record.getMessage() for record in caplog.records if "--recipe" in record.getMessage()]
     if warning is None:
         assert warned == []
@@ -1084,38 +1073,38 @@ def test_presets_warn_where_they_do_not_draw(train_transfusion, caplog, flags, w
 
 
 @pytest.mark.parametrize(("dataset", "warns"), [("shapes", False), ("glyphs", True)])
-def test_a_preset_warning_can_spare_the_data_it_is_made_for(train_transfusion, caplog, tmp_path, dataset, warns):
+def test_a_preset_warning_can_spare_the_data_it_is_made_for(caplog, tmp_path, dataset, warns):
     """A preset json (the user's own too) may name, in `_warning.except_dataset`, the built-in data set where its
     warning does not apply."""
-    preset = train_transfusion.load_model_preset("small") | {
+    preset = load_model_preset("small") | {
         "patch_encoder": "linear",
         "_warning": {"text": "draws mosaics off the flat shapes", "except_dataset": "shapes"},
     }
     path = tmp_path / "linear_8x8.json"
     path.write_text(json.dumps(preset))
     flags = ["--dataset_name", dataset, "--report_to", "none", "--model_config", str(path)]
-    with caplog.at_level("WARNING", logger="train_transfusion"):
-        train_transfusion.parse_args(flags)
+    with caplog.at_level("WARNING", logger="transfusion_hf.training"):
+        training.parse_args(flags)
     warned = [record.getMessage() for record in caplog.records if "draws mosaics" in record.getMessage()]
     assert warned == ([f"--recipe {path}: draws mosaics off the flat shapes"] if warns else [])
 
 
-def test_new_model_flags_reach_the_config(train_transfusion):
-    args = train_transfusion.parse_args(
+def test_new_model_flags_reach_the_config():
+    args = training.parse_args(
         BASE
         + ["--model_config", "tiny", "--patch_encoder", "unet", "--unet_skip_connections", "none"]
         + ["--image_attention", "causal", "--patch_position_embedding", "false"]
     )
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
     config = model.config
     assert config.unet_skip_connections == "none" and config.image_attention == "causal"
     assert config.patch_position_embedding is False and model.patch_position_embedding is None
     # Without the flags, the preset's fields and the config defaults hold.
-    args = train_transfusion.parse_args(BASE + ["--model_config", "small"])
+    args = training.parse_args(BASE + ["--model_config", "small"])
     assert (
         args.unet_skip_connections is None and args.image_attention is None and args.patch_position_embedding is None
     )
-    model, _ = train_transfusion.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
-    preset = train_transfusion.load_model_preset("small")
+    model, _ = training.build_model(args, get_tokenizer(), latent_channels=3, latent_size=8)
+    preset = load_model_preset("small")
     assert model.config.unet_skip_connections == preset["unet_skip_connections"]
     assert model.config.image_attention == "bidirectional" and model.patch_position_embedding is not None

@@ -35,10 +35,10 @@ PROMPT = "a small red circle in the top left"
 PROCESSOR_TEXT = "a large blue square <image> in the center"
 LOADER = Path(__file__).resolve().parent / "load_without_package.py"
 PACKAGE = Path(transfusion_hf.__file__).resolve().parent
-# The code a saved model carries: modeling_transfusion.py and every module it imports, recursively.
+# The code a saved model carries: modeling_transfusion.py and every module it imports, recursively. No Hub or card
+# code: the model and the pipeline import it by name only when they push (transfusion_hf.hub).
 MODEL_CODE = {
     "configuration_transfusion.py",
-    "hub.py",
     "image_layers.py",
     "loss_transfusion.py",
     "masking_transfusion.py",
@@ -48,10 +48,12 @@ MODEL_CODE = {
 # The code a saved pipeline carries at its root (its transformer/ folder has MODEL_CODE).
 PIPELINE_CODE = MODEL_CODE | {
     "cache_transfusion.py",
+    "generation_transfusion.py",
     "latents_transfusion.py",
-    "noising.py",
     "pipeline_transfusion.py",
     "processing_transfusion.py",
+    "remote_code_transfusion.py",
+    "scheduling_transfusion.py",
 }
 
 
@@ -186,11 +188,9 @@ def test_saved_processor_carries_its_code(saved):
     folder = saved["root"] / "processor"
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_transfusion.TransfusionProcessor"}
-    assert {path.name for path in folder.glob("*.py")} == {
-        "processing_transfusion.py",
-        "noising.py",
-        "configuration_transfusion.py",
-    }
+    # The processor lays sequences out and needs no other module: the training noise lives with the collator
+    # (transfusion_hf.data.collator), which is not saved.
+    assert {path.name for path in folder.glob("*.py")} == {"processing_transfusion.py"}
 
 
 def test_pipeline_module_imports_every_module_it_needs():
@@ -292,6 +292,15 @@ def test_diffusion_pipeline_without_the_package(fresh, saved, source):
     images = fresh["outputs"][f"pipeline/{source}/images"]
     torch.testing.assert_close(images, saved["expected"]["images"], rtol=0, atol=1e-6)
     assert fresh["report"]["captions"][source] == saved["caption"]
+
+
+@pytest.mark.parametrize("kind", ["model", "pipeline"])
+def test_push_without_the_package_says_what_it_needs(fresh, kind):
+    """The saved code carries no Hub or card code: `push_to_hub` of a model or pipeline loaded without the package
+    refuses before creating anything, naming the package."""
+    refusal = fresh["report"][f"{kind}/push_without_package"]
+    assert refusal is not None and refusal.startswith("ImportError"), refusal
+    assert "transfusion_hf" in refusal and "upload_folder" in refusal
 
 
 @pytest.mark.parametrize("kind", ["model", "pipeline"])

@@ -17,9 +17,9 @@ from test_train_transfusion import (
     run_main,
     run_until_crash,
     shape_rows,
-    train_transfusion,
     write_image_folder,
 )
+from transfusion_hf import training
 from transfusion_hf.data.image_text import load_image_text_dataset
 from transfusion_hf.data.streaming import StreamingLatentBatches
 
@@ -136,7 +136,7 @@ def test_train_from_streamed_image_folder_counts_corrupt_images(tmp_path, capsys
 
 def test_streaming_refuses_text_data(tmp_path):
     with pytest.raises(ValueError, match="--streaming with text-only data"):
-        train_transfusion.parse_args(["--dataset", "shapes", "--streaming", "--text_data_files", "a.txt"])
+        training.parse_args(["--dataset", "shapes", "--streaming", "--text_data_files", "a.txt"])
 
 
 def test_streaming_resume_after_crash_is_exact(tmp_path, monkeypatch, shards):

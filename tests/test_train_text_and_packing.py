@@ -17,11 +17,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from script_loading import one_thread_and_fresh_accelerate  # noqa: F401 (autouse fixture)
 from test_train_transfusion import SHAPES, TINY, read_log, run_main, train_transfusion
 from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, tiny_config
-from transfusion_hf import TransfusionForMixedModal
+from transfusion_hf import TransfusionForMixedModal, training
 from transfusion_hf.data.text import load_text_dataset, text_only_examples, text_only_rows
 from transfusion_hf.modeling_transfusion import TransfusionOutput
 from transfusion_hf.noising import TransfusionNoiser
-from transfusion_hf.training_utils import GradNormWindow, StepLosses, num_real_tokens, weight_decay_parameter_groups
+from transfusion_hf.training import GradNormWindow, StepLosses, num_real_tokens, weight_decay_parameter_groups
+from transfusion_hf.training.model_setup import load_model_preset
 
 WORDS = "the quick brown fox jumps over a lazy dog while red circles and blue squares dance".split()
 
@@ -72,7 +73,7 @@ def test_text_data_packing_and_accumulation_end_to_end(tmp_path, monkeypatch, ca
     """Text-only rows mixed in, packed rows, 2 micro-steps per step: the run logs eval/text_lm_loss, and its logged
     loss is the mean of the micro-steps' losses."""
     micro_losses = []
-    real_forward = train_transfusion.training_forward
+    real_forward = training.training_forward
 
     def recording_forward(model, batch):
         output = real_forward(model, batch)
@@ -98,7 +99,7 @@ def test_text_data_packing_and_accumulation_end_to_end(tmp_path, monkeypatch, ca
 
 def test_captions_longer_than_the_context_are_truncated_and_counted(tmp_path):
     """A model whose context is shorter than some captions trains anyway; the log counts the cut sequences."""
-    preset = train_transfusion.load_model_preset("tiny")
+    preset = load_model_preset("tiny")
     preset["text_config"]["max_position_embeddings"] = 24  # 8x8 pixels, patch 2: 16 patches + 4 specials + 4 text
     (tmp_path / "short.json").write_text(json.dumps(preset))
     out = tmp_path / "run"
@@ -114,12 +115,12 @@ def test_training_forward_builds_no_kv_cache():
     model = TransfusionForMixedModal(tiny_config())
     input_ids = torch.tensor([[1, 5, 6, 7, 2]])
     assert model(input_ids=input_ids, labels=input_ids).cache is not None  # the backbone's default
-    assert train_transfusion.training_forward(model, {"input_ids": input_ids, "labels": input_ids}).cache is None
+    assert training.training_forward(model, {"input_ids": input_ids, "labels": input_ids}).cache is None
 
 
 def test_lora_without_a_pretrained_model_is_refused():
     with pytest.raises(ValueError, match="--lora_rank=4 needs --text_model_name_or_path"):
-        train_transfusion.parse_args([*SHAPES, *TINY, "--lora_rank", "4"])
+        training.parse_args([*SHAPES, *TINY, "--lora_rank", "4"])
 
 
 @pytest.mark.parametrize(
@@ -133,9 +134,9 @@ def test_lora_without_a_pretrained_model_is_refused():
 )
 def test_text_and_packing_flags_are_checked(flags, message):
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
+        training.parse_args([*SHAPES, *TINY, *flags])
     if "--text_data_files" in flags:  # the default share with text data
-        assert train_transfusion.parse_args([*SHAPES, *TINY, "--text_data_files", "a.txt"]).text_only_share == 0.5
+        assert training.parse_args([*SHAPES, *TINY, "--text_data_files", "a.txt"]).text_only_share == 0.5
 
 
 def decay_split(model: torch.nn.Module) -> tuple[set[str], set[str]]:
@@ -167,7 +168,7 @@ def test_weight_decay_groups_of_a_lora_model():
     """Only trainable parameters: LoRA matrices decay; the new token rows (embedding rows) and biases do not."""
     args = argparse.Namespace(lora_rank=4, lora_alpha=None)
     new_token_ids = [BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID]
-    model = train_transfusion.apply_lora(args, TransfusionForMixedModal(tiny_config()), new_token_ids)
+    model = training.apply_lora(args, TransfusionForMixedModal(tiny_config()), new_token_ids)
     decayed, kept = decay_split(model)
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert decayed | kept == trainable
@@ -242,6 +243,6 @@ def test_text_validation_batches_are_text_only_and_padded():
     processor = TransfusionProcessor(tokenizer, image_size=4, num_image_tokens=4)
     noiser = TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), "flow_prediction")
     args = argparse.Namespace(train_batch_size=2)
-    batches = train_transfusion.text_validation_batches(["a b", "the fox", "red dog"], processor, noiser, 64, args)
+    batches = training.text_validation_batches(["a b", "the fox", "red dog"], processor, noiser, 64, args)
     assert [batch["input_ids"].shape[0] for batch in batches] == [2, 1]
     assert all(set(batch) == {"input_ids", "attention_mask", "labels"} for batch in batches)

@@ -30,11 +30,12 @@ from script_loading import (
     one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
     reset_accelerate,
 )
+from transfusion_hf import training
 from transfusion_hf.data.image_text import CorruptImageError
 from transfusion_hf.data.shapes import draw_shape, sample_specs, train_captions
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.processing_transfusion import special_token_ids
-from transfusion_hf.training_utils import (
+from transfusion_hf.training import (
     NonFiniteLossError,
     TrainingClock,
     check_finite,
@@ -42,6 +43,8 @@ from transfusion_hf.training_utils import (
     list_checkpoints,
     resolve_checkpoint,
 )
+from transfusion_hf.training.distributed import accelerator_kwargs_handlers
+from transfusion_hf.training.model_setup import load_model_preset, run_model_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_transfusion.py"
@@ -251,16 +254,14 @@ def tiny_llm(tiny_llms) -> Path:
 def test_lora_trainable_parameters(tiny_llms, tied):
     """LoRA on every backbone projection; image layers fully trained; the rows of the new special tokens trainable in
     the input embeddings AND the LM head (its own rows when untied, shared when tied); the rest of the LLM frozen."""
-    args = train_transfusion.parse_args(
-        [*SHAPES, *TINY, "--text_model_name_or_path", str(tiny_llms[tied]), "--lora_rank", "4"]
-    )
-    tokenizer = train_transfusion.build_tokenizer(args, train_captions())
-    model, base = train_transfusion.build_model(args, tokenizer, latent_channels=3, latent_size=32)
+    args = training.parse_args([*SHAPES, *TINY, "--text_model_name_or_path", str(tiny_llms[tied]), "--lora_rank", "4"])
+    tokenizer = training.build_tokenizer(args, train_captions())
+    model, base = training.build_model(args, tokenizer, latent_channels=3, latent_size=32)
     assert base == str(tiny_llms[tied])
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     new_ids = list(special_token_ids(tokenizer).values())
     assert min(new_ids) >= 300  # appended after the LLM's vocabulary
-    peft_model = train_transfusion.apply_lora(args, model, new_ids)
+    peft_model = training.apply_lora(args, model, new_ids)
     trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
     assert any("embed_tokens.token_adapter.trainable_tokens_delta" in name for name in trainable)
     # A tied head follows the embedding's adapter (peft ties it); an untied one gets its own trainable rows.
@@ -318,7 +319,7 @@ def test_pretrained_llm_with_lora_end_to_end(tmp_path, tiny_llm):
 )
 def test_freeze_text_refuses_combinations_that_make_no_sense(flags, message):
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
+        training.parse_args([*SHAPES, *TINY, *flags])
 
 
 def test_frozen_text_end_to_end_keeps_the_llm_logits(tmp_path, tiny_llm):
@@ -545,10 +546,10 @@ def test_lr_scheduler_flags():
 
     def learning_rates(*flags: str) -> list[float]:
         """The learning rate of each of the 10 training steps (2 of warmup)."""
-        args = train_transfusion.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
+        args = training.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
                                              "--learning_rate", "1.0", *flags])  # fmt: skip
         optimizer = torch.optim.SGD([parameter], lr=args.learning_rate)
-        scheduler = train_transfusion.build_lr_scheduler(args, optimizer, num_processes=1)
+        scheduler = training.build_lr_scheduler(args, optimizer, num_processes=1)
         rates = []
         for _ in range(args.max_train_steps):
             rates.append(scheduler.get_last_lr()[0])
@@ -580,11 +581,9 @@ def test_optim_flag_picks_the_fused_adamw_by_default():
     inputs, targets = torch.randn(8, 6), torch.randn(8, 3)
 
     def train(*flags: str) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
-        args = train_transfusion.parse_args(
-            [*SHAPES, *TINY, "--output_dir", "unused", "--learning_rate", "0.05", *flags]
-        )
+        args = training.parse_args([*SHAPES, *TINY, "--output_dir", "unused", "--learning_rate", "0.05", *flags])
         model = copy.deepcopy(template)
-        optimizer, _ = train_transfusion.build_optimizer(args, model, [], num_processes=1)
+        optimizer, _ = training.build_optimizer(args, model, [], num_processes=1)
         for _ in range(3):
             optimizer.zero_grad()
             torch.nn.functional.mse_loss(model(inputs), targets).backward()
@@ -620,11 +619,11 @@ def test_time_clock_schedule_follows_the_budget_and_keeps_checkpoints_plain(tmp_
     parameter = torch.nn.Parameter(torch.zeros(1))
 
     def scheduler_at(spent_share: float | None, *flags: str):
-        args = train_transfusion.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
+        args = training.parse_args([*SHAPES, *TINY, "--max_train_steps", "10", "--lr_warmup_steps", "2",
                                              "--learning_rate", "1.0", "--max_train_time_minutes", "10", *flags])  # fmt: skip
         clock = TrainingClock(args.max_train_time_minutes)
         optimizer = torch.optim.SGD([parameter], lr=args.learning_rate)
-        scheduler = train_transfusion.build_lr_scheduler(args, optimizer, num_processes=1, clock=clock)
+        scheduler = training.build_lr_scheduler(args, optimizer, num_processes=1, clock=clock)
         if spent_share is not None:
             clock.start()
             clock.started -= spent_share * clock.budget_seconds
@@ -664,7 +663,7 @@ def test_time_clock_run_ends_its_schedule_with_the_budget(tmp_path, capsys):
 )
 def test_time_budget_flags_are_checked(flags, message):
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args([*SHAPES, *TINY, *flags])
+        training.parse_args([*SHAPES, *TINY, *flags])
 
 
 def test_shapes_demo_is_the_script_plus_data_flags():
@@ -674,14 +673,14 @@ def test_shapes_demo_is_the_script_plus_data_flags():
 
     shapes_demo = load_script(ROOT / "examples" / "shapes_demo.py")
     assert set(shapes_demo.DEMO_FLAGS[::2]) == {"--dataset", "--shapes_num_samples", "--logging_steps"}
-    args = train_transfusion.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused"])
+    args = training.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused"])
     recipe = load_recipe("small")
     assert args.recipe == "small" and recipe.training["max_train_steps"] == args.max_train_steps == 1700
     assert (args.max_train_time_minutes, args.lr_schedule_clock) == (None, "steps")
     for name, value in recipe.training.items():
         assert getattr(args, name) == value, name
     overrides = ["--prediction_type", "epsilon"]
-    args = train_transfusion.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused", *overrides])
+    args = training.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused", *overrides])
     assert (args.timestep_sampling, args.learning_rate) == ("uniform", recipe.training["learning_rate"])
 
 
@@ -693,18 +692,18 @@ def test_a_recipe_sets_the_scripts_defaults_and_a_flag_wins(tmp_path):
     mine = {"model": load_recipe("tiny").model, "training": {"learning_rate": 5e-4, "max_train_steps": 7}}
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(mine))
-    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path)])
+    args = training.parse_args([*SHAPES, "--recipe", str(path)])
     assert (args.learning_rate, args.max_train_steps, args.timestep_sampling) == (5e-4, 7, "logit_normal")
-    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path), "--learning_rate", "1e-4"])
+    args = training.parse_args([*SHAPES, "--recipe", str(path), "--learning_rate", "1e-4"])
     assert (args.learning_rate, args.max_train_steps) == (1e-4, 7)
     path.write_text(json.dumps(load_recipe("tiny").model))  # a bare model preset
-    args = train_transfusion.parse_args([*SHAPES, "--model_config", str(path)])
+    args = training.parse_args([*SHAPES, "--model_config", str(path)])
     assert (args.learning_rate, args.max_train_steps) == (2e-3, 1700)
-    args = train_transfusion.parse_args([*SHAPES, "--recipe", "paper_0.16b"])
+    args = training.parse_args([*SHAPES, "--recipe", "paper_0.16b"])
     assert (args.learning_rate, args.lr_warmup_steps) == (3e-4, 4000)
     # An epsilon model of the user's, no training part: the default recipe's times fall back to uniform.
     path.write_text(json.dumps({**load_recipe("tiny").model, "prediction_type": "epsilon"}))
-    args = train_transfusion.parse_args([*SHAPES, "--recipe", str(path), "--snr_gamma", "5"])
+    args = training.parse_args([*SHAPES, "--recipe", str(path), "--snr_gamma", "5"])
     assert (args.timestep_sampling, args.learning_rate) == ("uniform", 2e-3)
 
 
@@ -730,20 +729,20 @@ def test_same_command_and_seed_give_the_same_model_on_one_or_two_threads(tmp_pat
 
 def test_model_presets_parse():
     for name in ("tiny", "small", "paper_0.16b"):
-        preset = train_transfusion.load_model_preset(name)
+        preset = load_model_preset(name)
         assert preset["text_config"]["model_type"] == "llama" and "patch_size" in preset
     with pytest.raises(ValueError, match="neither a json file nor a recipe"):
-        train_transfusion.load_model_preset("huge")
+        load_model_preset("huge")
 
 
 def test_config_overrides_change_the_backbone_of_a_run(tmp_path):
     """`--config_overrides` (transformers' run_clm.py flag) edits the preset's text_config: values take the type of the
     field they replace, and the saved model has them."""
-    args = train_transfusion.parse_args(
+    args = training.parse_args(
         [*SHAPES, *TINY, "--config_overrides", "num_hidden_layers=1,rms_norm_eps=1e-5,hidden_act=gelu"]
     )
-    text_config = train_transfusion.run_model_preset(args)["text_config"]
-    tiny = train_transfusion.load_model_preset("tiny")["text_config"]
+    text_config = run_model_preset(args)["text_config"]
+    tiny = load_model_preset("tiny")["text_config"]
     assert text_config == {**tiny, "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "hidden_act": "gelu"}
     assert isinstance(text_config["num_hidden_layers"], int)
 
@@ -764,7 +763,7 @@ def test_config_overrides_change_the_backbone_of_a_run(tmp_path):
 )
 def test_config_overrides_refuse_bad_fields_before_any_data(overrides, extra, message):
     with pytest.raises(ValueError, match=message):
-        train_transfusion.parse_args([*SHAPES, *TINY, "--config_overrides", overrides, *extra])
+        training.parse_args([*SHAPES, *TINY, "--config_overrides", overrides, *extra])
 
 
 def test_accelerate_configs_parse():
@@ -788,14 +787,10 @@ def test_ddp_timeout_reaches_the_process_group():
     DDP searches for unused parameters only when text-only rows can leave the image layers without gradients."""
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    handlers = train_transfusion.accelerator_kwargs_handlers(
-        train_transfusion.parse_args([*TINY, *SHAPES, "--ddp_timeout", "90"])
-    )
+    handlers = accelerator_kwargs_handlers(training.parse_args([*TINY, *SHAPES, "--ddp_timeout", "90"]))
     assert [type(handler) for handler in handlers] == [InitProcessGroupKwargs]
     assert handlers[0].timeout.total_seconds() == 90
-    handlers = train_transfusion.accelerator_kwargs_handlers(
-        train_transfusion.parse_args([*TINY, *SHAPES, "--text_data_files", "docs.txt"])
-    )
+    handlers = accelerator_kwargs_handlers(training.parse_args([*TINY, *SHAPES, "--text_data_files", "docs.txt"]))
     assert handlers[0].timeout.total_seconds() == 1800
     assert isinstance(handlers[1], DistributedDataParallelKwargs) and handlers[1].find_unused_parameters
 

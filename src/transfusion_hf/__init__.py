@@ -4,10 +4,11 @@ transformers and diffusers."""
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_transfusion import TransfusionConfig
+from .data.collator import TransfusionDataCollator
 from .modeling_transfusion import TransfusionForMixedModal, TransfusionOutput, TransfusionPreTrainedModel
 from .noising import TransfusionNoiser
 from .pipeline_transfusion import TransfusionPipeline, TransfusionPipelineOutput
-from .processing_transfusion import TransfusionDataCollator, TransfusionProcessor, special_token_ids
+from .processing_transfusion import TransfusionProcessor, special_token_ids
 from .tokenization_transfusion import train_bpe_tokenizer
 
 # Registration makes `AutoConfig` / `AutoModel.from_pretrained` resolve `model_type="transfusion"` once imported.

@@ -9,6 +9,7 @@ attention mask (bidirectional inside each image), built with transformers' own `
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
-from .hub import push_model_to_hub
 from .image_layers import build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
 from .masking_transfusion import build_transfusion_mask, image_block_ids
@@ -43,7 +43,7 @@ class TransfusionOutput(ModelOutput):
         loss (`torch.FloatTensor`, *optional*): `lm_loss + diffusion_loss_weight * diffusion_loss`.
         lm_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy over text positions.
         diffusion_loss (`torch.FloatTensor`, *optional*): per-image MSE averaged over images.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): the next-token logits.
         diffusion_predictions (`torch.FloatTensor` of shape `(num_images, C, H, W)`, *optional*): in the units of
             `config.prediction_type`.
         cache (`Cache`, *optional*): the KV cache, when `use_cache=True`.
@@ -178,9 +178,23 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         **card_kwargs,
     ) -> str:
         """transformers' `push_to_hub` (same arguments and behaviour), writing the Transfusion model card on every
-        push. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir`, `base_model`, `datasets`, ...).
+        push. `card_kwargs` go to `transfusion_hf.modelcard_transfusion.build_model_card` (`output_dir`,
+        `base_model`, `datasets`, ...). Needs transfusion_hf installed (not only the code saved beside the weights).
         """
-        return push_model_to_hub(
+        # The push and card code is imported by name when a push runs, not with `from .hub import ...`: transformers
+        # reads this file's imports as text (function bodies too) to copy modules beside the weights and to check the
+        # packages that `trust_remote_code=True` needs; the model loads and runs without it.
+        try:
+            hub = importlib.import_module("transfusion_hf.hub")
+        except ModuleNotFoundError as error:
+            if error.name != "transfusion_hf":
+                raise
+            raise ImportError(
+                "TransfusionForMixedModal.push_to_hub writes the Transfusion model card with transfusion_hf, which is "
+                "not installed: `pip install transfusion-hf`, or push the folder of `save_pretrained` with "
+                "`huggingface_hub.upload_folder`."
+            ) from error
+        return hub.push_model_to_hub(
             self,
             repo_id,
             commit_message=commit_message,
@@ -200,7 +214,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
     ) -> TransfusionForMixedModal | tuple[TransfusionForMixedModal, dict]:
         """transformers' `from_pretrained`; in addition, image copies missing from the checkpoint (a model saved
         without `modality_experts`, loaded with `modality_experts=True`) start from the loaded text weights instead
-        of random ones."""
+        of random ones. Weights load from safetensors only (`use_safetensors=True` unless passed): a checkpoint that
+        holds only a pickle (`pytorch_model.bin`) is refused instead of unpickled, as the pipeline does."""
+        kwargs.setdefault("use_safetensors", True)
         return_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -221,7 +237,8 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             config_kwargs: the image fields of [`TransfusionConfig`] (`latent_size`, `boi_token_id`, ...).
         """
         if isinstance(text_model, str):
-            text_model = AutoModelForCausalLM.from_pretrained(text_model)
+            # Safetensors only, as `from_pretrained`: an LLM that ships only a pickle is refused, not unpickled.
+            text_model = AutoModelForCausalLM.from_pretrained(text_model, use_safetensors=True)
         config = TransfusionConfig(text_config=text_model.config.to_dict(), **config_kwargs)
         model = cls(config)
         missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
@@ -244,8 +261,8 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         """Embed noisy latents as transformer inputs.
 
         Args:
-            latents (`torch.Tensor` of shape `(num_images, C, H, W)`).
-            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            latents (`torch.Tensor` of shape `(num_images, C, H, W)`): the noisy latents.
+            timesteps (`torch.Tensor` of shape `(num_images,)`): their timesteps.
 
         Returns:
             `(num_images, num_patches, hidden_size)` embeddings and the U-Net skips (or None).

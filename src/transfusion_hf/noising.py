@@ -214,8 +214,8 @@ class TransfusionNoiser:
         """Noise clean latents at the given timesteps and compute the targets.
 
         Args:
-            clean_latents (`torch.Tensor` of shape `(num_images, C, H, W)`).
-            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            clean_latents (`torch.Tensor` of shape `(num_images, C, H, W)`): the clean latents.
+            timesteps (`torch.Tensor` of shape `(num_images,)`): their timesteps.
         """
         noise = torch.randn(clean_latents.shape, generator=generator, dtype=torch.float32).to(clean_latents)
         if self.prediction_type == "flow_prediction":
@@ -255,7 +255,7 @@ class TransfusionNoiser:
         Args:
             noisy_latents (`torch.Tensor` of shape `(num_images, C, H, W)`): x_t.
             predictions (`torch.Tensor` of shape `(num_images, C, H, W)`): noise, velocity or flow.
-            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            timesteps (`torch.Tensor` of shape `(num_images,)`): their timesteps.
 
         Returns:
             `torch.Tensor` of shape `(num_images, C, H, W)` in float32.
@@ -276,7 +276,7 @@ class TransfusionNoiser:
         """Timesteps (capped for image-first pairs) and noise for one image per pair.
 
         Args:
-            clean_latents (`torch.Tensor` of shape `(num_images, C, H, W)`).
+            clean_latents (`torch.Tensor` of shape `(num_images, C, H, W)`): the clean latents.
             image_first (`torch.BoolTensor` of shape `(num_images,)`): pairs under the noise limit.
         """
         top = self.num_train_timesteps if self.prediction_type == "flow_prediction" else self.num_train_timesteps - 1

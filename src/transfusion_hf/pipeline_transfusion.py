@@ -7,47 +7,42 @@ image positions against it; the clean image is then written into the cache and `
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
 # diffusers' own `retrieve_timesteps` (custom `timesteps` / `sigmas`): PixArt-alpha's is marked "Copied from" Stable
 # Diffusion's and is the same code; the Stable Diffusion module would also import CLIP's image processors (and warn
 # where torchvision is missing) for a function that needs none of them.
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.dynamic_module_utils import custom_object_save
 
 # Loaded from a folder with `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, this file goes into
 # diffusers' module cache with the modules it imports, but diffusers 0.42 does not copy the modules those import in
 # turn: so this file imports them too (the `noqa` lines; tests/test_remote_code.py checks that none is missing).
 from .cache_transfusion import ReservedDynamicCache
 from .configuration_transfusion import TransfusionConfig  # noqa: F401
-from .hub import push_pipeline_to_hub
+from .generation_transfusion import sample_next_token
 from .image_layers import build_patch_layers  # noqa: F401
 from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .loss_transfusion import diffusion_loss  # noqa: F401
 from .masking_transfusion import build_transfusion_mask  # noqa: F401
 from .modality_experts import add_modality_experts  # noqa: F401
 from .modeling_transfusion import TransfusionForMixedModal
-from .noising import TransfusionNoiser  # noqa: F401
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
+from .remote_code_transfusion import TransfusionRemoteCodeMixin
+from .scheduling_transfusion import TransfusionSchedulerMixin
 
 logger = logging.get_logger(__name__)
 # What `callback_on_step_end` takes, as in diffusers: `fn(pipe, step, timestep, callback_kwargs) -> dict` or its
@@ -55,42 +50,27 @@ logger = logging.get_logger(__name__)
 StepEndCallback = (
     Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
 )
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-
-
-# Samplers of a DDPM-style noise schedule (betas): the same for epsilon and v models.
-# Half the log-SNR where an epsilon sampler's schedule is cut (diffusers' `lambda_min_clipped`, "critical for the
-# cosine schedule" in its docs; unCLIP uses the same value): t = 995 of DDPM's 1000-step cosine schedule.
-EPSILON_LAMBDA_MIN = -5.1
-_NOISE_SCHEDULE_SCHEDULERS = [
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "DEISMultistepScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "UniPCMultistepScheduler",
-]
 
 
 @dataclass
-class TransfusionPipelineOutput(BaseOutput):
-    """Output of text-to-image.
+class TransfusionPipelineOutput(ImagePipelineOutput):
+    """Output of text-to-image: diffusers' `ImagePipelineOutput`, whose `images` may also be a tensor here.
 
     Args:
-        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(batch_size, H, W, 3)` or `torch.Tensor` of shape
-            `(batch_size, 3, H, W)`; latents `(batch_size, C, h, w)` for `output_type="latent"`).
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): the images, as PIL images, `(batch_size, H, W,
+            3)` arrays or `(batch_size, 3, H, W)` tensors; latents `(batch_size, C, h, w)` for `output_type="latent"`.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class TransfusionPipeline(DiffusionPipeline):
+class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, TransfusionSchedulerMixin):
     r"""Pipeline for Transfusion models: text-to-image (`__call__`), image-to-text (`caption`), and interleaved
     generation and image editing (`generate`).
+
+    The scheduler choice (`_compatibles`, `scheduler_from_config`, ...) comes from [`TransfusionSchedulerMixin`];
+    saving the code beside the weights and loading from a folder or repo id, from [`TransfusionRemoteCodeMixin`] (first
+    among the bases: it overrides `DiffusionPipeline`'s saving and loading).
 
     Args:
         transformer ([`TransfusionForMixedModal`]): the model.
@@ -108,22 +88,8 @@ class TransfusionPipeline(DiffusionPipeline):
     # What `callback_on_step_end` may ask for: the latents after the step (a callback may return new ones) and the
     # (guided) model prediction of the step.
     _callback_tensor_inputs = ["latents", "noise_pred"]
-    # diffusers scheduler classes that sample right with a model of each prediction type, built from the pipeline's
-    # scheduler config by `scheduler_from_config` (each is checked with an exact predictor in
-    # tests/test_pipeline_transfusion.py). Left out: KDPM2Ancestral (NaN at 10 steps on the cosine schedule), PNDM
-    # (v prediction off by 0.2 at 10 steps), SA-Solver and DEIS on flow (off by 0.3 to 0.7), LMS (needs scipy), and
-    # samplers for distilled models (LCM, TCD).
-    _compatibles = {
-        "epsilon": _NOISE_SCHEDULE_SCHEDULERS,
-        "v_prediction": _NOISE_SCHEDULE_SCHEDULERS,
-        "flow_prediction": [
-            "FlowMatchEulerDiscreteScheduler",
-            "FlowMatchHeunDiscreteScheduler",
-            "DPMSolverMultistepScheduler",
-            "DPMSolverSinglestepScheduler",
-            "UniPCMultistepScheduler",
-        ],
-    }
+    # Picks each text token of `generate`; an attribute, so a subclass (or a test) can wrap it.
+    _next_token = staticmethod(sample_next_token)
 
     def __init__(
         self, transformer: TransfusionForMixedModal, scheduler, vae: AutoencoderKL | None = None, tokenizer=None
@@ -153,161 +119,7 @@ class TransfusionPipeline(DiffusionPipeline):
                         f"{name}={getattr(config, name)}."
                     )
 
-    # ------------------------------------------------------------------------------------------- schedulers
-    @staticmethod
-    def scheduler_prediction_type(scheduler: SchedulerMixin) -> str:
-        """The units a scheduler expects from the model: its `prediction_type`, or `"flow_prediction"` for the
-        flow-matching schedulers, which have no such field."""
-        if "prediction_type" in scheduler.config:
-            return scheduler.config.prediction_type
-        return "flow_prediction" if type(scheduler).__name__.startswith("FlowMatch") else "epsilon"
-
-    @classmethod
-    def compatible_schedulers(cls, prediction_type: str) -> list[type[SchedulerMixin]]:
-        """The diffusers scheduler classes of `_compatibles` for a model of `prediction_type`.
-
-        Args:
-            prediction_type (`str`): `"epsilon"`, `"v_prediction"` or `"flow_prediction"` (`config.prediction_type`).
-        """
-        if prediction_type not in cls._compatibles:
-            raise ValueError(f"`prediction_type` must be one of {sorted(cls._compatibles)}, got {prediction_type!r}.")
-        return [getattr(diffusers, name) for name in cls._compatibles[prediction_type]]
-
-    @classmethod
-    def scheduler_from_config(
-        cls,
-        scheduler_class: str | type[SchedulerMixin],
-        config: FrozenDict | dict,
-        prediction_type: str,
-        **kwargs,
-    ) -> SchedulerMixin:
-        """Build a compatible scheduler from another scheduler's config (diffusers' `from_config`), set up for a model
-        of `prediction_type`: the noise schedule the model was trained on (betas, number of training steps, the shift
-        of a flow schedule, carried over between `shift` (FlowMatch) and `flow_shift` (solvers)), its
-        `prediction_type`, and flow sigmas for multistep solvers on a flow model.
-
-        Args:
-            scheduler_class (`str` or `type`): a class of `_compatibles[prediction_type]`, or its name.
-            config (`FrozenDict` or `dict`): a scheduler config, e.g. `pipe.scheduler.config` or the training one.
-            prediction_type (`str`): the model's `config.prediction_type`.
-            kwargs: further config overrides (e.g. `timestep_spacing="leading"`).
-
-        Example: `pipe.scheduler = TransfusionPipeline.scheduler_from_config("UniPCMultistepScheduler",
-        pipe.scheduler.config, pipe.transformer.config.prediction_type)`.
-        """
-        name = scheduler_class if isinstance(scheduler_class, str) else scheduler_class.__name__
-        allowed = [compatible.__name__ for compatible in cls.compatible_schedulers(prediction_type)]
-        if name not in allowed:
-            raise ValueError(
-                f"The scheduler {name} does not fit a model with prediction_type={prediction_type!r}: use one of "
-                f"{allowed}."
-            )
-        scheduler_class = getattr(diffusers, name)
-        parameters = inspect.signature(scheduler_class.__init__).parameters
-        # `from_config` gives a different class its own defaults for every field the source config left at its
-        # default (HeunDiscrete: beta_end=0.012 against DDPM's 0.02), which would sample another noise schedule than
-        # the model learned: the schedule is passed explicitly.
-        schedule = (
-            "num_train_timesteps",
-            "beta_start",
-            "beta_end",
-            "beta_schedule",
-            "trained_betas",
-            "rescale_betas_zero_snr",
-        )
-        overrides = {key: config[key] for key in schedule if key in config and key in parameters}
-        if "prediction_type" in parameters:
-            overrides["prediction_type"] = prediction_type
-        if prediction_type == "flow_prediction" and "use_flow_sigmas" in parameters:
-            overrides["use_flow_sigmas"] = True
-        if "flow_shift" in parameters and "shift" in config:
-            overrides["flow_shift"] = config["shift"]
-        if "shift" in parameters and "flow_shift" in config:
-            overrides["shift"] = config["flow_shift"]
-        return scheduler_class.from_config(config, **{**overrides, **kwargs})
-
-    @classmethod
-    def pixel_range_clamp(cls, scheduler_class: str | type[SchedulerMixin]) -> dict[str, Any]:
-        """The config fields with which `scheduler_class` clamps the clean image it implies at every step to the
-        pixel range [-1, 1]: `clip_sample` (DDPM, DDIM: the DDPM paper's sampler) or `thresholding` with
-        `sample_max_value=1` (the multistep solvers); empty for a class that cannot (Euler, the flow schedulers).
-
-        Only for a model in pixel space: an epsilon or v model's implied x0 divides its error by alpha_t at high
-        noise, and a stochastic sampler with the clamp draws what a deterministic one without it does not (README,
-        "Sampling in pixel space"). The pipeline turns both fields off when it has a VAE.
-
-        Args:
-            scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
-        """
-        if isinstance(scheduler_class, str):
-            if not isinstance(getattr(diffusers, scheduler_class, None), type):
-                raise ValueError(f"`scheduler_class`={scheduler_class!r} is not a diffusers scheduler class.")
-            scheduler_class = getattr(diffusers, scheduler_class)
-        parameters = inspect.signature(scheduler_class.__init__).parameters
-        if "clip_sample" in parameters:
-            return {"clip_sample": True, "clip_sample_range": 1.0}
-        if "thresholding" in parameters:
-            # diffusers' dynamic thresholding clamps to s = quantile(|x0|) limited to [1, sample_max_value]: s = 1.
-            return {"thresholding": True, "sample_max_value": 1.0}
-        return {}
-
-    @classmethod
-    def epsilon_start_below_zero_snr(cls, scheduler_class: str | type[SchedulerMixin]) -> dict[str, Any]:
-        """Config fields with which `scheduler_class` samples an epsilon model on DDPM's cosine schedule from the top of
-        the schedule at every step count, without dividing by its zero SNR.
-
-        The cosine schedule's t = 999 has alpha_bar ~ 2e-9: there an epsilon prediction says nothing about the image
-        (x0 = (x_t - sigma * eps) / 5e-5). diffusers' "leading" spacing avoids it by starting lower, but how much lower
-        depends on the step count (951 at 25 steps, 901 at 100, 751 at 250) while sampling always starts from pure
-        noise: more steps sampled worse. The solvers with `lambda_min_clipped` (DPM-Solver, SA-Solver) instead cut the
-        schedule where half the log-SNR falls below `EPSILON_LAMBDA_MIN` (t = 995, alpha_bar 4e-5: pure noise to
-        0.6%) and space the steps evenly from there ("linspace"), so every step count starts at t = 995. Other classes
-        keep "leading" spacing: `DDIMScheduler` / `DDPMScheduler` clip the clean image in pixel space, and the
-        Euler-type schedulers work in sigma and never divide by alpha.
-
-        Args:
-            scheduler_class (`str` or `type`): a diffusers scheduler class, or its name.
-        """
-        if isinstance(scheduler_class, str):
-            scheduler_class = getattr(diffusers, scheduler_class)
-        parameters = inspect.signature(scheduler_class.__init__).parameters
-        if "lambda_min_clipped" in parameters:
-            fields = {"lambda_min_clipped": EPSILON_LAMBDA_MIN}
-            if "timestep_spacing" in parameters:
-                fields["timestep_spacing"] = "linspace"
-            return fields
-        return {"timestep_spacing": "leading", "steps_offset": 1}
-
     # ------------------------------------------------------------------------------------------- validation
-    @classmethod
-    def _checked_scheduler(cls, transformer: TransfusionForMixedModal, scheduler: SchedulerMixin, vae):
-        """Refuse a scheduler that predicts other units than the model; turn off DDPM/DDIM sample clipping."""
-        model_type = transformer.config.prediction_type
-        scheduler_type = cls.scheduler_prediction_type(scheduler)
-        if scheduler_type != model_type:
-            raise ValueError(
-                f"The scheduler {type(scheduler).__name__} has prediction_type={scheduler_type!r} but the model "
-                f"predicts {model_type!r}: build the scheduler with prediction_type={model_type!r}."
-            )
-        clamps = [key for key in ("clip_sample", "thresholding") if scheduler.config.get(key, False)]
-        if clamps and vae is not None:
-            # Clamping x0 to the pixel range is meant for pixels (diffusers' docs say so of thresholding too); on
-            # latents it ruins every sample.
-            logger.warning(
-                f"{type(scheduler).__name__} has {' and '.join(f'{key}=True' for key in clamps)}, which is wrong for "
-                "latents: setting it to False."
-            )
-            scheduler = type(scheduler).from_config(scheduler.config, **dict.fromkeys(clamps, False))
-        if scheduler_type == "flow_prediction" and scheduler.config.get("use_flow_sigmas") is False:
-            # multistep solvers (DPMSolver, UniPC, DEIS) with prediction_type="flow_prediction" keep VP sigmas
-            # and timesteps unless use_flow_sigmas=True: a perfect flow model then lands hundreds off x0.
-            logger.warning(
-                f"{type(scheduler).__name__} has prediction_type='flow_prediction' but use_flow_sigmas=False, "
-                "which does not follow the flow-matching path: setting use_flow_sigmas=True."
-            )
-            scheduler = type(scheduler).from_config(scheduler.config, use_flow_sigmas=True)
-        return scheduler
-
     def _require_processor(self, what: str) -> TransfusionProcessor:
         if self.processor is None:
             raise ValueError(f"`{what}` needs text, but this pipeline has no `tokenizer`: pass one when building it.")
@@ -826,112 +638,6 @@ class TransfusionPipeline(DiffusionPipeline):
         )
         return cache, output.logits[:, -1, :].float()
 
-    @staticmethod
-    def _next_token(
-        logits: torch.Tensor,
-        context_ids: list[int],
-        do_sample: bool,
-        temperature: float,
-        top_k: int | None,
-        logits_processor: LogitsProcessorList | None,
-        generator: torch.Generator | None,
-    ) -> int:
-        if logits_processor is not None:
-            logits = logits_processor(torch.tensor([context_ids], device=logits.device), logits)
-        if not do_sample:
-            return int(logits.argmax(dim=-1))
-        logits = logits / max(temperature, 1e-5)
-        if top_k is not None:
-            threshold = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
-        probabilities = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
-
-    # ---------------------------------------------------------------------------------- code beside the weights
-    # A saved pipeline carries its code, named in model_index.json the way diffusers names custom pipelines and
-    # components: `_class_name` ["pipeline_transfusion", "TransfusionPipeline"] (this file and the modules it imports,
-    # at the root) and transformer ["modeling_transfusion", "TransfusionForMixedModal"] (transformers' copy of the model
-    # code in transformer/, from `register_for_auto_class`). `DiffusionPipeline.from_pretrained(repo_or_dir,
-    # trust_remote_code=True)` then loads it where transfusion_hf is not installed.
-    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """diffusers' `save_config` (model_index.json, the last file `save_pretrained` writes), with this module and
-        the modules it imports (recursively; transformers' `custom_object_save`) saved beside it."""
-        os.makedirs(save_directory, exist_ok=True)
-        custom_object_save(self, save_directory)  # warns and saves nothing for a class defined in __main__
-        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    def to_json_string(self) -> str:
-        """model_index.json, with the pipeline class and the transformer named by the code files saved with them."""
-        index = json.loads(super().to_json_string())
-        module = type(self).__module__
-        if module != "__main__":
-            index["_class_name"] = [module.rsplit(".", 1)[-1], type(self).__name__]
-        library, class_name = index.get("transformer") or (None, None)
-        # diffusers records a class from outside its loadable libraries by its module path; transformers saved that
-        # module in transformer/ when the class is registered for an Auto class.
-        has_code = getattr(getattr(self, "transformer", None), "_auto_class", None) is not None
-        if has_code and library not in (None, "__main__", *LOADABLE_CLASSES):
-            index["transformer"] = [library.rsplit(".", 1)[-1], class_name]
-        return json.dumps(index, indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def load_config(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        return_unused_kwargs: bool = False,
-        return_commit_hash: bool = False,
-        **kwargs,
-    ) -> dict[str, Any] | tuple[dict[str, Any], ...]:
-        """diffusers' `load_config`, reading the code entry `_class_name` ["pipeline_transfusion", ...] as this class:
-        `TransfusionPipeline.from_pretrained` builds this class, as a diffusers pipeline class builds itself, rather
-        than importing the copy of its code in the folder (which diffusers does for a list `_class_name`)."""
-        loaded = super().load_config(
-            pretrained_model_name_or_path,
-            return_unused_kwargs=return_unused_kwargs,
-            return_commit_hash=return_commit_hash,
-            **kwargs,
-        )
-        index = loaded[0] if isinstance(loaded, tuple) else loaded
-        if isinstance(index.get("_class_name"), list):
-            index["_class_name"] = index["_class_name"][-1]
-        return loaded
-
-    @classmethod
-    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs) -> tuple[dict[str, Any], dict, dict]:
-        """diffusers' `extract_init_dict`, reading the transformer's code entry ["modeling_transfusion",
-        "TransfusionForMixedModal"] as the model class this module imports (by its module path, which diffusers
-        resolves among the imported modules). Called on the pipeline class whether it was imported from
-        transfusion_hf or from the code saved in the folder, so the transformer is always that module's class.
-        diffusers 0.42 would otherwise import transformer/modeling_transfusion.py again, which fails for a Hub repo:
-        its download fetches only that file of transformer/, not the modules it imports."""
-        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
-        module, class_name = TransfusionForMixedModal.__module__, TransfusionForMixedModal.__name__
-        if list(init_dict.get("transformer") or ()) == [module.rsplit(".", 1)[-1], class_name]:
-            init_dict["transformer"] = [module, class_name]
-        return init_dict, unused_kwargs, hidden_dict
-
-    # --------------------------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> TransfusionPipeline:
-        """Load from a local folder or a Hub repo id (downloaded first: diffusers' own download of a repo would import
-        the pipeline code saved in it, which needs `trust_remote_code=True`, instead of building this class).
-
-        Args:
-            pretrained_model_name_or_path: a folder written by `save_pretrained`, or a repo id.
-            kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for the download; the rest goes to
-                `DiffusionPipeline.from_pretrained` (`torch_dtype`, component overrides such as `scheduler=`).
-        """
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-
-            download_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
-            download_kwargs = {key: kwargs.pop(key) for key in download_keys if key in kwargs}
-            # Weights travel as safetensors only: pickled files are never fetched, so never unpickled.
-            path = snapshot_download(path, ignore_patterns=PICKLE_PATTERNS, **download_kwargs)
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(path, **kwargs)
-
     def push_to_hub(
         self,
         repo_id: str,
@@ -948,12 +654,26 @@ class TransfusionPipeline(DiffusionPipeline):
         **card_kwargs,
     ) -> str:
         """diffusers' `push_to_hub`, plus transformers' `revision` (branch, created if new) and `commit_description`,
-        and the Transfusion model card. `card_kwargs` go to `transfusion_hf.hub.build_model_card` (`output_dir` of
-        the run for metrics and samples, `base_model`, `datasets`, `license`, `tags`). Weights are safetensors only.
+        and the Transfusion model card. `card_kwargs` go to `transfusion_hf.modelcard_transfusion.build_model_card`
+        (`output_dir` of the run for metrics and samples, `base_model`, `datasets`, `license`, `tags`). Weights are
+        safetensors only. Needs transfusion_hf installed (not only the code saved beside the weights).
         """
         if not safe_serialization:
             raise ValueError("TransfusionPipeline.push_to_hub only pushes safetensors (safe_serialization=True).")
-        return push_pipeline_to_hub(
+        # The push and card code is imported by name when a push runs, not with `from .hub import ...`: transformers
+        # and diffusers read this file's imports as text (function bodies too) to copy modules beside the weights and
+        # to check the packages that `trust_remote_code=True` needs; the pipeline loads and samples without it.
+        try:
+            hub = importlib.import_module("transfusion_hf.hub")
+        except ModuleNotFoundError as error:
+            if error.name != "transfusion_hf":
+                raise
+            raise ImportError(
+                "TransfusionPipeline.push_to_hub writes the Transfusion model card with transfusion_hf, which is not "
+                "installed: `pip install transfusion-hf`, or push the folder of `save_pretrained` with "
+                "`huggingface_hub.upload_folder`."
+            ) from error
+        return hub.push_pipeline_to_hub(
             self,
             repo_id,
             commit_message=commit_message,

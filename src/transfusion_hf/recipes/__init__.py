@@ -157,8 +157,8 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> TransfusionRecipe:
         name_or_path (`str` or `Path`): e.g. `"small"` (the default), `"tiny"`, `"paper_0.16b"`, or a json file.
 
     Raises:
-        `ValueError` naming the recipe and the field: an unknown name, unreadable json, a training key that is not a
-        training hyper-parameter.
+        ValueError: naming the recipe and the field: an unknown name, unreadable json, a training key that is not a
+            training hyper-parameter.
     """
     new_name, what_changed = resolve_recipe_name(name_or_path)
     if what_changed is not None:

@@ -1,0 +1,247 @@
+"""The training collator: (caption, clean latents) pairs and text-only rows into a [`TransfusionForMixedModal`] batch,
+each image noised by the [`TransfusionNoiser`], padded or packed into rows of a fixed length.
+
+Training-only: the processor (`processing_transfusion`) lays sequences out for training and inference alike; this
+module adds the noising, the caption dropout and the packing, so inference never imports the training noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..noising import TransfusionNoiser
+from ..processing_transfusion import TransfusionProcessor, pad_sequences
+
+
+def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Greedy first-fit: each sequence, in order, goes into the first row with room for it (a new row when none has).
+
+    Args:
+        lengths (`Sequence[int]`): the length of each sequence, each at most `capacity`.
+        capacity (`int`): tokens per row.
+
+    Returns:
+        `list[list[int]]`: the indices of the sequences of each row, in the order they were placed.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index, length in enumerate(lengths):
+        if length > capacity:
+            raise ValueError(f"Sequence {index} has {length} tokens, more than the row length {capacity}.")
+        for row, free in enumerate(room):
+            if length <= free:
+                rows[row].append(index)
+                room[row] -= length
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - length)
+    return rows
+
+
+def pack_sequences(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Pack id lists into rows of `max_sequence_length` tokens ([`first_fit_rows`]), so that a batch computes few pads.
+
+    Like transformers' `DataCollatorWithFlattening`, the batch carries `position_ids` that restart at 0 for every
+    sequence and no 2D attention mask: transformers' `create_causal_mask` then reads the sequence boundaries from the
+    positions and keeps attention inside each sequence (the image blocks stay bidirectional inside it). The first token
+    of each sequence gets the label -100, so no token is trained to predict the next sequence. The padding at the end
+    of a row is positioned as a sequence of its own, which no real token attends to.
+
+    Args:
+        sequences (`Sequence[Sequence[int]]`): the ids of each sequence, each at most `max_sequence_length` long.
+        pad_token_id (`int`): fills the end of the rows.
+        max_sequence_length (`int`): tokens per row.
+
+    Returns:
+        `input_ids`, `labels` and `position_ids`, each `torch.LongTensor` of shape `(num_rows, max_sequence_length)`,
+        and the indices of the sequences of each row.
+    """
+    rows = first_fit_rows([len(sequence) for sequence in sequences], max_sequence_length)
+    shape = (len(rows), max_sequence_length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, -100, dtype=torch.long)
+    position_ids = torch.empty(shape, dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            ids = torch.tensor(sequences[index], dtype=torch.long)
+            if not len(ids):
+                continue
+            span = slice(start, start + len(ids))
+            input_ids[row, span] = ids
+            labels[row, span] = ids
+            labels[row, start] = -100
+            position_ids[row, span] = torch.arange(len(ids))
+            start += len(ids)
+        position_ids[row, start:] = torch.arange(max_sequence_length - start)
+    return input_ids, labels, position_ids, rows
+
+
+class TransfusionDataCollator:
+    """Collate (caption, clean latents) pairs, and text-only examples, into a training batch for
+    [`TransfusionForMixedModal`].
+
+    Each pair is laid out caption -> image or image -> caption, its caption is sometimes dropped (classifier-free
+    guidance), and its image is noised, all by the [`TransfusionNoiser`] from one generator per batch, seeded from
+    `(seed, num_batches)`. The draws of batch n are thus a pure function of n: a resumed run sets `num_batches` to the
+    batches already trained and draws exactly what the uninterrupted run drew, even though data loaders collate one
+    batch ahead. An example without latents is text-only (`[bos] text [eos]`, the paper's text data).
+
+    A text longer than the context is cut (the image block and the special tokens are kept) and counted in
+    `num_truncated`, instead of failing the run.
+
+    With `max_sequence_length`, sequences are packed ([`pack_sequences`]): rows of exactly that many tokens, several
+    sequences per row, each attending only to itself, and `position_ids` instead of `attention_mask` in the batch.
+    The draws are made before packing, so a packed batch holds the same sequences and noised images as the padded
+    batch of the same examples and gives the same loss; `latents` and the other per-image tensors follow the images'
+    reading order in the rows.
+
+    Args:
+        processor (`TransfusionProcessor`): lays out the sequences.
+        noiser (`TransfusionNoiser`): noises the images.
+        seed (`int`): base seed (add the process index in multi-process training).
+        text_column (`str`): key of the caption (or the text of a text-only example) in each example.
+        latents_column (`str`): key of the clean latents `(C, H, W)` in each example; missing or None: text-only.
+        flipped_latents_column (`str`): key of the mirrored image's latents, when the data has them (random flip):
+            each example uses one of the two with probability 1/2.
+        max_length (`int`, *optional*): the model's context; longer texts are truncated.
+        max_sequence_length (`int`, *optional*): pack the sequences into rows of this many tokens (at most
+            `max_length`); longer texts are truncated to fit one row.
+    """
+
+    def __init__(
+        self,
+        processor: TransfusionProcessor,
+        noiser: TransfusionNoiser,
+        seed: int = 0,
+        text_column: str = "text",
+        latents_column: str = "latents",
+        flipped_latents_column: str = "flipped_latents",
+        max_length: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
+        for name, value in (("max_length", max_length), ("max_sequence_length", max_sequence_length)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if max_length is not None and max_sequence_length is not None and max_sequence_length > max_length:
+            raise ValueError(
+                f"`max_sequence_length`={max_sequence_length} is longer than `max_length`={max_length} (the model's "
+                "context): packed rows must fit the context."
+            )
+        image_sequence = len(processor.encode_parts([None], add_bos=True, add_eos=True))
+        for name, value in (("max_length", max_length), ("max_sequence_length", max_sequence_length)):
+            if value is not None and value < image_sequence:
+                raise ValueError(
+                    f"`{name}`={value} cannot hold a training sequence: its image block and special tokens alone "
+                    f"take {image_sequence} tokens."
+                )
+        self.processor = processor
+        self.noiser = noiser
+        self.seed = seed
+        self.num_batches = 0
+        self.num_truncated = 0
+        self.text_column = text_column
+        self.latents_column = latents_column
+        self.flipped_latents_column = flipped_latents_column
+        self.max_length = max_length
+        self.max_sequence_length = max_sequence_length
+
+    def batch_generator(self, batch_index: int) -> torch.Generator:
+        """The generator of batch `batch_index` (a pure function of the seed and the index)."""
+        return torch.Generator().manual_seed(hash((self.seed, batch_index)) & 0x7FFF_FFFF_FFFF)
+
+    def encode_example(self, text: str, image_first: bool, has_image: bool) -> list[int]:
+        """The ids of one training sequence: `[bos] text <boi> <image>*N <eoi> [eos]`, the image first when
+        `image_first`, no image block when not `has_image`. A text too long for the limit (the smaller of
+        `max_length` and `max_sequence_length`) is cut to fit and counted in `num_truncated`."""
+        text_ids = self.processor.encode_text(text)
+        fixed = len(self.processor.encode_parts([None] if has_image else [], add_bos=True, add_eos=True))
+        # Packed rows are at most the context long (checked in `__init__`), so they set the limit when given.
+        name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
+        limit = getattr(self, name)
+        if limit is not None and fixed + len(text_ids) > limit:
+            if fixed > limit:
+                raise ValueError(
+                    f"`{name}`={limit} cannot hold a training sequence: its image block and special tokens alone "
+                    f"take {fixed} tokens."
+                )
+            text_ids = text_ids[: limit - fixed]
+            self.num_truncated += 1
+        parts = ([None, text_ids] if image_first else [text_ids, None]) if has_image else [text_ids]
+        return self.processor.encode_parts(parts, add_bos=True, add_eos=True)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        generator = self.batch_generator(self.num_batches)
+        self.num_batches += 1
+        image_first, drop_caption = self.noiser.sample_layout(len(examples), generator)
+        has_image = [example.get(self.latents_column) is not None for example in examples]
+        sequences = [
+            self.encode_example(
+                "" if drop_caption[index] and has_image[index] else example[self.text_column],
+                bool(image_first[index]),
+                has_image[index],
+            )
+            for index, example in enumerate(examples)
+        ]
+        flip = torch.rand(len(examples), generator=generator) < 0.5
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        if self.max_sequence_length is None:
+            input_ids, attention_mask = pad_sequences(sequences, pad_token_id, "right")
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            reading_order = list(range(len(examples)))
+        else:
+            input_ids, labels, position_ids, rows = pack_sequences(sequences, pad_token_id, self.max_sequence_length)
+            batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            reading_order = [index for row in rows for index in row]
+        if any(has_image):
+            images_in_order = [index for index in reading_order if has_image[index]]
+            batch.update(self.noised_images(examples, image_first, flip, images_in_order, generator))
+        return batch
+
+    def noised_images(
+        self,
+        examples: Sequence[dict],
+        image_first: torch.Tensor,
+        flip: torch.Tensor,
+        images_in_order: list[int],
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """Noise the images of the batch, drawn in example order, returned in `images_in_order` (the examples whose
+        image comes first in the rows, then second, ...): `latents`, `timesteps`, `diffusion_targets` and, with
+        loss weighting, `diffusion_loss_weights`."""
+        with_image = sorted(images_in_order)
+        clean = torch.stack(
+            [
+                torch.as_tensor(
+                    examples[index][self.flipped_latents_column]
+                    if flip[index] and self.flipped_latents_column in examples[index]
+                    else examples[index][self.latents_column]
+                )
+                for index in with_image
+            ]
+        ).float()
+        noised = self.noiser(clean, image_first[with_image], generator)
+        slot = {index: position for position, index in enumerate(with_image)}
+        order = torch.tensor([slot[index] for index in images_in_order], dtype=torch.long)
+        images = {
+            "latents": noised.latents[order],
+            "timesteps": noised.timesteps[order],
+            "diffusion_targets": noised.targets[order],
+        }
+        if noised.loss_weights is not None:
+            images["diffusion_loss_weights"] = noised.loss_weights[order]
+        return images
+
+
+# `save_pretrained` copies this file (and the modules it imports) beside processor_config.json and names it in
+# `auto_map`: `AutoProcessor.from_pretrained(..., trust_remote_code=True)` loads it without transfusion_hf installed.
+TransfusionProcessor.register_for_auto_class("AutoProcessor")
+
+
+__all__ = ["TransfusionDataCollator", "first_fit_rows", "pack_sequences"]

@@ -1,0 +1,125 @@
+"""What a run shows while it trains: sample grids, captions, the text-conditioning gap and the held-out text loss."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..modeling_transfusion import TransfusionForMixedModal, TransfusionOutput
+from ..pipeline_transfusion import TransfusionPipeline
+from ..visualization import make_grid
+from .components import TrainingComponents
+from .conditioning import text_conditioning_gap
+
+logger = logging.getLogger("transfusion_hf.training")
+
+
+# Pairs of the data on which validation measures the text-conditioning gap (kept in memory with the validation ones).
+CONDITIONING_GAP_PAIRS = 64
+# Steps between validations when `--validation_steps` is not given (0 under FSDP, which cannot sample sharded).
+DEFAULT_VALIDATION_STEPS = 250
+
+
+def training_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TransfusionOutput:
+    """The training forward: no KV cache (the backbone would otherwise build one at every step, for nothing)."""
+    return model(**batch, use_cache=False)
+
+
+def make_pipeline(model: TransfusionForMixedModal, components: TrainingComponents) -> TransfusionPipeline:
+    """The run's pipeline around `model` (unwrapped): its sampler, VAE and tokenizer."""
+    return TransfusionPipeline(
+        transformer=model,
+        scheduler=components.inference_scheduler,
+        vae=components.vae,
+        tokenizer=components.tokenizer,
+    )
+
+
+@torch.no_grad()
+def run_validation(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    components: TrainingComponents,
+    examples: list[dict],
+    step: int,
+) -> None:
+    """Images for the validation prompts and captions for a few training images, as a PNG grid and in the trackers."""
+    pipeline = make_pipeline(accelerator.unwrap_model(model), components)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = args.validation_prompts or [example["text"] for example in examples[:4]]
+    generator = torch.Generator().manual_seed(args.seed)
+    was_training = model.training
+    model.eval()
+    images = pipeline(
+        prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, generator=generator
+    ).images
+    reference = [
+        pipeline.decode_latents(example["latents"][None].to(pipeline.transformer.dtype))[0]
+        for example in examples[: args.num_validation_captions]
+    ]
+    captions = pipeline.caption(reference, max_new_tokens=24) if reference else []
+    model.train(was_training)
+    log_text_conditioning_gap(args, accelerator, pipeline.transformer, components, examples, step)
+    grid = make_grid(images + reference, [f"prompt: {p}" for p in prompts] + [f"caption: {c}" for c in captions])
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.add_text("validation/captions", "\n".join(captions), step)
+
+
+def log_text_conditioning_gap(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: TransfusionForMixedModal,
+    components: TrainingComponents,
+    examples: list[dict],
+    step: int,
+) -> None:
+    """Measure the text-conditioning gap on the validation examples (up to `CONDITIONING_GAP_PAIRS`, spread over the
+    data set; the same noise and times at every validation) and log it: trackers, `logs/validation_log.jsonl` and one
+    console line."""
+    pairs = [example for example in examples[:CONDITIONING_GAP_PAIRS] if example.get("latents") is not None]
+    captions = [example["text"] for example in pairs]
+    if len(set(captions)) < 2:
+        if not components.gap_skip_warned:
+            logger.warning("Every validation pair has the same caption: the text-conditioning gap is not measured.")
+            components.gap_skip_warned = True
+        return
+    clean = torch.stack([torch.as_tensor(example["latents"]) for example in pairs])
+    gap = text_conditioning_gap(model, components.processor, components.noiser, captions, clean, seed=args.seed)
+    record = gap.log_record()
+    accelerator.log(record, step=step)
+    with (Path(args.output_dir) / "logs" / "validation_log.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": step, **record}) + "\n")
+    bands = ", ".join(f"{band} {value:+.3f}" for band, value in gap.relative_gap.items())
+    accelerator.print(
+        f"step {step}: text-conditioning gap (diffusion loss with another pair's caption / with its own - 1; ~0 while "
+        f"the model ignores the prompt): {bands}"
+    )
+
+
+@torch.no_grad()
+def text_lm_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
+    """The LM loss of the held-out text rows: the mean over their predicted tokens (every batch weighted by its
+    tokens), with the training weights, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        predicted = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(training_forward(model, batch).lm_loss) * predicted
+        count += predicted
+    model.train(was_training)
+    return total / max(count, 1)
