@@ -104,8 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--block_out_channels",
         type=int,
         nargs="+",
-        default=[32, 64, 64],
-        help="One encoder/decoder block per entry; the image is downsampled 2^(len - 1) times (4x by default).",
+        default=None,
+        help=(
+            "One encoder/decoder block per entry; the image is downsampled 2^(len - 1) times. Default: the most "
+            "downsampling, up to 4x, that keeps 16x16 latents ([32, 64] at --resolution 32, [32, 64, 64] from 64)."
+        ),
     )
     model.add_argument("--latent_channels", type=int, default=4)
     model.add_argument("--layers_per_block", type=int, default=1)
@@ -166,6 +169,21 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def default_block_out_channels(resolution: int) -> list[int]:
+    """The VAE's blocks when `--block_out_channels` is not given: downsample as much as keeps 16x16 latents, at most
+    4x. A 32 px image gets 2x: measured on 32 px photo crops (docs/research/recipes.md), a 4x VAE (8x8x4 latents,
+    29.5 dB) turned grass and gravel into the same blobs and the transformer on its latents read 0.75 of the prompts;
+    a 2x VAE (16x16x4, 37.8 dB) kept the textures and read 0.93.
+
+    Args:
+        resolution (`int`): the training images' side in pixels.
+    """
+    downsampling = 1
+    while downsampling < 4 and resolution // (2 * downsampling) >= 16:
+        downsampling *= 2
+    return [32, 64, 64][: downsampling.bit_length()]
+
+
 def check_model_args(args: argparse.Namespace) -> None:
     """The VAE's shape flags: what `AutoencoderKL` would otherwise reject deep in its constructor, or at the first
     decode after the whole data set was opened.
@@ -176,6 +194,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     Raises:
         ValueError: naming the flag and its value.
     """
+    if args.block_out_channels is None:
+        args.block_out_channels = default_block_out_channels(args.resolution)
     channels = args.block_out_channels
     if any(width <= 0 for width in channels):
         raise ValueError(f"--block_out_channels must be positive, got {channels}.")

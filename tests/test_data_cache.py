@@ -275,6 +275,21 @@ def test_good_model_flags_pass(train_transfusion, no_data_loading, vae_folder):
     assert training.image_config_fields(args, preset, 3, 32)["unet_linear_shortcut"] is True
 
 
+def test_a_vae_scales_the_recipes_patch_to_the_same_image_positions(no_data_loading, vae_folder):
+    """The recipe's patch size is in pixels: on a 2x VAE's latents the small recipe's 8x8 pixel patches become 4x4
+    latent patches (the same 16 image positions at 32 px), its U-Net keeps its finest 3 levels; --patch_size wins."""
+    small = load_model_preset("small")
+    args = training.parse_args(["--dataset", "shapes", "--report_to", "none", "--vae_name_or_path", str(vae_folder)])
+    fields = training.image_config_fields(args, small, 4, 16)
+    assert fields["patch_size"] == 4 and fields["latent_size"] // fields["patch_size"] == 32 // small["patch_size"]
+    assert fields["unet_block_out_channels"] == small["unet_block_out_channels"][:3]
+    flags = ["--dataset", "shapes", "--report_to", "none", "--vae_name_or_path", str(vae_folder), "--patch_size", "2"]
+    assert training.image_config_fields(training.parse_args(flags), small, 4, 16)["patch_size"] == 2
+    # Pixel space keeps the recipe's own patch.
+    pixel = training.parse_args(["--dataset", "shapes", "--report_to", "none"])
+    assert training.image_config_fields(pixel, small, 3, 32)["patch_size"] == small["patch_size"]
+
+
 @pytest.mark.parametrize(
     ("flags", "linear_shortcut", "output_shortcut"),
     [

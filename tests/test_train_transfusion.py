@@ -857,7 +857,8 @@ def test_train_vae_then_use_it(tmp_path):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 3  # 4x downsampling
+    # 2x downsampling: the default keeps 16x16 latents of 32 px images.
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 2
     metrics = json.loads((vae_dir / "vae_metrics.json").read_text())
     assert vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
     assert vae.config.shift_factor == pytest.approx(metrics["latent_mean"])
@@ -867,6 +868,8 @@ def test_train_vae_then_use_it(tmp_path):
     out = tmp_path / "transfusion"
     run_main(out, *SHAPES, "--vae_name_or_path", str(vae_dir), "--max_train_steps", "2", "--checkpointing_steps", "0")
     pipe = TransfusionPipeline.from_pretrained(out)
-    assert pipe.transformer.config.latent_channels == 4 and pipe.transformer.config.latent_size == 8
+    assert pipe.transformer.config.latent_channels == 4 and pipe.transformer.config.latent_size == 16
+    # The tiny recipe's 2x2 pixel patches become 1x1 latent patches: the same 256 image positions.
+    assert pipe.transformer.config.patch_size == 1
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (32, 32)

@@ -48,8 +48,11 @@ def write_image_folder(folder: Path, num: int, corrupt: int = 0) -> Path:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--norm_num_groups", "5"], r"--norm_num_groups=5 does not divide --block_out_channels \[32, 64, 64\]"),
-        (["--resolution", "30"], r"--resolution=30 is not a multiple of the downsampling 4"),
+        (["--norm_num_groups", "5"], r"--norm_num_groups=5 does not divide --block_out_channels \[32, 64\]"),
+        (
+            ["--resolution", "30", "--block_out_channels", "32", "64", "64"],
+            r"--resolution=30 is not a multiple of the downsampling 4",
+        ),
         (["--block_out_channels", "32", "0"], r"--block_out_channels must be positive, got \[32, 0\]"),
         (["--train_batch_size", "0"], r"--train_batch_size must be positive, got 0"),
         (["--learning_rate", "-1"], r"--learning_rate must be positive, got -1.0"),
@@ -68,6 +71,21 @@ def test_bad_flag_fails_before_any_data_is_read(flags, message, monkeypatch, tmp
     with pytest.raises(ValueError, match=message):
         train_vae.main([*SHAPES, "--output_dir", str(tmp_path / "vae"), "--report_to", "none", *flags])
     assert not (tmp_path / "vae").exists()  # not even the Accelerator was set up
+
+
+@pytest.mark.parametrize(
+    ("resolution", "channels"),
+    [(16, [32]), (24, [32]), (32, [32, 64]), (48, [32, 64]), (64, [32, 64, 64]), (256, [32, 64, 64])],
+)
+def test_default_vae_keeps_16x16_latents_up_to_4x(resolution, channels, monkeypatch):
+    """Without --block_out_channels the VAE downsamples as much as keeps 16x16 latents, at most 4x (a 32 px image
+    gets 2x: 4x lost the textures of 32 px photos); given channels win."""
+    monkeypatch.setattr(train_vae, "check_image_text_source", lambda *args, **kwargs: None)
+    args = train_vae.parse_args([*SHAPES, "--resolution", str(resolution), "--report_to", "none"])
+    assert args.block_out_channels == channels
+    assert resolution // 2 ** (len(channels) - 1) >= min(16, resolution)
+    given = train_vae.parse_args([*SHAPES, "--resolution", "32", "--block_out_channels", "32", "64", "64"])
+    assert given.block_out_channels == [32, 64, 64]
 
 
 def test_missing_image_folder_is_named(tmp_path):

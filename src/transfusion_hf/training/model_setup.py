@@ -126,12 +126,19 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
     for name in ("patch_position_embedding", "unet_linear_shortcut", "unet_output_shortcut"):  # true/false flags
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
+    downsampling = args.resolution // latent_size  # the VAE's (1 in pixel space)
+    if args.patch_size is None and downsampling > 1 and "patch_size" in preset:
+        # A recipe's patch size is measured in pixel space; on a VAE's latents the same image area (and so the same
+        # number of image positions the recipe was tuned for) is a patch `downsampling` times smaller: the small
+        # recipe's 8x8 pixel patches become 4x4 latent patches under a 2x VAE, 2x2 under a 4x one.
+        fields["patch_size"] = max(1, preset["patch_size"] // downsampling)
     is_unet = fields.get("patch_encoder", "linear") == "unet"
     channels = fields.get("unet_block_out_channels")
-    if is_unet and channels and args.patch_size is not None and args.unet_block_out_channels is None:
-        # A preset's U-Net is laid out for its own patch size (one level per halving); with a smaller --patch_size
-        # keep its finest log2(patch_size) + 1 levels, so `--model_config small --patch_size 2` needs no channel list.
-        fields["unet_block_out_channels"] = channels[: args.patch_size.bit_length()]
+    patch_size = fields.get("patch_size")
+    if is_unet and channels and patch_size is not None and args.unet_block_out_channels is None:
+        # A preset's U-Net is laid out for its own patch size (one level per halving); with a smaller patch keep its
+        # finest log2(patch_size) + 1 levels, so `--recipe small --patch_size 2` needs no channel list.
+        fields["unet_block_out_channels"] = channels[: patch_size.bit_length()]
     if args.unet_linear_shortcut is None:
         # The script's U-Nets take the linear shortcut unless the preset says otherwise: without it the U-Net names
         # the wrong colour in most captions and draws mixed colours (2 seeds, README "Why the U-Net's captions
