@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
@@ -49,6 +49,7 @@ from transfusion_hf.data.image_text import (
     load_dataset_from_args,
 )
 from transfusion_hf.processing_transfusion import images_to_pixel_values
+from transfusion_hf.training import build_accelerator
 from transfusion_hf.visualization import make_grid
 
 logger = logging.getLogger("train_vae")
@@ -503,15 +504,7 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     Args:
         args (`argparse.Namespace`): the run flags.
     """
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = build_accelerator(args)
     set_seed(args.seed)
     (Path(args.output_dir) / "logs").mkdir(parents=True, exist_ok=True)
     accelerator.print(f"Distributed: num_processes={accelerator.num_processes} ({accelerator.distributed_type}).")

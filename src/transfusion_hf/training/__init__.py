@@ -22,7 +22,7 @@ from .checkpointing import (
 from .components import TrainingComponents
 from .conditioning import TextConditioningGap, text_conditioning_gap
 from .data import TrainingData, build_collator, build_dataloader, prepare_training_data, text_validation_batches
-from .distributed import check_fsdp_setup, prepare_with_accelerator, setup_accelerator
+from .distributed import build_accelerator, check_fsdp_setup, prepare_with_accelerator, setup_accelerator
 from .model_setup import apply_lora, build_model, build_tokenizer, build_vae, image_config_fields, prepare_model
 from .monitoring import (
     CleanImageErrorTracker,
@@ -54,6 +54,7 @@ __all__ = [
     "TrainingComponents",
     "TrainingData",
     "apply_lora",
+    "build_accelerator",
     "build_collator",
     "build_dataloader",
     "build_lr_scheduler",

@@ -36,14 +36,16 @@ def accelerator_kwargs_handlers(args: argparse.Namespace) -> list:
     return handlers
 
 
-def setup_accelerator(args: argparse.Namespace) -> Accelerator:
-    """The run's `Accelerator`, after refusing a launch that would not train as asked; seeds every generator, makes
-    the logs folder and prints the distributed setup.
+def build_accelerator(args: argparse.Namespace, kwargs_handlers: list | None = None) -> Accelerator:
+    """The `Accelerator` both example scripts train with: `--gradient_accumulation_steps`, `--mixed_precision`,
+    `--report_to` trackers logging to `--output_dir/logs`, and a seedable sampler (a resumed run replays the same
+    shuffled order).
 
     Args:
         args (`argparse.Namespace`): the parsed flags.
+        kwargs_handlers (`list`, *optional*): accelerate's kwargs handlers (process-group timeout, DDP options).
     """
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -51,8 +53,18 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=accelerator_kwargs_handlers(args),
+        kwargs_handlers=kwargs_handlers or [],
     )
+
+
+def setup_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's `Accelerator`, after refusing a launch that would not train as asked; seeds every generator, makes
+    the logs folder and prints the distributed setup.
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags.
+    """
+    accelerator = build_accelerator(args, accelerator_kwargs_handlers(args))
     check_fsdp_setup(args, accelerator)
     if args.validation_steps is None:
         args.validation_steps = DEFAULT_VALIDATION_STEPS
