@@ -9,14 +9,15 @@ image folder, or the built-in captioned shapes, optionally with text-only data m
 Its defaults are the package's default recipe (`--recipe small`, `transfusion_hf.recipes`): the model config and the
 training hyper-parameters measured to draw what the prompt says on a CPU, in pixel space or on a VAE's latents
 (rectified flow, logit-normal times, learning rate 2e-3, 1,700 steps of 32). A flag given on the command line wins over
-the recipe. Beyond the recipe, the paper's choices (section 4.1): lambda = 5, 80/20 caption-first/image-first pairs, a
-noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1 (not on biases, norms and
-embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate (transformers'
-`cosine_warmup_with_min_lr` schedule). The paper's epsilon prediction on DDPM's cosine schedule (`--prediction_type
-epsilon`) ignores the prompt at small scale; with `--snr_gamma 20 --snr_weighting truncated_min_snr
---timestep_sampling importance` it draws, in more steps than flow. Every `--validation_steps` (250) the run logs, with a grid of
-samples, the text-conditioning gap: how much the diffusion loss of 64 fixed pairs rises when each image gets another
-image's caption (about 0 for a model that ignores the prompt).
+the recipe. Every part below lives in `transfusion_hf.training` (typed functions a loop of your own can import); this
+file is the training loop. Beyond the recipe, the paper's choices (section 4.1): lambda = 5, 80/20
+caption-first/image-first pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1
+(not on biases, norms and embeddings), gradient clipping 1.0, warmup then cosine to 5% of the peak learning rate
+(transformers' `cosine_warmup_with_min_lr` schedule). The paper's epsilon prediction on DDPM's cosine schedule
+(`--prediction_type epsilon`) ignores the prompt at small scale; with `--snr_gamma 20 --snr_weighting truncated_min_snr
+--timestep_sampling importance` it draws, in more steps than flow. Every `--validation_steps` (250) the run logs, with
+a grid of samples, the text-conditioning gap: how much the diffusion loss of 64 fixed pairs rises when each image gets
+another image's caption (about 0 for a model that ignores the prompt).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The training script's command line: every flag, the recipe's defaults, and the checks that refuse a bad flag before any data is loaded."""
+"""The training script's command line: every flag, the recipe's defaults, and the checks that refuse a bad flag before
+any data is loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +9,7 @@ import inspect
 import logging
 
 from diffusers import AutoencoderKL
-from transformers import (
-    AutoConfig,
-)
+from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
 from ..data.image_text import add_data_arguments, check_image_text_source

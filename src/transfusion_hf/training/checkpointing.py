@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedType,
-)
+from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
 from ..data.collator import TransfusionDataCollator

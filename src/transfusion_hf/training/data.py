@@ -1,4 +1,6 @@
-"""The training data: the latent cache or the stream, text-only rows, the tokenizer learnt from the captions, the collator and the batches."""
+"""The training data: the latent cache or the stream, text-only rows, the tokenizer learnt from the captions, the
+collator and the batches.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +14,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from transformers import (
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
 from ..data.collator import TransfusionDataCollator
 from ..data.image_text import load_dataset_from_args

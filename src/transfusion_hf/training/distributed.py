@@ -1,4 +1,6 @@
-"""The run's Accelerator: process-group settings, the refusal of launches that would not train as asked (FSDP on CPU), and `accelerator.prepare`."""
+"""The run's Accelerator: process-group settings, the refusal of launches that would not train as asked (FSDP on CPU),
+and `accelerator.prepare`.
+"""
 
 from __future__ import annotations
 

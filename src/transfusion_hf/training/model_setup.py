@@ -1,4 +1,6 @@
-"""The run's model: the recipe's fields with the flags applied, built from scratch or around a pretrained LLM (LoRA, frozen text weights), the VAE and the tokenizer."""
+"""The run's model: the recipe's fields with the flags applied, built from scratch or around a pretrained LLM (LoRA,
+frozen text weights), the VAE and the tokenizer.
+"""
 
 from __future__ import annotations
 

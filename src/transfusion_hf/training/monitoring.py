@@ -1,4 +1,6 @@
-"""Measurements of a run in progress: the step's losses, gradient norms, clean-image error, token throughput, and the check that stops a diverged run."""
+"""Measurements of a run in progress: the step's losses, gradient norms, clean-image error, token throughput, and the
+check that stops a diverged run.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The optimizer and its learning-rate schedule: AdamW groups without decay on biases, norms and embeddings, transformers' schedules counted in optimizer steps, and the wall-clock budget."""
+"""The optimizer and its learning-rate schedule: AdamW groups without decay on biases, norms and embeddings,
+transformers' schedules counted in optimizer steps, and the wall-clock budget.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +8,7 @@ import argparse
 import time
 
 import torch
-from accelerate.utils import (
-    broadcast,
-)
+from accelerate.utils import broadcast
 from torch import nn
 from transformers import (
     SchedulerType,

@@ -1,4 +1,6 @@
-"""The noise schedules of a run: the training scheduler and noiser of the objective, and the sampling scheduler saved with the pipeline."""
+"""The noise schedules of a run: the training scheduler and noiser of the objective, and the sampling scheduler saved
+with the pipeline.
+"""
 
 from __future__ import annotations
 
