@@ -101,6 +101,7 @@ def refuse_what_fsdp_cannot_train():
             {},
             r"text-only rows are not supported: got --text_only_share=0.5 \(a batch",
         ),
+        (("--torch_compile",), {}, "With FSDP, --torch_compile is not supported"),
     ]
     for flags, attributes, message in refused:
         args = training.parse_args([*TINY, *SHAPES, *flags])

@@ -30,18 +30,22 @@ def language_modeling_loss(
         Scalar mean over the counted positions (0 when there are none, so image-only batches still train).
     """
     shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:].clone()
     position_inputs = input_ids[:, :-1]
     ignored = torch.isin(position_inputs, torch.tensor(no_loss_input_ids, device=input_ids.device))
     if attention_mask is not None:
         ignored |= attention_mask[:, :-1] == 0
         ignored |= attention_mask[:, 1:] == 0
-    shift_labels[ignored] = -100
-    if not (shift_labels != -100).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]).float(), shift_labels.reshape(-1), ignore_index=-100
+    shift_labels = labels[:, 1:].masked_fill(ignored, -100)
+    # Sum over the counted positions divided by their count (at least 1), rather than a branch on "any counted?":
+    # the same mean, an exact 0 (and zero gradients) when nothing counts, and no data-dependent Python branch, so a
+    # compiled training step keeps one graph (tests/test_compile.py).
+    summed = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]).float(),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
+    return summed / (shift_labels != -100).sum().clamp(min=1)
 
 
 def diffusion_loss(

@@ -38,7 +38,9 @@ _ROUTED_CLASSES: dict[tuple[type, type], type] = {}
 class ModalityRouting:
     """Which positions of one forward pass are image positions, as flat indices into `batch_size * sequence_length`.
 
-    Built once per forward (one host sync for `nonzero`), then shared by every routed module of every layer.
+    Built once per forward, then shared by every routed module of every layer. Given the number of image positions
+    (the model knows it from the shape of `latents`), the indices have static shapes: no host sync, and a compiled
+    step neither breaks its graph nor recompiles for another layout of the same sizes.
 
     Args:
         image_index (`torch.LongTensor` of shape `(num_image_positions,)`): flat indices of the image positions.
@@ -51,10 +53,14 @@ class ModalityRouting:
     shape: tuple[int, int]
 
     @classmethod
-    def from_image_positions(cls, image_positions: torch.BoolTensor) -> ModalityRouting:
+    def from_image_positions(
+        cls, image_positions: torch.BoolTensor, num_image_positions: int | None = None
+    ) -> ModalityRouting:
         """
         Args:
             image_positions (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): True at image positions.
+            num_image_positions (`int`, *optional*): how many of them are True, when the caller knows it; the indices
+                then come from `torch.nonzero_static` (static shapes) instead of `nonzero` (a host sync).
         """
         if image_positions.dim() != 2 or image_positions.dtype != torch.bool:
             raise ValueError(
@@ -62,10 +68,13 @@ class ModalityRouting:
                 f"{image_positions.dtype} of shape {tuple(image_positions.shape)}."
             )
         flat = image_positions.reshape(-1)
+        if num_image_positions is None:
+            image_index, text_index = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        else:
+            image_index = torch.nonzero_static(flat, size=num_image_positions).squeeze(1)
+            text_index = torch.nonzero_static(~flat, size=flat.numel() - num_image_positions).squeeze(1)
         return cls(
-            image_index=flat.nonzero().squeeze(1),
-            text_index=(~flat).nonzero().squeeze(1),
-            shape=(image_positions.shape[0], image_positions.shape[1]),
+            image_index=image_index, text_index=text_index, shape=(image_positions.shape[0], image_positions.shape[1])
         )
 
 

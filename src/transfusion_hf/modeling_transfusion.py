@@ -277,25 +277,34 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
     ) -> int:
         """Validate `latents`/`timesteps` against the placeholders; returns the number of images."""
         config = self.config
-        num_placeholders = int((input_ids == config.image_token_id).sum())
-        if latents is None:
-            if num_placeholders:
-                raise ValueError(
-                    f"`input_ids` hold {num_placeholders} image placeholders (image_token_id="
-                    f"{config.image_token_id}) but no `latents` were given."
-                )
-            return 0
-        expected = (config.latent_channels, config.latent_size, config.latent_size)
-        if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected (num_images, *{expected}).")
-        num_images = latents.shape[0]
-        if timesteps is None or timesteps.shape != (num_images,):
-            shape = None if timesteps is None else tuple(timesteps.shape)
-            raise ValueError(f"`timesteps` has shape {shape}, expected ({num_images},): one per image.")
-        if num_placeholders != num_images * config.num_patches:
+        num_images = 0 if latents is None else latents.shape[0]
+        if latents is not None:
+            expected = (config.latent_channels, config.latent_size, config.latent_size)
+            if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
+                raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected (num_images, *{expected}).")
+            if timesteps is None or timesteps.shape != (num_images,):
+                shape = None if timesteps is None else tuple(timesteps.shape)
+                raise ValueError(f"`timesteps` has shape {shape}, expected ({num_images},): one per image.")
+        expected_placeholders = num_images * config.num_patches
+        placeholder_count = (input_ids == config.image_token_id).sum()
+        if torch.compiler.is_compiling():
+            # Reading the count in Python (`.item()`) would break the graph: a compiled step checks it inside the
+            # graph, failing with this reason (a RuntimeError) instead of the ValueErrors below.
+            torch._assert_async(
+                placeholder_count == expected_placeholders,
+                "`input_ids` hold a number of image placeholders other than num_images * num_patches of `latents`",
+            )
+            return num_images
+        num_placeholders = int(placeholder_count)
+        if latents is None and num_placeholders:
+            raise ValueError(
+                f"`input_ids` hold {num_placeholders} image placeholders (image_token_id="
+                f"{config.image_token_id}) but no `latents` were given."
+            )
+        if num_placeholders != expected_placeholders:
             raise ValueError(
                 f"`input_ids` hold {num_placeholders} image placeholders but `latents` has {num_images} images of "
-                f"{config.num_patches} patches ({num_images * config.num_patches} expected)."
+                f"{config.num_patches} patches ({expected_placeholders} expected)."
             )
         return num_images
 
@@ -328,20 +337,21 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         timesteps: torch.Tensor | None,
         cache: Cache | None,
         position_ids: torch.LongTensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, ModalityRouting | None, list[torch.Tensor] | None]:
         """Token embeddings with the images scattered in at their placeholders, and the attention mask.
 
         Returns:
-            `(inputs_embeds, mask, image_positions, skips)`: embeddings `(batch_size, sequence_length, hidden_size)`;
-            the 2D `attention_mask`, or the Transfusion block mask when there are images; the `(batch_size,
-            sequence_length)` placeholder positions (None without images); the U-Net skips (or None).
+            `(inputs_embeds, mask, image_routing, skips)`: embeddings `(batch_size, sequence_length, hidden_size)`;
+            the 2D `attention_mask`, or the Transfusion block mask when there are images; the flat indices of the
+            placeholder and text positions as a [`ModalityRouting`] (None without images); the U-Net skips (or None).
         """
         if input_ids is None:
             if inputs_embeds is None or latents is not None:
                 raise ValueError("`input_ids` are required: they locate the image placeholders.")
             return inputs_embeds, attention_mask, None, None
         hidden_inputs = self.get_input_embeddings()(input_ids)
-        if not self._check_image_inputs(input_ids, latents, timesteps):
+        num_images = self._check_image_inputs(input_ids, latents, timesteps)
+        if not num_images:
             if cache is None and attention_mask is None and position_ids is not None:
                 # Packed sequences (positions restarting per sequence, no 2D mask): transformers finds their
                 # boundaries only when it builds the mask without a cache, and the backbone makes itself an empty
@@ -354,12 +364,16 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         # `set_attn_implementation` refuses flash attention, but the backbone's own (e.g. `model.model.
         # set_attn_implementation`, which Llama allows) would silently drop the image blocks: refuse mixed input.
         _refuse_flash_attention(self.model.config._attn_implementation)
-        image_positions = input_ids == self.config.image_token_id
-        image_embeds, skips = self.encode_images(latents, timesteps)
-        # Reading order of `image_positions` (row-major) is the order of `latents`.
-        hidden_inputs = hidden_inputs.masked_scatter(
-            image_positions[..., None], image_embeds.reshape(-1, image_embeds.shape[-1]).to(hidden_inputs.dtype)
+        # Indices of static size (known from `latents`), not a boolean mask: `masked_scatter` and `x[mask]` have
+        # data-dependent shapes, which break a compiled graph and cost a host sync in eager mode.
+        image_routing = ModalityRouting.from_image_positions(
+            input_ids == self.config.image_token_id, num_images * self.config.num_patches
         )
+        image_embeds, skips = self.encode_images(latents, timesteps)
+        # Reading order of the placeholders (row-major) is the order of `latents`.
+        patch_embeds = image_embeds.reshape(-1, image_embeds.shape[-1]).to(hidden_inputs.dtype)
+        hidden_inputs = hidden_inputs.flatten(0, 1).index_copy(0, image_routing.image_index, patch_embeds)
+        hidden_inputs = hidden_inputs.unflatten(0, image_routing.shape)
         mask = build_transfusion_mask(
             self.model.config,
             hidden_inputs,
@@ -370,7 +384,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             bidirectional_images=self.config.image_attention == "bidirectional",
         )
-        return hidden_inputs, mask, image_positions, skips
+        return hidden_inputs, mask, image_routing, skips
 
     # ------------------------------------------------------------------------------------------------ forward
     @can_return_tuple
@@ -419,12 +433,12 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 ... `return_dict=False` returns a tuple of the non-None fields of [`TransfusionOutput`].
         """
         latents = self._latents_from_pixel_values(latents, pixel_values)
-        hidden_inputs, mask, image_positions, skips = self._embed_inputs(
+        hidden_inputs, mask, image_routing, skips = self._embed_inputs(
             input_ids, inputs_embeds, attention_mask, latents, timesteps, cache, position_ids
         )
-        if self.config.modality_experts and image_positions is not None:
+        if self.config.modality_experts and image_routing is not None:
             # Follows this call's own `input_ids`: with a prefix cache a denoising step holds image positions only.
-            kwargs["modality_routing"] = ModalityRouting.from_image_positions(image_positions)
+            kwargs["modality_routing"] = image_routing
         outputs = self.model(
             inputs_embeds=hidden_inputs,
             attention_mask=mask,
@@ -437,8 +451,9 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         predictions = None
-        if image_positions is not None:
-            image_hidden = hidden_states[image_positions].reshape(latents.shape[0], self.config.num_patches, -1)
+        if image_routing is not None:
+            image_hidden = hidden_states.flatten(0, 1).index_select(0, image_routing.image_index)
+            image_hidden = image_hidden.reshape(latents.shape[0], self.config.num_patches, -1)
             predictions = self.image_decoder(image_hidden, timesteps, skips)
 
         loss, lm_loss, diff_loss = self._compute_losses(

@@ -43,7 +43,8 @@ def load_image_text_dataset(
     """Load an image-caption data set with `datasets`.
 
     Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="glyphs"` (the
-    built-in rendered characters, `glyphs_num_samples` rows at `glyphs_resolution` px), another `dataset_name` (a
+    built-in rendered characters, `glyphs_num_samples` rows at `glyphs_resolution` px; for both, `split` is `"train"`,
+    `"held_out"`, the combinations never trained on, or `"all"`), another `dataset_name` (a
     Hub data set, e.g. `"lambdalabs/naruto-blip-captions"`), `train_data_dir` (a folder of images with a
     `metadata.jsonl` holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder), or
     `train_data_files` (webdataset `.tar` shards, read by the `webdataset` builder: pass the columns, e.g.
@@ -70,13 +71,13 @@ def load_image_text_dataset(
     if dataset_name == "shapes":
         from .shapes import load_shapes_dataset
 
-        dataset = load_shapes_dataset(split="train", num_samples=shapes_num_samples, seed=seed)
+        dataset = load_shapes_dataset(split=split, num_samples=shapes_num_samples, seed=seed)
         image_column, caption_column = "image", "text"
     elif dataset_name == "glyphs":
         from .glyphs import load_glyphs_dataset
 
         dataset = load_glyphs_dataset(
-            split="train", num_samples=glyphs_num_samples, seed=seed, resolution=glyphs_resolution
+            split=split, num_samples=glyphs_num_samples, seed=seed, resolution=glyphs_resolution
         )
         image_column, caption_column = "image", "text"
     elif dataset_name is not None:
@@ -120,16 +121,22 @@ def check_image_text_source(
     train_data_dir: str | None = None,
     cache_dir: str | None = None,
     train_data_files: list[str] | None = None,
+    split: str | None = None,
 ) -> None:
     """Check that the source of [`load_image_text_dataset`] exists and can be reached, without loading it.
 
     `datasets.load_dataset_builder` resolves the data files (a listing of the folder, or a few Hub API calls) and
     reads no data, so a training script can call this in its argument check and fail in seconds, not after loading.
+    With `split`, a built-in data set's split is checked too.
 
     Raises:
-        ValueError: one line naming the source (`dataset_name` or `train_data_dir`) and the reason.
+        ValueError: one line naming the source (`dataset_name` or `train_data_dir`, or `dataset_split`) and the reason.
     """
     if dataset_name in BUILTIN_DATASETS:
+        from .splits import SPLITS
+
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"`dataset_split`={split!r}: the built-in {dataset_name} have the splits {list(SPLITS)}.")
         return
     if train_data_files is not None:
         missing = [path for path in train_data_files if not os.path.isfile(path)]

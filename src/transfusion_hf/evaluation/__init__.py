@@ -1,6 +1,22 @@
-"""Evaluation: rule-based judge and accuracy metrics for the captioned shapes, a learned judge for the glyphs, and
-label-free image-quality checks (patch seams, collapse to the mean, diversity)."""
+"""Evaluation: rule-based judge and accuracy metrics for the captioned shapes, a learned judge for the glyphs,
+label-free image-quality checks (patch seams, collapse to the mean, diversity), and the field's metrics (FID, KID, CLIP
+score, BLEU / CIDEr, perplexity) through maintained libraries on any captioned data."""
 
+from transfusion_hf.evaluation.feature_extractors import (
+    ShapesFeatureExtractor,
+    load_feature_extractor,
+    load_shapes_feature_extractor,
+    save_feature_extractor,
+)
+from transfusion_hf.evaluation.field_metrics import (
+    FIELD_METRICS,
+    FieldEvaluation,
+    FieldMetrics,
+    caption_scores,
+    evaluate_pipeline,
+    metrics_table,
+    text_perplexity,
+)
 from transfusion_hf.evaluation.glyph_judge import (
     GlyphJudge,
     GlyphJudgement,
@@ -15,6 +31,17 @@ from transfusion_hf.evaluation.metrics import ATTRIBUTES, caption_accuracy, text
 
 __all__ = [
     "ATTRIBUTES",
+    "FIELD_METRICS",
+    "FieldEvaluation",
+    "FieldMetrics",
+    "ShapesFeatureExtractor",
+    "caption_scores",
+    "evaluate_pipeline",
+    "load_feature_extractor",
+    "load_shapes_feature_extractor",
+    "metrics_table",
+    "save_feature_extractor",
+    "text_perplexity",
     "GlyphJudge",
     "GlyphJudgement",
     "JudgeResult",

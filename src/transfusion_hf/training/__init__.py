@@ -19,6 +19,7 @@ from .checkpointing import (
     save_final,
     truncate_log,
 )
+from .compilation import mark_varying_dims_dynamic, torch_compile_plugin
 from .components import TrainingComponents
 from .conditioning import TextConditioningGap, text_conditioning_gap
 from .data import TrainingData, build_collator, build_dataloader, prepare_training_data, text_validation_batches
@@ -73,6 +74,7 @@ __all__ = [
     "inference_scheduler",
     "list_checkpoints",
     "make_pipeline",
+    "mark_varying_dims_dynamic",
     "num_real_tokens",
     "parse_args",
     "prepare_model",
@@ -88,6 +90,7 @@ __all__ = [
     "text_conditioning_gap",
     "text_lm_loss",
     "text_validation_batches",
+    "torch_compile_plugin",
     "trainable_parameters",
     "training_forward",
     "training_scheduler",

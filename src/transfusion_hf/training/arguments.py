@@ -14,11 +14,14 @@ from transformers import AutoConfig
 from ..configuration_transfusion import TransfusionConfig
 from ..data.image_text import add_data_arguments, check_image_text_source
 from ..data.latent_cache import LATENT_DTYPES
+from ..evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
+from ..evaluation.field_metrics import DEFAULT_CLIP_MODEL, FIELD_METRICS
 from ..recipes import DEFAULT_RECIPE, list_recipes, load_recipe, resolve_recipe_name
+from .compilation import TORCH_COMPILE_BACKENDS
 from .model_setup import first_line, image_config_fields, run_model_preset, warn_about_preset_limits
 from .optimization import DEFAULT_LR_SCHEDULER, DEFAULT_MIN_LR_RATIO, LR_SCHEDULERS, MIN_LR_SCHEDULERS
 from .schedulers import INFERENCE_SCHEDULER_CHOICES, build_noiser, inference_scheduler
-from .validation import DEFAULT_VALIDATION_STEPS
+from .validation import DEFAULT_VALIDATION_METRIC_SAMPLES, DEFAULT_VALIDATION_STEPS, check_validation_metrics
 
 logger = logging.getLogger("transfusion_hf.training")
 
@@ -255,6 +258,26 @@ def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the training step with torch.compile (through Accelerate's TorchDynamoPlugin; fullgraph=True on "
+        "one process): one graph for the forward and the backward; validation and saving use the model uncompiled. "
+        "Off by default (on CPU the compile time outweighs the gain on short runs).",
+    )
+    optim.add_argument(
+        "--torch_compile_backend",
+        choices=TORCH_COMPILE_BACKENDS,
+        default=None,
+        help="torch.compile backend (default inductor); setting it turns --torch_compile on (as in transformers' "
+        "TrainingArguments).",
+    )
+    optim.add_argument(
+        "--torch_compile_mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default=None,
+        help="torch.compile mode; setting it turns --torch_compile on.",
+    )
     optim.add_argument("--use_ema", action="store_true")
     optim.add_argument("--ema_decay", type=float, default=0.999)
     optim.add_argument("--seed", type=int, default=0)
@@ -279,6 +302,26 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--validation_prompts", nargs="*", default=None)
     run.add_argument("--num_validation_captions", type=int, default=4)
+    run.add_argument(
+        "--validation_metrics",
+        default=None,
+        help=f"Field metrics measured at every --validation_steps, a comma list of {', '.join(FIELD_METRICS)} "
+        "(transfusion_hf.evaluation.field_metrics; e.g. fid,caption): logged as eval/<name> to the trackers, "
+        "logs/validation_log.jsonl and the console. Off by default.",
+    )
+    run.add_argument(
+        "--num_validation_metric_samples",
+        type=int,
+        default=DEFAULT_VALIDATION_METRIC_SAMPLES,
+        help="Validation examples (spread over the data) the --validation_metrics are measured on.",
+    )
+    run.add_argument(
+        "--fid_feature_extractor",
+        default=STANDARD_FEATURE_EXTRACTOR,
+        help="Features of FID / KID: 'inception' (torchmetrics' standard, a download), 'shapes' (a CNN trained here "
+        "on the built-in shapes) or a .pt2 file (transfusion_hf.evaluation.save_feature_extractor).",
+    )
+    run.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP of the CLIP score: a Hub id or a folder.")
     run.add_argument(
         "--inference_scheduler",
         choices=INFERENCE_SCHEDULER_CHOICES,
@@ -393,6 +436,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     check_text_freezing_args(args)
     if args.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}.")
+    if args.torch_compile_backend is not None or args.torch_compile_mode is not None:
+        args.torch_compile = True
     if args.lora_rank and args.text_model_name_or_path is None:
         raise ValueError(
             f"--lora_rank={args.lora_rank} needs --text_model_name_or_path: LoRA adapts a pretrained LLM, and over "
@@ -414,8 +459,14 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     inference_scheduler(args, noiser.scheduler)
     check_model_fields(args, preset)
     warn_about_preset_limits(args)
+    check_validation_metrics(args)
     check_image_text_source(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.train_data_files
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_data_dir,
+        args.cache_dir,
+        args.train_data_files,
+        split=args.dataset_split,
     )
     return args
 

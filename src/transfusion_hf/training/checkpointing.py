@@ -179,7 +179,7 @@ def save_final(
 
     `full_state_dict`: the gathered weights under FSDP, where the wrapped model only holds this process's shard.
     """
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if full_state_dict is not None:
         unwrapped = TransfusionForMixedModal(unwrapped.config)
         unwrapped.load_state_dict(full_state_dict)

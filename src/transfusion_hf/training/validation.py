@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..evaluation.field_metrics import DESCRIPTIONS, cached_field_metrics, evaluate_pipeline, parse_metric_names
 from ..modeling_transfusion import TransfusionForMixedModal, TransfusionOutput
 from ..pipeline_transfusion import TransfusionPipeline
 from ..visualization import make_grid
+from .compilation import mark_varying_dims_dynamic
 from .components import TrainingComponents
 from .conditioning import text_conditioning_gap
 
@@ -23,11 +25,15 @@ logger = logging.getLogger("transfusion_hf.training")
 CONDITIONING_GAP_PAIRS = 64
 # Steps between validations when `--validation_steps` is not given (0 under FSDP, which cannot sample sharded).
 DEFAULT_VALIDATION_STEPS = 250
+# Validation examples on which `--validation_metrics` are measured when `--num_validation_metric_samples` is not given.
+DEFAULT_VALIDATION_METRIC_SAMPLES = 24
 
 
 def training_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TransfusionOutput:
-    """The training forward: no KV cache (the backbone would otherwise build one at every step, for nothing)."""
-    return model(**batch, use_cache=False)
+    """The training forward: no KV cache (the backbone would otherwise build one at every step, for nothing). The
+    numbers of rows and images are marked dynamic, so that a `--torch_compile` run compiles one graph for all batches
+    (a hint that eager mode ignores)."""
+    return model(**mark_varying_dims_dynamic(batch), use_cache=False)
 
 
 def make_pipeline(model: TransfusionForMixedModal, components: TrainingComponents) -> TransfusionPipeline:
@@ -50,7 +56,9 @@ def run_validation(
     step: int,
 ) -> None:
     """Images for the validation prompts and captions for a few training images, as a PNG grid and in the trackers."""
-    pipeline = make_pipeline(accelerator.unwrap_model(model), components)
+    # Sampling runs the model uncompiled (`--torch_compile` compiles the training step only): its cached calls would
+    # otherwise recompile at every new shape.
+    pipeline = make_pipeline(accelerator.unwrap_model(model, keep_torch_compile=False), components)
     pipeline.set_progress_bar_config(disable=True)
     prompts = args.validation_prompts or [example["text"] for example in examples[:4]]
     generator = torch.Generator().manual_seed(args.seed)
@@ -66,6 +74,7 @@ def run_validation(
     captions = pipeline.caption(reference, max_new_tokens=24) if reference else []
     model.train(was_training)
     log_text_conditioning_gap(args, accelerator, pipeline.transformer, components, examples, step)
+    log_field_metrics(args, accelerator, pipeline, examples, step)
     grid = make_grid(images + reference, [f"prompt: {p}" for p in prompts] + [f"caption: {c}" for c in captions])
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +116,66 @@ def log_text_conditioning_gap(
         f"step {step}: text-conditioning gap (diffusion loss with another pair's caption / with its own - 1; ~0 while "
         f"the model ignores the prompt): {bands}"
     )
+
+
+def check_validation_metrics(args: argparse.Namespace) -> None:
+    """Check `--validation_metrics` and load the models they need (`--fid_feature_extractor`, `--clip_model`) before
+    any data is loaded: a missing weight fails here with one line naming the flag to pass instead."""
+    if not args.validation_metrics:
+        return
+    if args.validation_steps == 0:
+        raise ValueError(
+            f"--validation_metrics={args.validation_metrics!r} needs validation: --validation_steps is 0."
+        )
+    if not 2 <= args.num_validation_metric_samples <= CONDITIONING_GAP_PAIRS:
+        raise ValueError(
+            f"--num_validation_metric_samples must be in [2, {CONDITIONING_GAP_PAIRS}] (the validation examples kept "
+            f"in memory), got {args.num_validation_metric_samples}."
+        )
+    names = parse_metric_names(args.validation_metrics, "--validation_metrics")
+    cached_field_metrics(names, args.fid_feature_extractor, args.clip_model)
+
+
+@torch.no_grad()
+def log_field_metrics(
+    args: argparse.Namespace, accelerator: Accelerator, pipeline: TransfusionPipeline, examples: list[dict], step: int
+) -> None:
+    """Measure `--validation_metrics` (FID, KID, CLIP score, caption BLEU / CIDEr, perplexity) on the first
+    `--num_validation_metric_samples` validation examples (spread over the training data; the same ones, noise and
+    seed at every validation) and log them as `eval/<name>`: trackers, `logs/validation_log.jsonl`, one console line.
+    """
+    if not getattr(args, "validation_metrics", None):
+        return
+    names = parse_metric_names(args.validation_metrics, "--validation_metrics")
+    field_metrics = cached_field_metrics(names, args.fid_feature_extractor, args.clip_model)
+    chosen = [
+        example for example in examples[: args.num_validation_metric_samples] if example.get("latents") is not None
+    ]
+    if len(chosen) < 2:
+        return
+    model = pipeline.transformer
+    was_training = model.training
+    model.eval()
+    latents = torch.stack([torch.as_tensor(example["latents"]) for example in chosen]).to(model.dtype)
+    evaluation = evaluate_pipeline(
+        pipeline,
+        [example["text"] for example in chosen],
+        pipeline.decode_latents(latents.to(model.device)),
+        field_metrics,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=len(chosen),
+        max_new_tokens=24,
+        seed=args.seed,
+    )
+    model.train(was_training)
+    record = {f"eval/{name}": value for name, value in evaluation.metrics.items() if name in DESCRIPTIONS}
+    record["eval/field_metrics_seconds"] = evaluation.metrics["seconds"]
+    accelerator.log(record, step=step)
+    with (Path(args.output_dir) / "logs" / "validation_log.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": step, **record}) + "\n")
+    scores = ", ".join(f"{name.removeprefix('eval/')} {value:.4g}" for name, value in record.items())
+    accelerator.print(f"step {step}: field metrics on {len(chosen)} validation examples: {scores}")
 
 
 @torch.no_grad()
