@@ -220,7 +220,7 @@ def check_training_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         messages = io.StringIO()
         try:
             with contextlib.redirect_stderr(messages):  # its usage text would name our script and list its flags
-                with unittest.mock.patch.object(training_arguments, "check_image_text_source"):
+                with unittest.mock.patch.object(training_arguments, "check_dataset_from_args"):
                     training_arguments.parse_args(command)
         except SystemExit:
             reason = (messages.getvalue().strip().splitlines() or ["?"])[-1].split("error: ", 1)[-1]

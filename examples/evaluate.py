@@ -30,7 +30,7 @@ import torch
 
 from transfusion_hf.data.image_text import (
     add_data_arguments,
-    check_image_text_source,
+    check_dataset_from_args,
     decode_rows,
     load_dataset_from_args,
 )
@@ -101,14 +101,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.guidance_scale < 0:
         raise ValueError(f"--guidance_scale must be >= 0, got {args.guidance_scale}.")
-    check_image_text_source(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_data_dir,
-        args.cache_dir,
-        args.train_data_files,
-        split=args.dataset_split,
-    )
+    check_dataset_from_args(args)
     return args
 
 

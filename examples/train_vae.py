@@ -44,7 +44,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 
 from transfusion_hf.data.image_text import (
     add_data_arguments,
-    check_image_text_source,
+    check_dataset_from_args,
     decode_rows,
     load_dataset_from_args,
 )
@@ -164,9 +164,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
     check_model_args(args)
-    check_image_text_source(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.train_data_files
-    )
+    check_dataset_from_args(args)
     return args
 
 

@@ -61,6 +61,7 @@ def write_image_folder(folder: Path, num: int, corrupt: int = 0) -> Path:
         (["--max_train_samples", "0"], r"--max_train_samples must be positive, got 0"),
         (["--min_lr_ratio", "2"], r"--min_lr_ratio must be in \[0, 1\], got 2.0"),
         (["--train_data_dir", "elsewhere"], r"exactly one data source: .*--train_data_dir='elsewhere'"),
+        (["--dataset_split", "nope"], r"`dataset_split`='nope': the built-in shapes have the splits"),
     ],
 )
 def test_bad_flag_fails_before_any_data_is_read(flags, message, monkeypatch, tmp_path):
@@ -80,7 +81,7 @@ def test_bad_flag_fails_before_any_data_is_read(flags, message, monkeypatch, tmp
 def test_default_vae_keeps_16x16_latents_up_to_4x(resolution, channels, monkeypatch):
     """Without --block_out_channels the VAE downsamples as much as keeps 16x16 latents, at most 4x (a 32 px image
     gets 2x: 4x lost the textures of 32 px photos); given channels win."""
-    monkeypatch.setattr(train_vae, "check_image_text_source", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_vae, "check_dataset_from_args", lambda *args, **kwargs: None)
     args = train_vae.parse_args([*SHAPES, "--resolution", str(resolution), "--report_to", "none"])
     assert args.block_out_channels == channels
     assert resolution // 2 ** (len(channels) - 1) >= min(16, resolution)

@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -33,6 +34,28 @@ from .modality_experts import (
     add_modality_experts,
     copy_text_weights_to_image_experts,
 )
+
+
+def import_hub_module(caller: str) -> ModuleType:
+    """`transfusion_hf.hub` (push and model-card code), imported by name when a push runs.
+
+    Not `from .hub import ...`: transformers and diffusers read a module's imports as text (function bodies too) to copy
+    modules beside the weights and to check the packages that `trust_remote_code=True` needs; the model and the
+    pipeline load and run without the Hub code. Code loaded from beside the weights without the package installed
+    gets one line saying what to do instead.
+
+    Args:
+        caller (`str`): the method that pushes, named in the error.
+    """
+    try:
+        return importlib.import_module("transfusion_hf.hub")
+    except ModuleNotFoundError as error:
+        if error.name != "transfusion_hf":
+            raise
+        raise ImportError(
+            f"{caller} writes the Transfusion model card with transfusion_hf, which is not installed: `pip install "
+            "transfusion-hf`, or push the folder of `save_pretrained` with `huggingface_hub.upload_folder`."
+        ) from error
 
 
 @dataclass
@@ -181,20 +204,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         push. `card_kwargs` go to `transfusion_hf.modelcard_transfusion.build_model_card` (`output_dir`,
         `base_model`, `datasets`, ...). Needs transfusion_hf installed (not only the code saved beside the weights).
         """
-        # The push and card code is imported by name when a push runs, not with `from .hub import ...`: transformers
-        # reads this file's imports as text (function bodies too) to copy modules beside the weights and to check the
-        # packages that `trust_remote_code=True` needs; the model loads and runs without it.
-        try:
-            hub = importlib.import_module("transfusion_hf.hub")
-        except ModuleNotFoundError as error:
-            if error.name != "transfusion_hf":
-                raise
-            raise ImportError(
-                "TransfusionForMixedModal.push_to_hub writes the Transfusion model card with transfusion_hf, which is "
-                "not installed: `pip install transfusion-hf`, or push the folder of `save_pretrained` with "
-                "`huggingface_hub.upload_folder`."
-            ) from error
-        return hub.push_model_to_hub(
+        return import_hub_module("TransfusionForMixedModal.push_to_hub").push_model_to_hub(
             self,
             repo_id,
             commit_message=commit_message,

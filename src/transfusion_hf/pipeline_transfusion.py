@@ -7,7 +7,6 @@ image positions against it; the clean image is then written into the cache and `
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .loss_transfusion import diffusion_loss  # noqa: F401
 from .masking_transfusion import build_transfusion_mask  # noqa: F401
 from .modality_experts import add_modality_experts  # noqa: F401
-from .modeling_transfusion import TransfusionForMixedModal
+from .modeling_transfusion import TransfusionForMixedModal, import_hub_module
 from .processing_transfusion import ImageInput, TransfusionProcessor, images_to_pixel_values, pad_sequences
 from .remote_code_transfusion import TransfusionRemoteCodeMixin
 from .scheduling_transfusion import TransfusionSchedulerMixin
@@ -660,20 +659,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         """
         if not safe_serialization:
             raise ValueError("TransfusionPipeline.push_to_hub only pushes safetensors (safe_serialization=True).")
-        # The push and card code is imported by name when a push runs, not with `from .hub import ...`: transformers
-        # and diffusers read this file's imports as text (function bodies too) to copy modules beside the weights and
-        # to check the packages that `trust_remote_code=True` needs; the pipeline loads and samples without it.
-        try:
-            hub = importlib.import_module("transfusion_hf.hub")
-        except ModuleNotFoundError as error:
-            if error.name != "transfusion_hf":
-                raise
-            raise ImportError(
-                "TransfusionPipeline.push_to_hub writes the Transfusion model card with transfusion_hf, which is not "
-                "installed: `pip install transfusion-hf`, or push the folder of `save_pretrained` with "
-                "`huggingface_hub.upload_folder`."
-            ) from error
-        return hub.push_pipeline_to_hub(
+        return import_hub_module("TransfusionPipeline.push_to_hub").push_pipeline_to_hub(
             self,
             repo_id,
             commit_message=commit_message,

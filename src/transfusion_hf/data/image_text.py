@@ -301,6 +301,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return data
 
 
+def check_dataset_from_args(args: argparse.Namespace) -> None:
+    """[`check_image_text_source`] with the options of [`add_data_arguments`]: the source and the split
+    [`load_dataset_from_args`] will read, checked without loading (every script that takes those flags calls it)."""
+    check_image_text_source(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_data_dir,
+        args.cache_dir,
+        args.train_data_files,
+        split=args.dataset_split,
+    )
+
+
 def load_dataset_from_args(
     args: argparse.Namespace, streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:

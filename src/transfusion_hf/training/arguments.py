@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
-from ..data.image_text import add_data_arguments, check_image_text_source
+from ..data.image_text import add_data_arguments, check_dataset_from_args
 from ..data.latent_cache import LATENT_DTYPES
 from ..evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
 from ..evaluation.field_metrics import DEFAULT_CLIP_MODEL, FIELD_METRICS
@@ -460,14 +460,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     check_model_fields(args, preset)
     warn_about_preset_limits(args)
     check_validation_metrics(args)
-    check_image_text_source(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_data_dir,
-        args.cache_dir,
-        args.train_data_files,
-        split=args.dataset_split,
-    )
+    check_dataset_from_args(args)
     return args
 
 
