@@ -55,6 +55,7 @@ def get_transformer(
     patch_size: int = PATCH_SIZE,
     max_position_embeddings: int = MAX_POSITIONS,
     seed: int = 0,
+    max_latent_size: int | None = None,
 ) -> TransfusionForMixedModal:
     """A tiny `TransfusionForMixedModal` whose special ids come from `tokenizer`, in eval mode, weights perturbed."""
     config = TransfusionConfig(
@@ -73,6 +74,7 @@ def get_transformer(
         },
         latent_channels=latent_channels,
         latent_size=latent_size,
+        max_latent_size=max_latent_size,
         patch_size=patch_size,
         **special_token_ids(tokenizer),
         prediction_type=prediction_type,

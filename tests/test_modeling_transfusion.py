@@ -974,10 +974,12 @@ def test_error_placeholders_without_latents(model_and_batch):
 
 def test_error_wrong_latents_shape(model_and_batch):
     model, batch = model_and_batch
-    with pytest.raises(
-        ValueError, match=r"`latents` has shape \(3, 4, 8, 8\), expected \(num_images, \*\(4, 4, 4\)\)"
-    ):
+    with pytest.raises(ValueError, match=r"`latents` has a latent grid of 8x8: each side must be a multiple of "
+                       r"`patch_size`=2 and at most `max_latent_size`=4"):  # fmt: skip
         model(batch["input_ids"], latents=torch.zeros(3, 4, 8, 8), timesteps=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"`latents` has shape \(3, 3, 4, 4\), expected \(num_images, C, H, W\) with "
+                       r"C = `latent_channels`=4"):  # fmt: skip
+        model(batch["input_ids"], latents=torch.zeros(3, 3, 4, 4), timesteps=torch.zeros(3))
     with pytest.raises(ValueError, match=r"`latents` has shape \(3, 64\)"):
         model(batch["input_ids"], latents=torch.zeros(3, 64), timesteps=torch.zeros(3))
 

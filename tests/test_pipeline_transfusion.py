@@ -563,11 +563,14 @@ def test_prompt_longer_than_the_context_raises(pipe):
     assert fitting.shape[0] == 1
 
 
-@pytest.mark.parametrize(("name", "value"), [("height", 16), ("width", 4), ("height", 9)])
+@pytest.mark.parametrize(("name", "value"), [("height", 16), ("width", 6), ("height", 9)])
 def test_size_not_fitting_the_latent_grid_raises(pipe, name, value):
-    with pytest.raises(ValueError, match=f"`{name}`={value} does not fit the latent grid"):
+    # Sides are multiples of the patch (2 latents = 4 pixels through the VAE's 2x) up to max_latent_size (4 = 8 px).
+    with pytest.raises(ValueError, match=f"`{name}`={value} does not fit the latent grid: this model makes images "
+                       "whose sides are multiples of 4 pixels"):  # fmt: skip
         run(pipe, **{name: value})
     assert run(pipe, height=IMAGE_SIZE, width=IMAGE_SIZE).shape == (2, 4, 4, 4)
+    assert run(pipe, width=4).shape == (2, 4, 4, 2)  # a smaller, non-square image: the grid's top-left positions
 
 
 def test_invalid_call_arguments_raise(pipe):

@@ -39,6 +39,7 @@ PACKAGE = Path(transfusion_hf.__file__).resolve().parent
 # code: the model and the pipeline import it by name only when they push (transfusion_hf.hub).
 MODEL_CODE = {
     "configuration_transfusion.py",
+    "image_grids.py",
     "image_layers.py",
     "loss_transfusion.py",
     "masking_transfusion.py",

@@ -11,6 +11,7 @@ PATCH_ENCODERS = ("linear", "unet")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction")
 UNET_SKIP_CONNECTIONS = ("all", "coarse", "fine", "none")
 IMAGE_ATTENTIONS = ("bidirectional", "causal")
+PATCH_POSITION_EMBEDDING_TYPES = ("learned", "factorized", "interpolated")
 
 
 class TransfusionConfig(PreTrainedConfig):
@@ -25,10 +26,15 @@ class TransfusionConfig(PreTrainedConfig):
         latent_channels (`int`, defaults to 4):
             Channels of the image latents (of the VAE, or 3 in pixel space).
         latent_size (`int`, defaults to 8):
-            Side of the square latent grid.
+            Side of the square latent grid of an image whose size is not given (the pipeline's default
+            `height`/`width` is `latent_size` times the VAE's scale).
+        max_latent_size (`int`, *optional*):
+            Largest height and width of an image's latent grid. Each image may have its own latent grid `(H, W)`,
+            any aspect ratio, each side a multiple of `patch_size` up to this. Defaults to `latent_size`.
         patch_size (`int`, defaults to 2):
             Side of the square latent window that becomes one sequence position. An image takes
-            `(latent_size // patch_size) ** 2` positions between its `<boi>` and `<eoi>` tokens.
+            `(H // patch_size) * (W // patch_size)` positions between its `<boi>` and `<eoi>` tokens (`num_patches` for
+            the default square grid).
         patch_encoder (`str`, defaults to `"linear"`):
             `"linear"`: the timestep embedding is added to every patch before one linear layer, and one linear
             layer maps back (paper, section 3). `"unet"`: U-Net down blocks before the transformer and up blocks
@@ -65,6 +71,11 @@ class TransfusionConfig(PreTrainedConfig):
         patch_position_embedding (`bool`, defaults to `True`):
             Add a learned embedding of each patch's 2D grid position to its input. The paper only uses the
             backbone's 1D RoPE; the 2D embedding makes spatial layout much easier to learn for small models.
+        patch_position_embedding_type (`str`, defaults to `"learned"`):
+            How a patch's (row, column) becomes that embedding, for grids of any shape (`image_layers.
+            TransfusionPatchPositionEmbedding`): `"learned"`: one vector per cell of the largest grid, the top-left
+            cells for a smaller grid; `"factorized"`: a row vector plus a column vector; `"interpolated"`: the default
+            grid's vectors, bilinearly resized to the image's grid (as ViTs do at a new resolution).
         modality_experts (`bool`, defaults to `False`):
             Give image positions their own copy of every decoder layer's per-position weights (q, k, v, o
             projections, MLP, norms) and of the final norm, initialised from the text weights; text positions keep the
@@ -113,6 +124,7 @@ class TransfusionConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     latent_channels: int = 4
     latent_size: int = 8
+    max_latent_size: int | None = None
     patch_size: int = 2
     patch_encoder: str = "linear"
     unet_block_out_channels: list[int] | None = None
@@ -123,6 +135,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_output_shortcut: bool = False
     image_attention: str = "bidirectional"
     patch_position_embedding: bool = True
+    patch_position_embedding_type: str = "learned"
     modality_experts: bool = False
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -166,6 +179,19 @@ class TransfusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"`patch_size`={self.patch_size} must divide `latent_size`={self.latent_size} "
                 "(an image is a whole number of patches)."
+            )
+        max_size = self.max_latent_size
+        if max_size is not None and (
+            not isinstance(max_size, int) or max_size < self.latent_size or max_size % self.patch_size
+        ):
+            raise ValueError(
+                f"`max_latent_size` must be None or a multiple of `patch_size`={self.patch_size} of at least "
+                f"`latent_size`={self.latent_size}, got {max_size!r}."
+            )
+        if self.patch_position_embedding_type not in PATCH_POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"`patch_position_embedding_type` must be one of {PATCH_POSITION_EMBEDDING_TYPES}, got "
+                f"{self.patch_position_embedding_type!r}."
             )
         if self.patch_encoder not in PATCH_ENCODERS:
             raise ValueError(f"`patch_encoder` must be one of {PATCH_ENCODERS}, got {self.patch_encoder!r}.")
@@ -249,8 +275,36 @@ class TransfusionConfig(PreTrainedConfig):
 
     @property
     def num_patches(self) -> int:
-        """Sequence positions one image takes between `<boi>` and `<eoi>`."""
+        """Sequence positions an image of the default (square, `latent_size`) grid takes between `<boi>` and
+        `<eoi>`."""
         return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def max_latent_side(self) -> int:
+        """The largest latent height or width of an image: `max_latent_size`, or `latent_size` when unset."""
+        return self.max_latent_size if self.max_latent_size is not None else self.latent_size
+
+    def check_latent_grid(self, height: int, width: int, name: str = "latents") -> None:
+        """Raise a `ValueError` naming `name` and the size unless an image of latent size `height x width` fits the
+        model: each side a positive multiple of `patch_size`, at most `max_latent_side`.
+
+        Args:
+            height (`int`), width (`int`): the latent grid (pixels in pixel space, VAE latents otherwise).
+            name (`str`): what the user passed (`"latents"`, `"height"`, ...), named in the error.
+        """
+        patch, largest = self.patch_size, self.max_latent_side
+        for side in (height, width):
+            if not isinstance(side, int) or side <= 0 or side % patch or side > largest:
+                raise ValueError(
+                    f"`{name}` has a latent grid of {height}x{width}: each side must be a multiple of "
+                    f"`patch_size`={patch} and at most `max_latent_size`={largest} (raise `max_latent_size` in the "
+                    "config to train larger images)."
+                )
+
+    def num_patches_for(self, height: int, width: int) -> int:
+        """Sequence positions an image of latent size `height x width` takes (checked by `check_latent_grid`)."""
+        self.check_latent_grid(height, width)
+        return (height // self.patch_size) * (width // self.patch_size)
 
     @property
     def hidden_size(self) -> int:

@@ -33,21 +33,24 @@ def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(num_images, (height // p) * (width // p), channels * p * p)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, size: int) -> torch.Tensor:
-    """Inverse of [`patchify`] for square latents.
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int, height: int, width: int | None = None
+) -> torch.Tensor:
+    """Inverse of [`patchify`].
 
     Args:
-        patches (`torch.Tensor` of shape `(num_images, (size // p) ** 2, channels * p * p)`).
-        patch_size (`int`), channels (`int`), size (`int`): the latent geometry.
+        patches (`torch.Tensor` of shape `(num_images, (height // p) * (width // p), channels * p * p)`).
+        patch_size (`int`), channels (`int`): the patch geometry.
+        height (`int`), width (`int`, *optional*): the latent size (`width` defaults to `height`: square).
 
     Returns:
-        `torch.Tensor` of shape `(num_images, channels, size, size)`.
+        `torch.Tensor` of shape `(num_images, channels, height, width)`.
     """
-    num_images = patches.shape[0]
-    p, grid = patch_size, size // patch_size
-    latents = patches.reshape(num_images, grid, grid, channels, p, p)
+    width = height if width is None else width
+    num_images, p = patches.shape[0], patch_size
+    latents = patches.reshape(num_images, height // p, width // p, channels, p, p)
     latents = latents.permute(0, 3, 1, 4, 2, 5)  # (n, C, h, p, w, p)
-    return latents.reshape(num_images, channels, size, size)
+    return latents.reshape(num_images, channels, height, width)
 
 
 def sinusoidal_timestep_features(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -123,16 +126,27 @@ class TransfusionLinearPatchDecoder(nn.Module):
         self.latent_size = config.latent_size
         self.proj = mark_zero_init(nn.Linear(config.hidden_size, config.latent_channels * config.patch_size**2))
 
-    def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timesteps: torch.Tensor,
+        skips: None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(num_images, num_patches, hidden_size)`).
+            grid (`tuple[int, int]`, *optional*): the patch grid `(H // p, W // p)` of the images (default: the
+                config's square `latent_size`).
 
         Returns:
             `torch.Tensor` of shape `(num_images, C, H, W)`.
         """
+        rows, columns = grid if grid is not None else (self.latent_size // self.patch_size,) * 2
         patches = self.proj(hidden_states)
-        return unpatchify(patches, self.patch_size, self.latent_channels, self.latent_size)
+        return unpatchify(
+            patches, self.patch_size, self.latent_channels, rows * self.patch_size, columns * self.patch_size
+        )
 
 
 def mark_default_init(module: nn.Module) -> nn.Module:
@@ -227,7 +241,7 @@ class TransfusionUNetPatchDecoder(nn.Module):
         super().__init__()
         channels = config.unet_block_out_channels
         temb_channels = 4 * channels[0]
-        self.grid = config.latent_size // config.patch_size
+        self.default_grid = (config.latent_size // config.patch_size,) * 2
         self.skip_levels = unet_skip_levels(config)
         self.timestep_embedding = TransfusionTimestepEmbedding(config.timestep_embedding_dim, temb_channels)
         self.proj = nn.Conv2d(config.hidden_size, channels[-1], 1)
@@ -253,20 +267,29 @@ class TransfusionUNetPatchDecoder(nn.Module):
         # the linear decoder does (`config.unet_output_shortcut`).
         self.shortcut = TransfusionLinearPatchDecoder(config) if config.unet_output_shortcut else None
 
-    def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timesteps: torch.Tensor,
+        skips: list[torch.Tensor],
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(num_images, num_patches, hidden_size)`).
             timesteps (`torch.Tensor` of shape `(num_images,)`).
             skips (`list[torch.Tensor]`): the encoder's skips, finest first (only `config.unet_skip_connections`
                 levels are used).
+            grid (`tuple[int, int]`, *optional*): the patch grid `(H // p, W // p)` of the images (default: the
+                config's square `latent_size`).
 
         Returns:
             `torch.Tensor` of shape `(num_images, C, H, W)`.
         """
         temb = self.timestep_embedding(timesteps)
         num_images = hidden_states.shape[0]
-        x = hidden_states.transpose(1, 2).reshape(num_images, -1, self.grid, self.grid)
+        grid = grid if grid is not None else self.default_grid
+        x = hidden_states.transpose(1, 2).reshape(num_images, -1, *grid)
         x = self.proj(x)
         num_levels = len(self.levels)
         for index, (blocks, upsample) in enumerate(zip(self.levels, self.upsamplers)):
@@ -278,7 +301,7 @@ class TransfusionUNetPatchDecoder(nn.Module):
             x = upsample(x)
         output = self.conv_out(self.act(self.norm_out(x)))
         if self.shortcut is not None:
-            output = output + self.shortcut(hidden_states, timesteps)
+            output = output + self.shortcut(hidden_states, timesteps, grid=grid)
         return output
 
 
@@ -292,6 +315,53 @@ def unet_skip_levels(config: TransfusionConfig) -> frozenset[int]:
     if config.unet_skip_connections == "fine":
         return frozenset({0})
     return frozenset()
+
+
+class TransfusionPatchPositionEmbedding(nn.Embedding):
+    """A learned embedding of each patch's (row, column) for patch grids of any shape (`config.patch_position_embedding
+    _type`). No library part fits: transformers' and diffusers' image embeddings are sin-cos tables or 1D learned
+    ones for one square grid.
+
+    - `"learned"`: one row of `weight` per cell of the largest grid (`max_latent_side // patch_size` squared), read
+      at `row * largest + column`: a smaller grid uses the top-left cells. With `max_latent_size` unset this is the
+      former square table, row for row, so saved models load unchanged.
+    - `"factorized"`: `largest` row vectors then `largest` column vectors; a cell gets its row's plus its column's.
+    - `"interpolated"`: the default grid's table (`latent_size // patch_size` squared), bilinearly resized to the
+      image's grid, as ViTs (timm, DINOv2) do at a new resolution; the default grid reads it unchanged.
+
+    An `nn.Embedding`, so transformers' init pass draws it as before.
+    """
+
+    def __init__(self, config: TransfusionConfig):
+        self.kind = config.patch_position_embedding_type
+        self.largest = config.max_latent_side // config.patch_size
+        self.default = config.latent_size // config.patch_size
+        rows = {"learned": self.largest**2, "factorized": 2 * self.largest, "interpolated": self.default**2}
+        super().__init__(rows[self.kind], config.hidden_size)
+
+    def forward(self, grid: tuple[int, int]) -> torch.Tensor:
+        """
+        Args:
+            grid (`tuple[int, int]`): the patch grid `(rows, columns)` of the images.
+
+        Returns:
+            `torch.Tensor` of shape `(rows * columns, hidden_size)`, in raster order.
+        """
+        rows, columns = grid
+        if self.kind == "interpolated":
+            table = self.weight.reshape(self.default, self.default, -1)
+            if (rows, columns) == (self.default, self.default):
+                return self.weight
+            table = nn.functional.interpolate(
+                table.permute(2, 0, 1)[None], size=(rows, columns), mode="bilinear", align_corners=False
+            )
+            return table[0].flatten(1).transpose(0, 1)
+        if self.kind == "factorized":
+            row_vectors, column_vectors = self.weight[:rows], self.weight[self.largest : self.largest + columns]
+            return (row_vectors[:, None, :] + column_vectors[None, :, :]).reshape(rows * columns, -1)
+        if (rows, columns) == (self.largest, self.largest):
+            return self.weight
+        return self.weight.reshape(self.largest, self.largest, -1)[:rows, :columns].reshape(rows * columns, -1)
 
 
 def build_patch_layers(config: TransfusionConfig) -> tuple[nn.Module, nn.Module]:
@@ -310,6 +380,7 @@ __all__ = [
     "TransfusionLinearPatchDecoder",
     "TransfusionUNetPatchEncoder",
     "TransfusionUNetPatchDecoder",
+    "TransfusionPatchPositionEmbedding",
     "build_patch_layers",
     "mark_default_init",
     "unet_skip_levels",

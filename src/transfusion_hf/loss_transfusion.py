@@ -49,27 +49,45 @@ def language_modeling_loss(
 
 
 def diffusion_loss(
-    predictions: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None = None
+    predictions: torch.Tensor | list[torch.Tensor],
+    targets: torch.Tensor | list[torch.Tensor],
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error per image (mean over its channels and pixels), then averaged over images.
 
     Averaging per image first keeps every image's weight equal whatever the batch layout (paper, section 3.3).
 
     Args:
-        predictions (`torch.Tensor` of shape `(num_images, C, H, W)`).
-        targets (`torch.Tensor` of shape `(num_images, C, H, W)`).
+        predictions (`torch.Tensor` of shape `(num_images, C, H, W)`, or a list of `(C, H_i, W_i)` for images of
+            different sizes).
+        targets (same form as `predictions`).
         loss_weights (`torch.Tensor` of shape `(num_images,)`, *optional*): per-image weights (min-SNR-gamma, see
             `TransfusionNoiser`), applied before the mean over images as in diffusers' training scripts.
 
     Returns:
         Scalar tensor.
     """
-    if predictions.shape != targets.shape:
-        raise ValueError(
-            f"`diffusion_targets` has shape {tuple(targets.shape)}, expected {tuple(predictions.shape)} "
-            "(one target per image, like `latents`)."
+    if isinstance(predictions, (list, tuple)):
+        if not isinstance(targets, (list, tuple)) or len(targets) != len(predictions):
+            raise ValueError(
+                f"`diffusion_targets` must be a list of {len(predictions)} tensors, one per image, like `latents`."
+            )
+        for index, (prediction, target) in enumerate(zip(predictions, targets)):
+            if prediction.shape != target.shape:
+                raise ValueError(
+                    f"`diffusion_targets[{index}]` has shape {tuple(target.shape)}, expected {tuple(prediction.shape)}."
+                )
+        per_image = torch.stack(
+            [(prediction.float() - target.float()).pow(2).mean() for prediction, target in zip(predictions, targets)]
         )
-    per_image = (predictions.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
+    else:
+        if not isinstance(targets, torch.Tensor) or predictions.shape != targets.shape:
+            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(
+                f"`diffusion_targets` has shape {shape}, expected {tuple(predictions.shape)} "
+                "(one target per image, like `latents`)."
+            )
+        per_image = (predictions.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
     if loss_weights is not None:
         if loss_weights.shape != per_image.shape:
             raise ValueError(

@@ -25,7 +25,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
-from .image_layers import build_patch_layers
+from .image_grids import ImageGroup, group_images_by_grid, placeholder_block_lengths
+from .image_layers import TransfusionPatchPositionEmbedding, build_patch_layers
 from .loss_transfusion import diffusion_loss, language_modeling_loss
 from .masking_transfusion import build_transfusion_mask, image_block_ids
 from .modality_experts import (
@@ -166,7 +167,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.image_encoder, self.image_decoder = build_patch_layers(config)
         self.patch_position_embedding = (
-            nn.Embedding(config.num_patches, config.hidden_size) if config.patch_position_embedding else None
+            TransfusionPatchPositionEmbedding(config) if config.patch_position_embedding else None
         )
         self.post_init()
         if config.modality_experts:
@@ -266,45 +267,106 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------------------------------- images
     def encode_images(
-        self, latents: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Embed noisy latents as transformer inputs.
+        self, latents: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, list[ImageGroup]]:
+        """Embed noisy latents as transformer inputs, one encoder call per group of images with the same grid.
 
         Args:
-            latents (`torch.Tensor` of shape `(num_images, C, H, W)`): the noisy latents.
+            latents (`torch.Tensor` of shape `(num_images, C, H, W)`, or a list of `(C, H_i, W_i)` tensors): the
+                noisy latents.
             timesteps (`torch.Tensor` of shape `(num_images,)`): their timesteps.
 
         Returns:
-            `(num_images, num_patches, hidden_size)` embeddings and the U-Net skips (or None).
+            The embeddings `(total_patches, hidden_size)`: every image's patches in raster order, the images in order;
+            and the [`ImageGroup`]s (with their U-Net skips), which [`decode_images`] takes back.
         """
-        embeds, skips = self.image_encoder(latents, timesteps)
-        if self.patch_position_embedding is not None:
-            embeds = embeds + self.patch_position_embedding.weight[None].to(embeds.dtype)
-        return embeds, skips
+        groups = group_images_by_grid(latents, self.config.patch_size)
+        group_embeds = []
+        for group in groups:
+            group_latents = latents if group.indices is None else torch.stack([latents[i] for i in group.indices])
+            group_timesteps = timesteps if group.indices is None else timesteps[group.index_tensor(timesteps.device)]
+            embeds, group.skips = self.image_encoder(group_latents, group_timesteps)
+            if self.patch_position_embedding is not None:
+                embeds = embeds + self.patch_position_embedding(group.grid)[None].to(embeds.dtype)
+            group_embeds.append(embeds)
+        if len(groups) == 1 and groups[0].indices is None:
+            return group_embeds[0].flatten(0, 1), groups
+        per_image: list[torch.Tensor] = [None] * sum(len(group.indices) for group in groups)
+        for group, embeds in zip(groups, group_embeds):
+            for slot, index in enumerate(group.indices):
+                per_image[index] = embeds[slot]
+        return torch.cat(per_image), groups
+
+    def decode_images(
+        self, image_hidden: torch.Tensor, timesteps: torch.Tensor, groups: list[ImageGroup]
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """The image decoder on the backbone's hidden states at the image positions, one call per group.
+
+        Args:
+            image_hidden (`torch.Tensor` of shape `(total_patches, hidden_size)`): in the order of [`encode_images`].
+            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            groups (`list[ImageGroup]`): from [`encode_images`].
+
+        Returns:
+            The predictions in the form of the latents: `(num_images, C, H, W)`, or a list of `(C, H_i, W_i)`.
+        """
+        if len(groups) == 1 and groups[0].indices is None:
+            group = groups[0]
+            hidden = image_hidden.reshape(-1, group.grid[0] * group.grid[1], image_hidden.shape[-1])
+            return self.image_decoder(hidden, timesteps, group.skips, grid=group.grid)
+        grids = [None] * sum(len(group.indices) for group in groups)
+        for group in groups:
+            for index in group.indices:
+                grids[index] = group.grid
+        per_image_hidden = image_hidden.split([rows * columns for rows, columns in grids])
+        predictions: list[torch.Tensor] = [None] * len(grids)
+        for group in groups:
+            hidden = torch.stack([per_image_hidden[index] for index in group.indices])
+            output = self.image_decoder(
+                hidden, timesteps[group.index_tensor(timesteps.device)], group.skips, grid=group.grid
+            )
+            for slot, index in enumerate(group.indices):
+                predictions[index] = output[slot]
+        return predictions
 
     def _check_image_inputs(
-        self, input_ids: torch.LongTensor, latents: torch.Tensor | None, timesteps: torch.Tensor | None
-    ) -> int:
-        """Validate `latents`/`timesteps` against the placeholders; returns the number of images."""
+        self,
+        input_ids: torch.LongTensor,
+        latents: torch.Tensor | list[torch.Tensor] | None,
+        timesteps: torch.Tensor | None,
+    ) -> tuple[int, int]:
+        """Validate `latents`/`timesteps` against the placeholders; returns the number of images and of their
+        patches."""
         config = self.config
-        num_images = 0 if latents is None else latents.shape[0]
-        if latents is not None:
-            expected = (config.latent_channels, config.latent_size, config.latent_size)
-            if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
-                raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected (num_images, *{expected}).")
-            if timesteps is None or timesteps.shape != (num_images,):
-                shape = None if timesteps is None else tuple(timesteps.shape)
-                raise ValueError(f"`timesteps` has shape {shape}, expected ({num_images},): one per image.")
-        expected_placeholders = num_images * config.num_patches
+        num_images = 0 if latents is None else len(latents)
+        images = latents if isinstance(latents, list) else [] if latents is None else [latents]
+        patches = []  # per image (a list) or per image of the one tensor
+        for index, image in enumerate(images):
+            per_image = isinstance(latents, list)
+            name = f"latents[{index}]" if per_image else "latents"
+            if image.dim() != (3 if per_image else 4) or image.shape[-3] != config.latent_channels:
+                expected = "(C, H, W)" if per_image else "(num_images, C, H, W)"
+                raise ValueError(
+                    f"`{name}` has shape {tuple(image.shape)}, expected {expected} with C = `latent_channels`="
+                    f"{config.latent_channels}."
+                )
+            config.check_latent_grid(image.shape[-2], image.shape[-1], name)
+            patches.append((image.shape[-2] // config.patch_size) * (image.shape[-1] // config.patch_size))
+        if latents is not None and (timesteps is None or timesteps.shape != (num_images,)):
+            shape = None if timesteps is None else tuple(timesteps.shape)
+            raise ValueError(f"`timesteps` has shape {shape}, expected ({num_images},): one per image.")
+        # Kept as `num_images * patches` for one tensor: a compiled step keeps the image count symbolic.
+        expected_placeholders = sum(patches) if isinstance(latents, list) else num_images * (patches or [0])[0]
+        mixed = len(set(patches)) > 1
         placeholder_count = (input_ids == config.image_token_id).sum()
         if torch.compiler.is_compiling():
             # Reading the count in Python (`.item()`) would break the graph: a compiled step checks it inside the
             # graph, failing with this reason (a RuntimeError) instead of the ValueErrors below.
             torch._assert_async(
                 placeholder_count == expected_placeholders,
-                "`input_ids` hold a number of image placeholders other than num_images * num_patches of `latents`",
+                "`input_ids` hold a number of image placeholders other than the patches of `latents`",
             )
-            return num_images
+            return num_images, expected_placeholders
         num_placeholders = int(placeholder_count)
         if latents is None and num_placeholders:
             raise ValueError(
@@ -314,9 +376,17 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         if num_placeholders != expected_placeholders:
             raise ValueError(
                 f"`input_ids` hold {num_placeholders} image placeholders but `latents` has {num_images} images of "
-                f"{config.num_patches} patches ({expected_placeholders} expected)."
+                f"{patches if mixed else (patches or [0])[0]} patches ({expected_placeholders} expected)."
             )
-        return num_images
+        if mixed:
+            # Images of different grids: each placeholder block must match its image, in reading order.
+            block_lengths = placeholder_block_lengths(input_ids, config.image_token_id)
+            if block_lengths != patches:
+                raise ValueError(
+                    f"The image placeholder blocks of `input_ids` have {block_lengths} positions but the images of "
+                    f"`latents` have {patches} patches, in reading order."
+                )
+        return num_images, expected_placeholders
 
     def _latents_from_pixel_values(
         self, latents: torch.Tensor | None, pixel_values: torch.Tensor | None
@@ -328,14 +398,16 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         if latents is not None:
             raise ValueError("Both `latents` and `pixel_values` were given: pass the images once.")
         config = self.config
-        expected = (config.latent_channels, config.latent_size, config.latent_size)
-        if config.latent_channels != 3 or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        images = pixel_values if isinstance(pixel_values, list) else [pixel_values]
+        if config.latent_channels != 3 or any(image.dim() not in (3, 4) or image.shape[-3] != 3 for image in images):
+            shape = [tuple(image.shape) for image in images] if isinstance(pixel_values, list) else images[0].shape
             raise ValueError(
-                f"`pixel_values` has shape {tuple(pixel_values.shape)}, but this model takes `latents` of shape "
-                f"(num_images, *{expected}). A model on VAE latents needs the pixels encoded first: "
-                "`latents = (vae.encode(pixel_values).latent_dist.mode() - shift_factor) * scaling_factor`; a "
-                f"pixel-space model needs the processor's `image_size` equal to `latent_size`={config.latent_size}."
+                f"`pixel_values` has shape {tuple(shape)}, but this model takes `latents` with "
+                f"{config.latent_channels} channels. A model on VAE latents needs the pixels encoded first: "
+                "`latents = (vae.encode(pixel_values).latent_dist.mode() - shift_factor) * scaling_factor`."
             )
+        if isinstance(pixel_values, list):
+            return [image.to(self.dtype) for image in pixel_values]
         return pixel_values.to(self.dtype)
 
     def _embed_inputs(
@@ -347,20 +419,21 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         timesteps: torch.Tensor | None,
         cache: Cache | None,
         position_ids: torch.LongTensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, ModalityRouting | None, list[torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, ModalityRouting | None, list[ImageGroup] | None]:
         """Token embeddings with the images scattered in at their placeholders, and the attention mask.
 
         Returns:
-            `(inputs_embeds, mask, image_routing, skips)`: embeddings `(batch_size, sequence_length, hidden_size)`;
-            the 2D `attention_mask`, or the Transfusion block mask when there are images; the flat indices of the
-            placeholder and text positions as a [`ModalityRouting`] (None without images); the U-Net skips (or None).
+            `(inputs_embeds, mask, image_routing, image_groups)`: embeddings `(batch_size, sequence_length,
+            hidden_size)`; the 2D `attention_mask`, or the Transfusion block mask when there are images; the flat
+            indices of the placeholder and text positions as a [`ModalityRouting`] (None without images); the images
+            grouped by grid, with their U-Net skips (None without images).
         """
         if input_ids is None:
             if inputs_embeds is None or latents is not None:
                 raise ValueError("`input_ids` are required: they locate the image placeholders.")
             return inputs_embeds, attention_mask, None, None
         hidden_inputs = self.get_input_embeddings()(input_ids)
-        num_images = self._check_image_inputs(input_ids, latents, timesteps)
+        num_images, num_image_positions = self._check_image_inputs(input_ids, latents, timesteps)
         if not num_images:
             if cache is None and attention_mask is None and position_ids is not None:
                 # Packed sequences (positions restarting per sequence, no 2D mask): transformers finds their
@@ -377,11 +450,11 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         # Indices of static size (known from `latents`), not a boolean mask: `masked_scatter` and `x[mask]` have
         # data-dependent shapes, which break a compiled graph and cost a host sync in eager mode.
         image_routing = ModalityRouting.from_image_positions(
-            input_ids == self.config.image_token_id, num_images * self.config.num_patches
+            input_ids == self.config.image_token_id, num_image_positions
         )
-        image_embeds, skips = self.encode_images(latents, timesteps)
+        patch_embeds, image_groups = self.encode_images(latents, timesteps)
         # Reading order of the placeholders (row-major) is the order of `latents`.
-        patch_embeds = image_embeds.reshape(-1, image_embeds.shape[-1]).to(hidden_inputs.dtype)
+        patch_embeds = patch_embeds.to(hidden_inputs.dtype)
         hidden_inputs = hidden_inputs.flatten(0, 1).index_copy(0, image_routing.image_index, patch_embeds)
         hidden_inputs = hidden_inputs.unflatten(0, image_routing.shape)
         mask = build_transfusion_mask(
@@ -394,7 +467,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             bidirectional_images=self.config.image_attention == "bidirectional",
         )
-        return hidden_inputs, mask, image_routing, skips
+        return hidden_inputs, mask, image_routing, image_groups
 
     # ------------------------------------------------------------------------------------------------ forward
     @can_return_tuple
@@ -443,7 +516,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 ... `return_dict=False` returns a tuple of the non-None fields of [`TransfusionOutput`].
         """
         latents = self._latents_from_pixel_values(latents, pixel_values)
-        hidden_inputs, mask, image_routing, skips = self._embed_inputs(
+        hidden_inputs, mask, image_routing, image_groups = self._embed_inputs(
             input_ids, inputs_embeds, attention_mask, latents, timesteps, cache, position_ids
         )
         if self.config.modality_experts and image_routing is not None:
@@ -463,8 +536,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         predictions = None
         if image_routing is not None:
             image_hidden = hidden_states.flatten(0, 1).index_select(0, image_routing.image_index)
-            image_hidden = image_hidden.reshape(latents.shape[0], self.config.num_patches, -1)
-            predictions = self.image_decoder(image_hidden, timesteps, skips)
+            predictions = self.decode_images(image_hidden, timesteps, image_groups)
 
         loss, lm_loss, diff_loss = self._compute_losses(
             logits, labels, input_ids, attention_mask, predictions, diffusion_targets, diffusion_loss_weights

@@ -33,6 +33,7 @@ from transformers import DynamicCache, LogitsProcessorList
 from .cache_transfusion import ReservedDynamicCache
 from .configuration_transfusion import TransfusionConfig  # noqa: F401
 from .generation_transfusion import sample_next_token
+from .image_grids import group_images_by_grid  # noqa: F401
 from .image_layers import build_patch_layers  # noqa: F401
 from .latents_transfusion import latents_to_pixels, pixels_to_latents
 from .loss_transfusion import diffusion_loss  # noqa: F401
@@ -141,13 +142,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> None:
         """Validate the call arguments before any work, naming the bad argument and its value."""
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != self.image_size:
-                raise ValueError(
-                    f"`{name}`={value} does not fit the latent grid: this model makes {self.image_size}x"
-                    f"{self.image_size} images (latent_size={self.transformer.config.latent_size}, vae scale "
-                    f"{self.vae_scale_factor})."
-                )
+        self.latent_grid(height, width)
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
         if num_inference_steps < 1 or num_images_per_prompt < 1:
@@ -164,6 +159,25 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
                 f"from {self._callback_tensor_inputs}."
             )
 
+    def latent_grid(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The latent size `(h, w)` of images of `height x width` pixels (default: the model's square size),
+        refused with the argument's name unless each side is a multiple of the patch (times the VAE's scale) and at
+        most the model's `max_latent_size` (times the VAE's scale)."""
+        config, scale = self.transformer.config, self.vae_scale_factor
+        unit, largest = config.patch_size * scale, config.max_latent_side * scale
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % unit or value > largest):
+                raise ValueError(
+                    f"`{name}`={value} does not fit the latent grid: this model makes images whose sides are "
+                    f"multiples of {unit} pixels (patch_size={config.patch_size}, vae scale {scale}) up to {largest} "
+                    f"(max_latent_size={config.max_latent_side}); its default size is {self.image_size}."
+                )
+        return ((height or self.image_size) // scale, (width or self.image_size) // scale)
+
+    def num_image_tokens(self, grid: tuple[int, int]) -> int:
+        """Placeholders of an image of latent size `grid`."""
+        return self.transformer.config.num_patches_for(*grid)
+
     # ------------------------------------------------------------------------------------- call state (diffusers)
     @property
     def num_timesteps(self) -> int:
@@ -179,10 +193,15 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
     # ----------------------------------------------------------------------------------------------- latents
     # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
     @torch.no_grad()
-    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Images -> clean latents `(num_images, C, h, w)` scaled like the training data, on the execution device."""
+    def encode_images(
+        self, images: ImageInput | Sequence[ImageInput], height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Images -> clean latents `(num_images, C, h, w)` scaled like the training data, on the execution device.
+        The images are resized and center-cropped to `height x width` pixels (default: the model's square size)."""
         device = self._execution_device
-        pixel_values = images_to_pixel_values(images, self.image_size).to(device)
+        grid = self.latent_grid(height, width)
+        size = (grid[0] * self.vae_scale_factor, grid[1] * self.vae_scale_factor)
+        pixel_values = images_to_pixel_values(images, size).to(device)
         return pixels_to_latents(self.vae, pixel_values).to(device, self.transformer.dtype)
 
     # No autograd: decoding to numpy/PIL cannot take tensors that require grad.
@@ -200,14 +219,17 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         device: torch.device,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """The starting noise `(num_images, C, h, w)` in float32, scaled by the scheduler's `init_noise_sigma`.
+        """The starting noise `(num_images, C, h, w)` in float32 (`grid` = `(h, w)`, default the model's square
+        size), scaled by the scheduler's `init_noise_sigma`.
 
         Call after the scheduler's timesteps are set: `init_noise_sigma` of Euler-type schedulers depends on them
         (e.g. 157 before vs 9.5 after for EulerDiscrete with timestep_spacing="leading" and 3 steps).
         """
         config = self.transformer.config
-        shape = (num_images, config.latent_channels, config.latent_size, config.latent_size)
+        grid = grid or (config.latent_size, config.latent_size)
+        shape = (num_images, config.latent_channels, *grid)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -227,25 +249,31 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
     def _prefill(
         self,
         prefixes: list[list[int]],
-        prefix_latents: torch.Tensor | None = None,
+        prefix_latents: torch.Tensor | list[torch.Tensor] | None = None,
         device: torch.device | None = None,
+        reserve: int | None = None,
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Run left-padded prefixes once into a fresh cache. Returns the cache, their ids and their attention mask.
 
-        `prefix_latents` are the clean latents (t = 0) of the images already inside the prefixes, in reading order.
+        `prefix_latents` are the clean latents (t = 0) of the images already inside the prefixes, in reading order;
+        `reserve` the positions of the image each step appends (default: one of the model's square size).
         """
         device = device or self._execution_device
         pad = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
         input_ids, attention_mask = pad_sequences(prefixes, pad, padding_side="left")
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         # Full-attention layers keep room for the image positions that every denoising step appends and crops.
-        cache = ReservedDynamicCache(self.transformer.config.text_config, reserve=self.transformer.config.num_patches)
+        reserve = reserve or self.transformer.config.num_patches
+        cache = ReservedDynamicCache(self.transformer.config.text_config, reserve=reserve)
         # a prefix holding images (interleaved generation, editing) needs their latents, or the model refuses
         # the placeholders.
         timesteps = None
         if prefix_latents is not None:
-            prefix_latents = prefix_latents.to(device, self.transformer.dtype)
-            timesteps = torch.zeros(prefix_latents.shape[0], device=device)
+            if isinstance(prefix_latents, list):
+                prefix_latents = [image.to(device, self.transformer.dtype) for image in prefix_latents]
+            else:
+                prefix_latents = prefix_latents.to(device, self.transformer.dtype)
+            timesteps = torch.zeros(len(prefix_latents), device=device)
         self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -266,7 +294,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         cache: DynamicCache | None,
     ) -> torch.Tensor:
         """One model evaluation of the image positions; with a cache only they are computed, then dropped again."""
-        rows, num_patches = latents.shape[0], self.transformer.config.num_patches
+        rows, num_patches = latents.shape[0], self.num_image_tokens(tuple(latents.shape[-2:]))
         device = prefix_ids.device
         image_ids = torch.full((rows, num_patches), self.transformer.config.image_token_id, device=device)
         image_mask = torch.ones_like(image_ids)
@@ -307,10 +335,12 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         sigmas: list[float] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Sample `num_images` images after `prefixes` (conditional rows first, then unconditional rows with CFG).
 
         `prefix_latents`: clean latents of the images inside the prefixes, in reading order (needs the KV cache).
+        `grid`: the latent size `(h, w)` of the images to make (default: the model's square size).
         The other arguments are those of `__call__`. Returns the final latents `(num_images, C, h, w)`.
         """
         if prefix_latents is not None and not use_kv_cache:
@@ -337,12 +367,11 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
             timesteps, _ = retrieve_timesteps(self.scheduler, distinct, device)
         self._num_timesteps = len(timesteps)
         self._interrupt = False
-        latents = self.prepare_latents(num_images, generator, latents, device)
-        self._check_length(
-            max(len(prefix) for prefix in prefixes) + self.transformer.config.num_patches + 1, "The prompt"
-        )
+        latents = self.prepare_latents(num_images, generator, latents, device, grid)
+        num_patches = self.num_image_tokens(tuple(latents.shape[-2:]))
+        self._check_length(max(len(prefix) for prefix in prefixes) + num_patches + 1, "The prompt")
         if use_kv_cache:
-            cache, prefix_ids, prefix_mask = self._prefill(prefixes, prefix_latents, device)
+            cache, prefix_ids, prefix_mask = self._prefill(prefixes, prefix_latents, device, reserve=num_patches)
         else:
             cache = None
             pad = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
@@ -417,7 +446,8 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
             prompt (`str` or `list[str]`): the prompts; a list is one batch.
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch of guidance (default: no
                 text, as seen with caption dropout in training).
-            height, width (`int`, *optional*): must equal the model's image size (`latent_size * vae scale`).
+            height, width (`int`, *optional*): the image size in pixels, any aspect ratio: multiples of the patch
+                (`patch_size * vae scale`) up to `max_latent_size * vae scale` (default: `latent_size * vae scale`).
             num_inference_steps (`int`): denoising steps (ignored when `timesteps` or `sigmas` are given).
             guidance_scale (`float`): classifier-free guidance scale; 1 or less disables guidance.
             num_images_per_prompt (`int`): images per prompt.
@@ -465,6 +495,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
             sigmas=sigmas,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tensor_inputs,
+            grid=self.latent_grid(height, width),
         )
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
@@ -479,6 +510,8 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         images: ImageInput | Sequence[ImageInput],
         prompt: str | None = None,
         max_new_tokens: int = 32,
+        height: int | None = None,
+        width: int | None = None,
         **generate_kwargs,
     ) -> list[str]:
         """Image-to-text: the images enter as clean latents (t = 0) and the model writes what follows.
@@ -487,6 +520,8 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
             images: one or several images (PIL, numpy or tensors).
             prompt (`str`, *optional*): text placed after each image (e.g. a question).
             max_new_tokens (`int`): at most this many generated tokens per caption.
+            height, width (`int`, *optional*): the size the images are resized (and center-cropped) to, as in
+                `__call__` (default: the model's square size).
             generate_kwargs: passed to `transformers`' `generate` (`do_sample`, `num_beams`, ...).
 
         Returns:
@@ -496,8 +531,9 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         # a batch `(B, C, H, W)` tensor or `(B, H, W, C)` array (this pipeline's own "pt"/"np" output) is B images.
         batched = isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4
         images = list(images) if isinstance(images, (list, tuple)) or batched else [images]
-        latents = self.encode_images(images)
-        sequences = [processor.encode_parts([None, prompt or ""]) for _ in images]
+        latents = self.encode_images(images, height, width)
+        num_tokens = self.num_image_tokens(tuple(latents.shape[-2:]))
+        sequences = [processor.encode_parts([num_tokens, prompt or ""]) for _ in images]
         self._check_length(len(sequences[0]) + max_new_tokens, "Captioning")
         input_ids, attention_mask = pad_sequences(sequences, processor.tokenizer.pad_token_id, padding_side="left")
         stop = [processor.tokenizer.eos_token_id, processor.boi_token_id]
@@ -536,6 +572,8 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         sigmas: list[float] | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[str | PIL.Image.Image]:
         """Interleaved generation: text is sampled; on `<boi>` an image is denoised and written into the context, then
         `<eoi>` is appended and text continues (paper, section 3.4). Images given in `parts` enter as clean context,
@@ -551,27 +589,30 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
             generator (`torch.Generator`, *optional*): for text sampling and image noise.
             timesteps, sigmas, callback_on_step_end, callback_on_step_end_tensor_inputs: as in `__call__`, for every
                 generated image (the step index restarts at 0 for each image; `"latents"` are `(1, C, h, w)`).
+            height, width (`int`, *optional*): the size of the generated images and of the context images (resized and
+                center-cropped), as in `__call__`.
 
         Returns:
             The generated continuation as an ordered list of strings and PIL images.
         """
         processor = self._require_processor("generate")
         tensor_inputs = self._callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_inputs(None, None, guidance_scale, num_inference_steps, 1, tensor_inputs)
+        self.check_inputs(height, width, guidance_scale, num_inference_steps, 1, tensor_inputs)
         device = self._execution_device
+        grid = self.latent_grid(height, width)
+        image_ids = [processor.image_token_id] * self.num_image_tokens(grid)
         parts = [parts] if isinstance(parts, str) else list(parts)
-        layout = [part if isinstance(part, str) else None for part in parts]
+        layout = [part if isinstance(part, str) else len(image_ids) for part in parts]
         context_images = [part for part in parts if not isinstance(part, str)]
         context_ids = processor.encode_parts(layout)
         self._check_length(len(context_ids) + 1, "The context")
-        image_ids = [processor.image_token_id] * self.transformer.config.num_patches
 
         outputs: list[str | PIL.Image.Image] = []
         text_ids: list[int] = []
         num_images, new_tokens = 0, 0
         # keep the clean latents of every image in the context (given or generated, in order): re-prefilling the
         # context for an image needs them, as its placeholders cannot go through the model without latents.
-        context_latents = self.encode_images(context_images) if context_images else None
+        context_latents = self.encode_images(context_images, height, width) if context_images else None
         cache, next_logits = self._consume(context_ids, None, context_latents, device)
         while new_tokens < max_new_tokens:
             # the bare placeholder is not text; sampled, it would reach the model without latents and raise.
@@ -610,6 +651,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
                 sigmas=sigmas,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs,
+                grid=grid,
             )
             num_images += 1
             outputs.extend(self.decode_latents(latents.to(self.transformer.dtype), "pil"))
@@ -631,7 +673,7 @@ class TransfusionPipeline(TransfusionRemoteCodeMixin, DiffusionPipeline, Transfu
         if cache is None:
             cache = DynamicCache(config=self.transformer.config.text_config)
         input_ids = torch.tensor([ids], device=device)
-        timesteps = torch.zeros(latents.shape[0], device=device) if latents is not None else None
+        timesteps = torch.zeros(len(latents), device=device) if latents is not None else None
         output = self.transformer(
             input_ids=input_ids, latents=latents, timesteps=timesteps, cache=cache, use_cache=True, logits_to_keep=1
         )

@@ -7,6 +7,7 @@ One processor serves training and inference, so a sequence is laid out the same 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,22 +80,46 @@ class TransfusionProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
-    def image_block(self) -> list[int]:
-        """`<boi> <image>*N <eoi>` ids of one image."""
-        return [self.boi_token_id] + [self.image_token_id] * self.num_image_tokens + [self.eoi_token_id]
+    @property
+    def patch_pixels(self) -> int:
+        """Pixel side of the square each placeholder stands for: `image_size` over the placeholders per side."""
+        side = math.isqrt(self.num_image_tokens)
+        if side * side != self.num_image_tokens or self.image_size % side:
+            raise ValueError(
+                f"`num_image_tokens`={self.num_image_tokens} is not a square grid over `image_size`={self.image_size}: "
+                "images of other sizes need it."
+            )
+        return self.image_size // side
+
+    def num_tokens_for(self, height: int, width: int) -> int:
+        """Placeholders of an image of `height x width` pixels (each side a multiple of `patch_pixels`)."""
+        patch = self.patch_pixels
+        if height % patch or width % patch or height <= 0 or width <= 0:
+            raise ValueError(
+                f"An image of {height}x{width} pixels is not a whole number of patches of {patch}x{patch} pixels "
+                "(`height` and `width` must be multiples of the patch size times the VAE's scale)."
+            )
+        return (height // patch) * (width // patch)
+
+    def image_block(self, num_tokens: int | None = None) -> list[int]:
+        """`<boi> <image>*N <eoi>` ids of one image: N = `num_tokens`, default `num_image_tokens` (the default
+        size)."""
+        num_tokens = self.num_image_tokens if num_tokens is None else num_tokens
+        return [self.boi_token_id] + [self.image_token_id] * num_tokens + [self.eoi_token_id]
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of plain text (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def encode_parts(
-        self, parts: Sequence[str | Sequence[int] | None], add_bos: bool = True, add_eos: bool = False
+        self, parts: Sequence[str | Sequence[int] | int | None], add_bos: bool = True, add_eos: bool = False
     ) -> list[int]:
         """Lay out a sequence of text parts and images.
 
         Args:
-            parts (`Sequence[str | Sequence[int] | None]`): text strings (or their ids, already encoded), and `None`
-                where an image goes.
+            parts (`Sequence[str | Sequence[int] | int | None]`): text strings (or their ids, already encoded), and
+                `None` where an image of the default size goes, or its number of placeholders (an `int`) for an
+                image of another size ([`num_tokens_for`]).
             add_bos (`bool`): start with the tokenizer's BOS token, when it has one.
             add_eos (`bool`): end with its EOS token (training sequences end there).
 
@@ -106,8 +131,8 @@ class TransfusionProcessor(ProcessorMixin):
         if add_bos and bos is not None:
             ids.append(bos)
         for part in parts:
-            if part is None:
-                ids.extend(self.image_block())
+            if part is None or isinstance(part, int):
+                ids.extend(self.image_block(part))
             else:
                 ids.extend(self.encode_text(part) if isinstance(part, str) else part)
         if add_eos and eos is not None:
@@ -138,6 +163,8 @@ class TransfusionProcessor(ProcessorMixin):
         padding_side: str = "right",
         add_eos: bool = False,
         return_tensors: str = "pt",
+        height: int | None = None,
+        width: int | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Tokenize a batch of texts with image markers and preprocess its images: everything the model's forward
@@ -152,10 +179,13 @@ class TransfusionProcessor(ProcessorMixin):
                 order, or one list per text.
             padding_side (`str`): `"right"` for training, `"left"` for generation.
             add_eos (`bool`): end every sequence with EOS.
+            height, width (`int`, *optional*): the pixel size every image is resized (and center-cropped) to, any
+                aspect ratio the model takes (`max_latent_size`); default `image_size` square. Each image then takes
+                [`num_tokens_for`] placeholders.
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)` and, when there are
-            images, `pixel_values` `(num_images, 3, image_size, image_size)` in [-1, 1] and `timesteps`
+            images, `pixel_values` `(num_images, 3, height, width)` in [-1, 1] and `timesteps`
             `(num_images,)` of zeros: the images enter as clean context (for training, replace images and
             timesteps by noised ones, see [`TransfusionNoiser`]).
         """
@@ -165,11 +195,18 @@ class TransfusionProcessor(ProcessorMixin):
                 raise ValueError(f"`text` must be a string or a list of strings, got text[{index}]={item!r}.")
         flat_images = flatten_images(images)
         self._check_image_counts(texts, images, flat_images)
-        sequences = [self.encode_parts(self.split_text(item), add_eos=add_eos) for item in texts]
+        size = (height or self.image_size, width or self.image_size)
+        image_part = None if size == (self.image_size, self.image_size) else self.num_tokens_for(*size)
+        sequences = [
+            self.encode_parts(
+                [image_part if part is None else part for part in self.split_text(item)], add_eos=add_eos
+            )
+            for item in texts
+        ]
         input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat_images:
-            data["pixel_values"] = self.preprocess_images(flat_images)
+            data["pixel_values"] = images_to_pixel_values(flat_images, size, self.resize_mode)
             data["timesteps"] = torch.zeros(len(flat_images))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -206,14 +243,14 @@ class TransfusionProcessor(ProcessorMixin):
 
 
 def images_to_pixel_values(
-    images: ImageInput | Sequence[ImageInput], image_size: int, resize_mode: str = "crop"
+    images: ImageInput | Sequence[ImageInput], image_size: int | tuple[int, int], resize_mode: str = "crop"
 ) -> torch.Tensor:
-    """Convert images to `(num_images, 3, image_size, image_size)` pixel values in [-1, 1].
+    """Convert images to `(num_images, 3, height, width)` pixel values in [-1, 1].
 
     Args:
         images: PIL images of any mode, numpy arrays `(H, W)` or `(H, W, C)` (uint8, or floats in [0, 1]), or tensors
             `(C, H, W)` in [-1, 1] or [0, 1].
-        image_size (`int`): output side.
+        image_size (`int` or `tuple[int, int]`): output side, or `(height, width)`.
         resize_mode (`str`): diffusers' `VaeImageProcessor` resize mode (`"crop"` keeps the aspect ratio).
     """
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
@@ -240,8 +277,9 @@ def images_to_pixel_values(
         if not isinstance(image, PIL.Image.Image):
             raise ValueError(f"images[{index}] has type {type(image).__name__}; expected PIL, numpy or torch.")
         converted.append(image.convert("RGB"))
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True)
-    return processor.preprocess(converted, height=image_size, width=image_size, resize_mode=resize_mode)
+    return processor.preprocess(converted, height=height, width=width, resize_mode=resize_mode)
 
 
 def add_special_tokens(tokenizer, tokens: Sequence[str] = IMAGE_SPECIAL_TOKENS) -> int:

@@ -1,0 +1,78 @@
+"""Images of any size in one batch: each image has its own latent grid `(H, W)`, and the images that share a grid
+are encoded and decoded together (one call of the patch layers per grid), as diffusers' and transformers' image models
+batch one resolution at a time.
+
+`latents` are either one tensor `(num_images, C, H, W)` (every image the same size: one group, no copies) or a list of
+`(C, H_i, W_i)` tensors in reading order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageGroup:
+    """The images of one call that share a patch grid.
+
+    Args:
+        grid (`tuple[int, int]`): the patch grid `(H // patch_size, W // patch_size)`.
+        indices (`list[int]`, *optional*): the images' positions in `latents`; None when `latents` is one tensor (the
+            group is all of it, in order).
+        skips (`list[torch.Tensor]`, *optional*): the U-Net encoder's skips of these images, for the decoder.
+    """
+
+    grid: tuple[int, int]
+    indices: list[int] | None = None
+    skips: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def index_tensor(self, device: torch.device) -> torch.LongTensor:
+        """`indices` as a tensor (to select the group's timesteps)."""
+        return torch.tensor(self.indices, dtype=torch.long, device=device)
+
+
+def group_images_by_grid(latents: torch.Tensor | list[torch.Tensor], patch_size: int) -> list[ImageGroup]:
+    """Group images by patch grid, groups in order of their first image.
+
+    Args:
+        latents (`torch.Tensor` of shape `(num_images, C, H, W)` or a list of `(C, H_i, W_i)` tensors).
+        patch_size (`int`).
+
+    Returns:
+        `list[ImageGroup]`: one group without `indices` for a tensor.
+    """
+    if isinstance(latents, torch.Tensor):
+        return [ImageGroup((latents.shape[-2] // patch_size, latents.shape[-1] // patch_size))]
+    groups: dict[tuple[int, int], ImageGroup] = {}
+    for index, image in enumerate(latents):
+        grid = (image.shape[-2] // patch_size, image.shape[-1] // patch_size)
+        groups.setdefault(grid, ImageGroup(grid, []))
+        groups[grid].indices.append(index)
+    return list(groups.values())
+
+
+def placeholder_block_lengths(input_ids: torch.LongTensor, image_token_id: int) -> list[int]:
+    """The length of every run of image placeholders, in reading order (row by row, left to right).
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+        image_token_id (`int`).
+    """
+    is_image = input_ids == image_token_id
+    previous = torch.zeros_like(is_image)
+    previous[:, 1:] = is_image[:, :-1]
+    starts = (is_image & ~previous).reshape(-1)[is_image.reshape(-1)]
+    start_positions = starts.nonzero().squeeze(1).tolist()
+    return [end - start for start, end in zip(start_positions, [*start_positions[1:], len(starts)])]
+
+
+def stack_if_same_grid(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One `(num_images, C, H, W)` tensor when every image has the same size (the fast path), else the list."""
+    if len({tuple(image.shape) for image in images}) == 1:
+        return torch.stack(images)
+    return list(images)
+
+
+__all__ = ["ImageGroup", "group_images_by_grid", "placeholder_block_lengths", "stack_if_same_grid"]
