@@ -214,3 +214,52 @@ def test_the_processor_lays_out_images_of_the_asked_size():
     assert int((default["input_ids"] == processor.image_token_id).sum()) == 4
     with pytest.raises(ValueError, match=r"An image of 8x10 pixels is not a whole number of patches of 4x4 pixels"):
         processor(text=["<image>"], images=[image], height=8, width=10)
+
+
+# ------------------------------------------------------------------------------------------------------ collator
+def test_the_collator_lays_out_and_noises_images_of_mixed_sizes():
+    """Examples with latents of three sizes: each sequence gets its image's number of placeholders, the batch's
+    latents are a list in reading order (padded and packed alike), and a model trains on it; a batch of one size is
+    one tensor, as before."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipeline_components import get_tokenizer
+    from transfusion_hf.data.collator import TransfusionDataCollator
+    from transfusion_hf.noising import TransfusionNoiser
+    from transfusion_hf.processing_transfusion import TransfusionProcessor, special_token_ids
+
+    tokenizer = get_tokenizer()
+    processor = TransfusionProcessor(tokenizer, image_size=8, num_image_tokens=4)
+    config = TransfusionConfig(
+        text_config={**TEXT, "vocab_size": len(tokenizer)},
+        **special_token_ids(tokenizer),
+        **{**UNET, "max_latent_size": 16},
+    )
+    torch.manual_seed(0)
+    model = TransfusionForMixedModal(config)
+    noiser = TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), prediction_type="flow_prediction")
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(8, 8), (8, 16), (16, 8), (8, 16)]
+    examples = [
+        {"text": f"caption {index}", "latents": torch.randn(3, *size, generator=generator)}
+        for index, size in enumerate(sizes)
+    ]
+    for packed in (None, 256):
+        collator = TransfusionDataCollator(processor, noiser, seed=1, patch_size=4, max_sequence_length=packed)
+        batch = collator(examples)
+        assert isinstance(batch["latents"], list) and len(batch["latents"]) == 4
+        grids = [tuple(latents.shape[-2:]) for latents in batch["latents"]]
+        assert placeholder_block_lengths(batch["input_ids"], config.image_token_id) == [
+            (h // 4) * (w // 4) for h, w in grids
+        ]
+        assert [tuple(t.shape) for t in batch["diffusion_targets"]] == [(3, *grid) for grid in grids]
+        loss = model(**batch).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+    same = TransfusionDataCollator(processor, noiser, seed=1, patch_size=4)(
+        [{"text": "a", "latents": torch.zeros(3, 8, 16)}, {"text": "b", "latents": torch.zeros(3, 8, 16)}]
+    )
+    assert isinstance(same["latents"], torch.Tensor) and same["latents"].shape == (2, 3, 8, 16)

@@ -17,8 +17,8 @@ def make_grid(
     cell_size: int = 128,
     label_lines: int = 3,
 ) -> PIL.Image.Image:
-    """Tile images in a grid, each scaled to `cell_size` (nearest neighbour, so small images stay crisp) with its
-    label written under it.
+    """Tile images in a grid, each scaled so that its longer side is `cell_size` (nearest neighbour, so small images
+    stay crisp; the aspect ratio kept) with its label written under it.
 
     Args:
         images (`Sequence[PIL.Image.Image]`).
@@ -41,7 +41,11 @@ def make_grid(
     characters_per_line = max(cell_size // 6, 8)
     for index, image in enumerate(images):
         x, y = (index % columns) * cell_size, (index // columns) * (cell_size + label_height)
-        grid.paste(image.convert("RGB").resize((cell_size, cell_size), PIL.Image.NEAREST), (x, y))
+        # Fit the longer side to the cell, keeping the aspect ratio (images of any size), centred in the cell.
+        scale = cell_size / max(image.size)
+        size = (max(round(image.size[0] * scale), 1), max(round(image.size[1] * scale), 1))
+        offset = ((cell_size - size[0]) // 2, (cell_size - size[1]) // 2)
+        grid.paste(image.convert("RGB").resize(size, PIL.Image.NEAREST), (x + offset[0], y + offset[1]))
         if labels is not None:
             lines = textwrap.wrap(labels[index], characters_per_line)[:label_lines]
             for line_index, line in enumerate(lines):

@@ -112,6 +112,10 @@ class TransfusionDataCollator:
         max_length (`int`, *optional*): the model's context; longer texts are truncated.
         max_sequence_length (`int`, *optional*): pack the sequences into rows of this many tokens (at most
             `max_length`); longer texts are truncated to fit one row.
+        patch_size (`int`, *optional*): the model's `patch_size` (in latents). Given, the examples' latents may
+            have any size (each image takes `(H // patch_size) * (W // patch_size)` placeholders; a batch of one size
+            gives one `latents` tensor, mixed sizes a list of `(C, H_i, W_i)` tensors, noised one size at a time);
+            without it every image takes the processor's `num_image_tokens`.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class TransfusionDataCollator:
         flipped_latents_column: str = "flipped_latents",
         max_length: int | None = None,
         max_sequence_length: int | None = None,
+        patch_size: int | None = None,
     ):
         for name, value in (("max_length", max_length), ("max_sequence_length", max_sequence_length)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -150,17 +155,22 @@ class TransfusionDataCollator:
         self.flipped_latents_column = flipped_latents_column
         self.max_length = max_length
         self.max_sequence_length = max_sequence_length
+        self.patch_size = patch_size
 
     def batch_generator(self, batch_index: int) -> torch.Generator:
         """The generator of batch `batch_index` (a pure function of the seed and the index)."""
         return torch.Generator().manual_seed(hash((self.seed, batch_index)) & 0x7FFF_FFFF_FFFF)
 
-    def encode_example(self, text: str, image_first: bool, has_image: bool) -> list[int]:
+    def encode_example(
+        self, text: str, image_first: bool, has_image: bool, num_image_tokens: int | None = None
+    ) -> list[int]:
         """The ids of one training sequence: `[bos] text <boi> <image>*N <eoi> [eos]`, the image first when
-        `image_first`, no image block when not `has_image`. A text too long for the limit (the smaller of
-        `max_length` and `max_sequence_length`) is cut to fit and counted in `num_truncated`."""
+        `image_first`, no image block when not `has_image`; N = `num_image_tokens` (default: the processor's). A
+        text too long for the limit (the smaller of `max_length` and `max_sequence_length`) is cut to fit and counted
+        in `num_truncated`."""
         text_ids = self.processor.encode_text(text)
-        fixed = len(self.processor.encode_parts([None] if has_image else [], add_bos=True, add_eos=True))
+        image = num_image_tokens
+        fixed = len(self.processor.encode_parts([image] if has_image else [], add_bos=True, add_eos=True))
         # Packed rows are at most the context long (checked in `__init__`), so they set the limit when given.
         name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
         limit = getattr(self, name)
@@ -172,7 +182,7 @@ class TransfusionDataCollator:
                 )
             text_ids = text_ids[: limit - fixed]
             self.num_truncated += 1
-        parts = ([None, text_ids] if image_first else [text_ids, None]) if has_image else [text_ids]
+        parts = ([image, text_ids] if image_first else [text_ids, image]) if has_image else [text_ids]
         return self.processor.encode_parts(parts, add_bos=True, add_eos=True)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -185,6 +195,7 @@ class TransfusionDataCollator:
                 "" if drop_caption[index] and has_image[index] else example[self.text_column],
                 bool(image_first[index]),
                 has_image[index],
+                self.num_image_tokens(example) if has_image[index] else None,
             )
             for index, example in enumerate(examples)
         ]
@@ -204,6 +215,18 @@ class TransfusionDataCollator:
             batch.update(self.noised_images(examples, image_first, flip, images_in_order, generator))
         return batch
 
+    def num_image_tokens(self, example: dict) -> int | None:
+        """Placeholders of the example's image: from its latents' size with `patch_size`, else the processor's."""
+        if self.patch_size is None:
+            return None
+        height, width = (int(side) for side in torch.as_tensor(example[self.latents_column]).shape[-2:])
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"An example's latents are {height}x{width}, not a whole number of patches of `patch_size`="
+                f"{self.patch_size}."
+            )
+        return (height // self.patch_size) * (width // self.patch_size)
+
     def noised_images(
         self,
         examples: Sequence[dict],
@@ -216,26 +239,55 @@ class TransfusionDataCollator:
         image comes first in the rows, then second, ...): `latents`, `timesteps`, `diffusion_targets` and, with
         loss weighting, `diffusion_loss_weights`."""
         with_image = sorted(images_in_order)
-        clean = torch.stack(
-            [
-                torch.as_tensor(
-                    examples[index][self.flipped_latents_column]
-                    if flip[index] and self.flipped_latents_column in examples[index]
-                    else examples[index][self.latents_column]
-                )
-                for index in with_image
-            ]
-        ).float()
-        noised = self.noiser(clean, image_first[with_image], generator)
+        clean = [
+            torch.as_tensor(
+                examples[index][self.flipped_latents_column]
+                if flip[index] and self.flipped_latents_column in examples[index]
+                else examples[index][self.latents_column]
+            ).float()
+            for index in with_image
+        ]
         slot = {index: position for position, index in enumerate(with_image)}
         order = torch.tensor([slot[index] for index in images_in_order], dtype=torch.long)
+        if len({tuple(image.shape) for image in clean}) == 1:
+            noised = self.noiser(torch.stack(clean), image_first[with_image], generator)
+            images = {
+                "latents": noised.latents[order],
+                "timesteps": noised.timesteps[order],
+                "diffusion_targets": noised.targets[order],
+            }
+            if noised.loss_weights is not None:
+                images["diffusion_loss_weights"] = noised.loss_weights[order]
+            return images
+        return self.noised_images_of_mixed_sizes(clean, image_first[with_image], order, generator)
+
+    def noised_images_of_mixed_sizes(
+        self, clean: list[torch.Tensor], image_first: torch.Tensor, order: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Noise images of different sizes, one size at a time (in order of first appearance, so the draws are a
+        pure function of the batch), returned in `order` as lists (`latents`, `diffusion_targets`) and tensors."""
+        num_images = len(clean)
+        latents, targets = [None] * num_images, [None] * num_images
+        timesteps = weights = None
+        for grid in dict.fromkeys(tuple(image.shape) for image in clean):
+            members = [index for index, image in enumerate(clean) if tuple(image.shape) == grid]
+            noised = self.noiser(torch.stack([clean[i] for i in members]), image_first[members], generator)
+            if timesteps is None:
+                timesteps = torch.empty(num_images, dtype=noised.timesteps.dtype)
+            timesteps[members] = noised.timesteps
+            if noised.loss_weights is not None:
+                if weights is None:
+                    weights = torch.empty(num_images, dtype=noised.loss_weights.dtype)
+                weights[members] = noised.loss_weights
+            for slot, index in enumerate(members):
+                latents[index], targets[index] = noised.latents[slot], noised.targets[slot]
         images = {
-            "latents": noised.latents[order],
-            "timesteps": noised.timesteps[order],
-            "diffusion_targets": noised.targets[order],
+            "latents": [latents[i] for i in order.tolist()],
+            "timesteps": timesteps[order],
+            "diffusion_targets": [targets[i] for i in order.tolist()],
         }
-        if noised.loss_weights is not None:
-            images["diffusion_loss_weights"] = noised.loss_weights[order]
+        if weights is not None:
+            images["diffusion_loss_weights"] = weights[order]
         return images
 
 

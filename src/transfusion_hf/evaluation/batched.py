@@ -15,8 +15,11 @@ def generate_images(
     num_inference_steps: int,
     guidance_scale: float,
     generator: torch.Generator,
+    height: int | None = None,
+    width: int | None = None,
 ) -> list[PIL.Image.Image]:
-    """One image per prompt, `batch_size` prompts per pipeline call, all drawn from the one `generator`."""
+    """One image per prompt, `batch_size` prompts per pipeline call, all drawn from the one `generator`, of
+    `height x width` pixels (default: the pipeline's)."""
     images: list[PIL.Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         images.extend(
@@ -25,16 +28,27 @@ def generate_images(
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
+                **({"height": height, "width": width} if height or width else {}),
             ).images
         )
     return images
 
 
-def caption_images(pipeline, images: Sequence[PIL.Image.Image], batch_size: int, max_new_tokens: int) -> list[str]:
-    """One caption per image, `batch_size` images per `pipeline.caption` call."""
+def caption_images(
+    pipeline,
+    images: Sequence[PIL.Image.Image],
+    batch_size: int,
+    max_new_tokens: int,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[str]:
+    """One caption per image, `batch_size` images per `pipeline.caption` call, the images read at `height x width`
+    pixels (default: the pipeline's)."""
     captions: list[str] = []
+    size = {"height": height, "width": width} if height or width else {}
     for start in range(0, len(images), batch_size):
-        captions.extend(pipeline.caption(list(images[start : start + batch_size]), max_new_tokens=max_new_tokens))
+        batch = list(images[start : start + batch_size])
+        captions.extend(pipeline.caption(batch, max_new_tokens=max_new_tokens, **size))
     return captions
 
 
