@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion_hf.data.image_text import aspect_ratio_buckets_from_args
 from transfusion_hf.evaluation.field_metrics import FieldMetrics, caption_scores
 from transfusion_hf.evaluation.shapes_benchmark import ShapesEvaluation, evaluate_shapes, held_out_samples_grid
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    train_argv = DEMO_FLAGS + ["--output_dir", str(output_dir)] + train_overrides
+    # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
+    image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
     if not args.skip_training:
-        train_argv = DEMO_FLAGS + ["--output_dir", str(output_dir)] + train_overrides
-        parse_training_args(train_argv)  # a bad flag fails here, in a second, with one line naming it
         # The training script runs as the user would run it (its own process, its own logging).
         result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *train_argv])
         if result.returncode:
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         images_per_caption=args.images_per_caption,
         num_inference_steps=args.eval_inference_steps,
         guidance_scale=args.eval_guidance_scale,
+        image_sizes=image_sizes,
     )
     metrics = {
         **evaluation.metrics,

@@ -59,9 +59,11 @@ from transfusion_hf.training import (
     restore_checkpoint,
     run_validation,
     save_checkpoint,
+    set_loader_epoch,
     setup_accelerator,
     text_lm_loss,
     text_validation_batches,
+    time_budget_message,
     trainable_parameters,
     training_forward,
 )
@@ -100,8 +102,8 @@ def training_loop(
         if state["skip_batches"]:
             epoch_loader = accelerator.skip_first_batches(dataloader, state["skip_batches"])
             state["skip_batches"] = 0
-        dataloader.set_epoch(state["epoch"])
-        epoch_loader.set_epoch(state["epoch"])
+        set_loader_epoch(dataloader, state["epoch"])
+        set_loader_epoch(epoch_loader, state["epoch"])
         for batch in epoch_loader:
             state["micro_batches"] += 1
             state["batches_in_epoch"] += 1
@@ -160,22 +162,6 @@ def training_loop(
         state["batches_in_epoch"] = 0
     progress.close()
     return global_step
-
-
-def time_budget_message(args: argparse.Namespace, step: int, learning_rate: float) -> str:
-    """What a run stopped by `--max_train_time_minutes` says: with the step clock, how far from its end the schedule
-    (planned for `--max_train_steps`) stopped."""
-    reached = (
-        f"Time budget of {args.max_train_time_minutes} min reached at step {step} of "
-        f"--max_train_steps={args.max_train_steps}"
-    )
-    if args.lr_schedule_clock == "time":
-        return f"{reached}; the schedule followed the budget to its end (learning rate {learning_rate:.3g})."
-    return (
-        f"{reached}: the learning rate is still {learning_rate:.3g} (its schedule ends at step "
-        f"{args.max_train_steps}; set --max_train_steps to what fits the budget, or --lr_schedule_clock time, for a "
-        "run that decays fully)."
-    )
 
 
 def log_step(
@@ -248,7 +234,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     noiser = build_noiser(args, model.config.prediction_type)
     context = model.config.text_config.max_position_embeddings
-    collator = build_collator(args, processor, noiser, context, accelerator)
+    collator = build_collator(args, processor, noiser, context, accelerator, patch_size=model.config.patch_size)
     dataloader = build_dataloader(args, data, vae, collator, accelerator)
     clock = TrainingClock(args.max_train_time_minutes)
     optimizer, lr_scheduler = build_optimizer(args, model, row_trained, accelerator.num_processes, clock)

@@ -1,15 +1,18 @@
 """`accelerate launch` of two real CPU processes for the tests: a port the OS says is free, and on a hang the whole
 process tree killed and the output shown (a timed-out `subprocess.run` kills only the launcher and leaves its workers
-running, holding their port and the CPU, for the tests after it)."""
+running, holding their port, the CPU and the output pipes, for the tests after it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil  # a dependency of accelerate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,8 +45,17 @@ def accelerate_launch(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torch's elastic agent starts each worker in a session of its own: killing the launcher's process group
+        # leaves them running (holding the pipes, so that reading the output to its end would wait for them).
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for worker in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
         os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # a process outside the launcher's tree still holds the pipes
+            stdout, stderr = "", "(the output could not be read: a process outside the launcher's tree holds it)"
         raise AssertionError(
             f"`accelerate launch` still ran after {timeout} s (killed):\nstdout:\n{stdout[-3000:]}\n"
             f"stderr:\n{stderr[-6000:]}"

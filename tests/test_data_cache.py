@@ -350,8 +350,9 @@ def test_unreachable_hub_dataset_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_training_runs_reuse_the_cache(train_transfusion, tmp_path, capsys):
-    """Two runs on the same data: the second reads the latents the first wrote and trains to the same losses."""
+def test_training_runs_reuse_the_cache(train_transfusion, tmp_path):
+    """Two runs on the same data: the second reads the latents the first wrote (the cache files are untouched) and
+    trains to the same losses."""
 
     def run(name: str) -> list[float]:
         try:
@@ -365,15 +366,20 @@ def test_training_runs_reuse_the_cache(train_transfusion, tmp_path, capsys):
         log = (tmp_path / name / "logs" / "train_log.jsonl").read_text().splitlines()
         return [json.loads(line)["loss"] for line in log]
 
+    def cache_files() -> dict[str, tuple[int, int]]:
+        """Every file of the cache, with its inode and modification time: a file written again changes them."""
+        return {
+            str(path.relative_to(tmp_path)): (path.stat().st_ino, path.stat().st_mtime_ns)
+            for path in (tmp_path / "cache").rglob("*")
+            if path.is_file()
+        }
+
     first = run("first")
-    out = capsys.readouterr().out
-    assert "Encoded 16 images (0 unreadable images skipped) from 16 rows." in out and "images/s" in out
-    second = run("second")
     [cache_folder] = list((tmp_path / "cache").iterdir())
-    out = capsys.readouterr().out
-    assert (
-        f"Read the latents of 16 images (0 unreadable images skipped) from 16 rows from the cache {cache_folder}."
-        in out
-    )
-    assert "Encoded" not in out
+    manifest = json.loads((cache_folder / "latents.json").read_text())
+    assert (manifest["num_rows"], manifest["num_examples"]) == (16, 16)
+    written = cache_files()
+    assert sorted(Path(name).name for name in written) == ["latents-00000-of-00001.arrow", "latents.json"]
+    second = run("second")
+    assert cache_files() == written
     assert second == first and len(first) == 2

@@ -11,7 +11,7 @@ from transfusion_hf.recipes import DEFAULT_RECIPE, TRAINING_FIELDS, list_recipes
 
 
 def test_the_package_ships_its_recipes():
-    assert list_recipes() == ["paper_0.16b", "small", "tiny"]
+    assert list_recipes() == ["paper_0.16b", "small", "small_epsilon", "tiny"]
     assert DEFAULT_RECIPE == "small"
     for name in list_recipes():
         recipe = load_recipe(name)

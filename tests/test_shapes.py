@@ -15,6 +15,7 @@ from PIL import Image
 from transfusion_hf.data.shapes import (
     COLORS,
     IMAGE_SIZE,
+    MIN_CANVAS_SIZE,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -23,6 +24,8 @@ from transfusion_hf.data.shapes import (
     draw_shape,
     held_out_captions,
     load_shapes_dataset,
+    position_center,
+    sample_image_sizes,
     sample_specs,
     shape_mask,
     train_captions,
@@ -247,3 +250,92 @@ def test_bad_arguments() -> None:
         load_shapes_dataset("validation", num_samples=4)
     with pytest.raises(ValueError, match="-1"):
         load_shapes_dataset("train", num_samples=-1)
+
+
+# --------------------------------------------------------------------------------- canvases of any size (issue 28)
+CANVASES = [(32, 48), (48, 32), (32, 64), (40, 56), (33, 47)]
+"""(height, width): the mixed aspect ratios the demo trains on, and sizes that are not multiples of 4 or of 8."""
+
+
+def test_the_default_canvas_is_the_32x32_one_bit_for_bit() -> None:
+    for spec in all_combinations()[::7]:
+        for jitter in JITTERS:
+            np.testing.assert_array_equal(shape_mask(spec, jitter, 32, 32), shape_mask(spec, jitter))
+            assert draw_shape(spec, jitter, IMAGE_SIZE, IMAGE_SIZE).tobytes() == draw_shape(spec, jitter).tobytes()
+    assert all(position_center(name) == centre for name, centre in POSITIONS.items())
+
+
+def test_positions_scale_with_the_canvas() -> None:
+    assert position_center("top right", 32, 48) == (36, 8)
+    assert position_center("bottom left", 48, 32) == (8, 36)
+    assert position_center("center", 32, 48) == (24, 16)
+    assert position_center("bottom right", 32, 64) == (48, 24)
+    # Rounded half up where the canvas is not a multiple of 4: 47 * 3 / 4 = 35.25 -> 35, 33 / 2 = 16.5 -> 17.
+    assert position_center("bottom right", 33, 47) == (35, 25)
+    assert position_center("center", 33, 47) == (24, 17)
+
+
+@pytest.mark.parametrize(("height", "width"), CANVASES)
+def test_shapes_keep_their_pixel_sizes_on_any_canvas(height: int, width: int) -> None:
+    """Unclipped shapes are centred on the scaled position + jitter with the extents and pixel counts of 32x32."""
+    for spec in all_combinations():
+        cx, cy = position_center(spec.position, height, width)
+        for dx, dy in JITTERS:
+            mask = shape_mask(spec, (dx, dy), height, width)
+            assert mask.shape == (height, width)
+            x0, x1, y0, y1 = _bbox(mask)
+            if x1 - x0 == y1 - y0 == SIZES[spec.size]:
+                assert ((x0 + x1) / 2, (y0 + y1) / 2) == (cx + dx, cy + dy)
+                # The pixels of the unclipped shape on 32x32, moved.
+                assert mask.sum() == shape_mask(ShapeSpec(spec.size, spec.color, spec.shape, "center")).sum()
+            else:  # only a large shape at the border of a 32 px side, jittered outwards, loses one line
+                assert spec.size == "large" and spec.position != "center"
+                assert min(x1 - x0, y1 - y0) == SIZES["large"] - 1 and (
+                    x0 == 0 or y0 == 0 or x1 == width or y1 == height
+                )
+        image = draw_shape(spec, (0, 0), height, width)
+        assert image.size == (width, height) and image.mode == "RGB"
+
+
+def test_a_canvas_too_small_for_the_shapes_is_refused() -> None:
+    spec = ShapeSpec("large", "red", "square", "top left")
+    for height, width in ((MIN_CANVAS_SIZE - 1, 48), (48, 16), (32, 0)):
+        with pytest.raises(ValueError, match=f"at least {MIN_CANVAS_SIZE} px"):
+            draw_shape(spec, (0, 0), height, width)
+    with pytest.raises(ValueError, match="at least 32 px"):
+        load_shapes_dataset("train", num_samples=4, image_sizes=[(32, 32), (16, 32)])
+    with pytest.raises(ValueError, match="empty"):
+        load_shapes_dataset("train", num_samples=4, image_sizes=[])
+    with pytest.raises(ValueError, match=r"\(height, width\) pair"):
+        sample_image_sizes([(32, 32, 3)], 4)
+
+
+def test_mixed_sizes_split_evenly_and_deterministically() -> None:
+    sizes = [(32, 32), (32, 48), (48, 32)]
+    drawn = sample_image_sizes(sizes, num_samples=300, seed=0)
+    # Every block of 3 consecutive samples holds each size once, in a hashed (not fixed) order.
+    assert all(sorted(drawn[start : start + 3]) == sorted(sizes) for start in range(0, 300, 3))
+    assert len({tuple(drawn[start : start + 3]) for start in range(0, 300, 3)}) == 6
+    # Sample i depends only on (seed, i): a shorter data set is a prefix of a longer one.
+    assert sample_image_sizes(sizes, 10, seed=0) == drawn[:10]
+    assert sample_image_sizes(sizes, 300, seed=1) != drawn
+    # Pinned: the sizes use our own SplitMix64 stream, so they never change with library versions.
+    assert drawn[:6] == [(48, 32), (32, 48), (32, 32), (32, 48), (48, 32), (32, 32)]
+
+
+def test_load_shapes_dataset_at_mixed_sizes() -> None:
+    sizes = [(32, 32), (32, 48), (48, 32)]
+    dataset = load_shapes_dataset("train", num_samples=30, seed=5, image_sizes=sizes)
+    plain = load_shapes_dataset("train", num_samples=30, seed=5)
+    assert dataset.column_names == ["image", "text"] and dataset["text"] == plain["text"]
+    canvases = sample_image_sizes(sizes, 30, seed=5)
+    for (spec, jitter), (height, width), row in zip(sample_specs("train", 30, seed=5), canvases, dataset, strict=True):
+        assert row["image"].size == (width, height)
+        np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(draw_shape(spec, jitter, height, width)))
+    assert Counter(image.size for image in dataset["image"]) == {(32, 32): 10, (48, 32): 10, (32, 48): 10}
+    # Held-out combinations stay the same set at any size.
+    held_out = load_shapes_dataset("held_out", num_samples=200, seed=5, image_sizes=sizes)
+    assert set(held_out["text"]) <= set(held_out_captions())
+    # One size, 32x32: the default data set, byte for byte.
+    single = load_shapes_dataset("train", num_samples=30, seed=5, image_sizes=[(32, 32)])
+    assert single.with_format("arrow")[:] == plain.with_format("arrow")[:]

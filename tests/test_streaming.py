@@ -15,7 +15,7 @@ from test_train_transfusion import (
     png_bytes,
     read_log,
     run_main,
-    run_until_crash,
+    run_until_checkpoint_fails,
     shape_rows,
     write_image_folder,
 )
@@ -122,7 +122,7 @@ def test_resume_on_other_process_count_is_refused(shards):
 STREAM_ARGS = ["--streaming", "--shuffle_buffer_size", "8", "--logging_steps", "1", "--lr_warmup_steps", "2"]
 
 
-def test_train_from_streamed_image_folder_counts_corrupt_images(tmp_path, capsys):
+def test_train_from_streamed_image_folder_counts_corrupt_images(tmp_path):
     folder = write_image_folder(tmp_path / "images", num=12, corrupt=True)
     out = tmp_path / "run"
     run_main(
@@ -139,8 +139,8 @@ def test_streaming_refuses_text_data(tmp_path):
         training.parse_args(["--dataset", "shapes", "--streaming", "--text_data_files", "a.txt"])
 
 
-def test_streaming_resume_after_crash_is_exact(tmp_path, monkeypatch, shards):
-    """Webdataset shards: a run that dies at step 5 and resumes from checkpoint-3 logs the same losses as an
+def test_streaming_resume_after_crash_is_exact(tmp_path, shards):
+    """Webdataset shards: a run that dies at step 6 and resumes from checkpoint-3 logs the same losses as an
     uninterrupted one (the stream's position, shuffle buffer and generator are in the checkpoint)."""
     args = ["--train_data_files", *shards, "--image_column", "png", "--caption_column", "txt", *STREAM_ARGS,
             "--max_train_steps", "7", "--checkpointing_steps", "3"]  # fmt: skip
@@ -149,7 +149,7 @@ def test_streaming_resume_after_crash_is_exact(tmp_path, monkeypatch, shards):
     run_main(reference, *args)
     expected = losses_by_step(reference)
     assert sorted(expected) == list(range(1, 8))
-    run_until_crash(monkeypatch, crashed, 5, *args)
+    run_until_checkpoint_fails(crashed, 6, *args)
     run_main(crashed, *args, "--resume_from_checkpoint", "latest")
     assert losses_by_step(crashed) == expected
     skipped = [record["skipped_images"] for record in read_log(reference)]

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from script_loading import one_thread_and_fresh_accelerate  # noqa: F401 (autouse fixture)
-from test_train_transfusion import SHAPES, TINY, read_log, run_main, train_transfusion
+from test_train_transfusion import SHAPES, TINY, read_log, run_main
 from tiny_configs import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, tiny_config
 from transfusion_hf import TransfusionForMixedModal, training
 from transfusion_hf.data.text import load_text_dataset, text_only_examples, text_only_rows
@@ -69,32 +70,50 @@ def test_text_only_examples_share_and_held_out_rows(tmp_path):
         text_only_examples(dataset, 30, 0.5, num_held_out=10)
 
 
-def test_text_data_packing_and_accumulation_end_to_end(tmp_path, monkeypatch, capsys):
-    """Text-only rows mixed in, packed rows, 2 micro-steps per step: the run logs eval/text_lm_loss, and its logged
-    loss is the mean of the micro-steps' losses."""
-    micro_losses = []
-    real_forward = training.training_forward
+def text_run_flags(text: Path) -> list[str]:
+    """24 shape rows and 8 text-only rows (a quarter of all rows), 6 texts held out, rows packed into 512 tokens."""
+    return [*SHAPES[:-1], "24", "--text_dataset_name", str(text), "--text_only_share", "0.25",
+            "--num_text_validation_rows", "6", "--max_sequence_length", "512", "--logging_steps", "1",
+            "--checkpointing_steps", "0"]  # fmt: skip
 
-    def recording_forward(model, batch):
-        output = real_forward(model, batch)
-        if model.training:  # the held-out text loss runs in eval mode
-            micro_losses.append(output.loss.item())
-        return output
 
-    monkeypatch.setattr(train_transfusion, "training_forward", recording_forward)
+def test_text_data_packing_and_accumulation_end_to_end(tmp_path):
+    """Text-only rows mixed in, packed rows, 2 micro-steps per step: the run logs eval/text_lm_loss, which follows the
+    weights; the data holds the asked share of text-only rows and the held-out texts."""
     text = write_text_file(tmp_path / "docs.txt")
     out = tmp_path / "run"
-    run_main(out, *SHAPES[:-1], "24", "--text_dataset_name", str(text), "--text_only_share", "0.25",
-             "--num_text_validation_rows", "6", "--max_sequence_length", "512", "--gradient_accumulation_steps", "2",
-             "--max_train_steps", "3", "--logging_steps", "1", "--checkpointing_steps", "0")  # fmt: skip
-    assert "Text-only data: 8 training rows (25% of all rows) from 40 texts, 6 held out" in capsys.readouterr().out
+    run_main(out, *text_run_flags(text), "--gradient_accumulation_steps", "2", "--max_train_steps", "3")
     records = read_log(out)
-    assert [record["step"] for record in records] == [1, 2, 3] and len(micro_losses) == 6
-    for record, first, second in zip(records, micro_losses[::2], micro_losses[1::2]):
-        assert record["loss"] == pytest.approx((first + second) / 2, rel=1e-6)
-        assert math.isfinite(record["eval/text_lm_loss"]) and record["truncated_sequences"] == 0
+    assert [record["step"] for record in records] == [1, 2, 3]
+    for record in records:
+        assert math.isfinite(record["loss"]) and math.isfinite(record["eval/text_lm_loss"])
+        assert record["truncated_sequences"] == 0
     # The held-out loss follows the weights: it moves as training goes on.
     assert len({record["eval/text_lm_loss"] for record in records}) == 3
+
+    # The run's data, built by the package function the script calls: a quarter of the rows are text-only.
+    args = training.parse_args([*TINY, *text_run_flags(text), "--output_dir", str(out)])
+    data = training.prepare_training_data(args, None, Accelerator(cpu=True))
+    assert (len(data.examples), len(data.text_examples), len(data.held_out_texts)) == (24, 8, 6)
+    assert not {example["text"] for example in data.text_examples} & set(data.held_out_texts)
+
+
+def test_logged_loss_is_the_mean_of_the_micro_steps(tmp_path):
+    """With 2 micro-steps per step, each logged loss is the mean of the losses of the step's two micro-batches. With
+    a learning rate of 0 the weights never move, so a run of one micro-step per step over the same batches (the
+    loader and the collator's draws do not depend on the accumulation) logs each micro-batch's loss."""
+    text = write_text_file(tmp_path / "docs.txt")
+    frozen = [*text_run_flags(text), "--learning_rate", "0"]
+    run_main(tmp_path / "accumulated", *frozen, "--gradient_accumulation_steps", "2", "--max_train_steps", "3")
+    run_main(tmp_path / "micro", *frozen, "--max_train_steps", "6")
+    accumulated, micro = (read_log(tmp_path / name) for name in ("accumulated", "micro"))
+    assert [record["step"] for record in accumulated] == [1, 2, 3]
+    assert [record["step"] for record in micro] == [1, 2, 3, 4, 5, 6]
+    assert len({record["loss"] for record in micro}) == 6  # six different batches
+    assert len({record["eval/text_lm_loss"] for record in accumulated + micro}) == 1  # the weights did not move
+    for record, first, second in zip(accumulated, micro[::2], micro[1::2]):
+        assert record["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-6)
+        assert record["lm_loss"] == pytest.approx((first["lm_loss"] + second["lm_loss"]) / 2, rel=1e-6)
 
 
 def test_captions_longer_than_the_context_are_truncated_and_counted(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from ..noising import TransfusionNoiser
 from ..processing_transfusion import TransfusionProcessor, pad_sequences
+from .latent_cache import unflatten_latents
 
 
 def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -186,6 +187,8 @@ class TransfusionDataCollator:
         return self.processor.encode_parts(parts, add_bos=True, add_eos=True)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        # Rows of a bucketed latent cache hold flat latents and their shape.
+        examples = [unflatten_latents(example) for example in examples]
         generator = self.batch_generator(self.num_batches)
         self.num_batches += 1
         image_first, drop_caption = self.noiser.sample_layout(len(examples), generator)

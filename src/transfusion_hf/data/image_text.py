@@ -1,6 +1,9 @@
 """Image-caption data for training: load from the Hub, a local image folder, or the built-in shapes or glyphs, then
 encode every image once into clean latents (the VAE is frozen, so encoding it at every step would only burn compute):
-into memory here ([`encode_latents`]), or into a disk cache shared by processes and runs (`latent_cache`)."""
+into memory here ([`encode_latents`]), or into a disk cache shared by processes and runs (`latent_cache`).
+
+Images are encoded at the square `--resolution`, or, with `--aspect_ratio_buckets`, each at the size of its bucket
+(`buckets.assign_bucket`): the latents then differ in shape from row to row, and each row records its bucket."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from collections.abc import Callable
 import datasets
 import PIL.Image
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from ..processing_transfusion import images_to_pixel_values
+from .buckets import BUCKETS_FLAG, assign_bucket_index, parse_aspect_ratio_buckets
 
 logger = logging.getLogger(__name__)
 # Data sets generated in this package, not loaded by `datasets`.
@@ -39,6 +44,7 @@ def load_image_text_dataset(
     glyphs_resolution: int = 32,
     train_data_files: list[str] | None = None,
     streaming: bool = False,
+    shapes_image_sizes: list[tuple[int, int]] | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load an image-caption data set with `datasets`.
 
@@ -49,6 +55,9 @@ def load_image_text_dataset(
     `metadata.jsonl` holding `file_name` and `text`, the diffusers convention, read by the `imagefolder` builder), or
     `train_data_files` (webdataset `.tar` shards, read by the `webdataset` builder: pass the columns, e.g.
     `image_column="jpg"`, `caption_column="txt"`).
+
+    `shapes_image_sizes` (a list of `(height, width)`) draws the built-in shapes on canvases of those sizes, split
+    evenly among the rows (`shapes.load_shapes_dataset(image_sizes=...)`); default 32x32.
 
     `streaming=True` returns a `datasets.IterableDataset` read on the fly (the built-in data sets are converted with
     `to_iterable_dataset`, one shard per 64 rows so that processes can split them by shard).
@@ -71,7 +80,9 @@ def load_image_text_dataset(
     if dataset_name == "shapes":
         from .shapes import load_shapes_dataset
 
-        dataset = load_shapes_dataset(split=split, num_samples=shapes_num_samples, seed=seed)
+        dataset = load_shapes_dataset(
+            split=split, num_samples=shapes_num_samples, seed=seed, image_sizes=shapes_image_sizes
+        )
         image_column, caption_column = "image", "text"
     elif dataset_name == "glyphs":
         from .glyphs import load_glyphs_dataset
@@ -212,22 +223,25 @@ def encode_latents(
     batch_size: int = 64,
     strict: bool = False,
     caption_prefix: str = "",
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
 ) -> tuple[list[dict], int]:
     """Decode, resize and encode every image once, into memory (for small data; [`cache_latents`] writes a disk cache
     and reads it back memory-mapped, flat in the data set's size).
 
     Args:
         dataset (`datasets.Dataset`): with `image` and `text` columns (from [`load_image_text_dataset`]).
-        encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`
+        encode (`Callable`): pixel values `(n, 3, H, W)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`
             (the VAE, or the identity in pixel space).
-        image_size (`int`): pixel side given to `encode`.
+        image_size (`int`): pixel side given to `encode` (unused with `aspect_ratio_buckets`).
         center_crop (`bool`): keep the aspect ratio and center-crop (else stretch).
         random_flip (`bool`): also store the latents of the mirrored image; the collator picks one at random.
         strict (`bool`): raise [`CorruptImageError`] on the first unreadable image instead of skipping it.
+        aspect_ratio_buckets (`list[tuple[int, int]]`, *optional*): `(height, width)` buckets; each image is encoded
+            at the size of its bucket ([`assign_bucket`]) instead of `image_size` square.
 
     Returns:
-        The examples (`{"text": str, "latents": Tensor(C, h, w)}`, plus `"flipped_latents"` with `random_flip`) and
-        the number of skipped images.
+        The examples (`{"text": str, "latents": Tensor(C, h, w)}`, plus `"flipped_latents"` with `random_flip` and
+        `"bucket"`, the index of the image's bucket, with `aspect_ratio_buckets`) and the number of skipped images.
     """
     examples: list[dict] = []
     skipped = 0
@@ -235,7 +249,9 @@ def encode_latents(
         rows = dataset[start : start + batch_size]
         images, captions, skipped_here = decode_rows(rows["image"], rows["text"], start, strict)
         skipped += skipped_here
-        examples += encode_images(images, captions, encode, image_size, center_crop, random_flip, caption_prefix)
+        examples += encode_images(
+            images, captions, encode, image_size, center_crop, random_flip, caption_prefix, aspect_ratio_buckets
+        )
     if skipped:
         logger.warning("skipped %d unreadable images of %d", skipped, len(dataset))
     return examples, skipped
@@ -250,25 +266,71 @@ def encode_images(
     center_crop: bool = True,
     random_flip: bool = False,
     caption_prefix: str = "",
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
     """Resize and encode one batch of decoded images (see [`encode_latents`] for the arguments).
 
     Returns:
         One example per image: `{"text": str, "latents": Tensor(C, h, w)}` on the CPU, plus `"flipped_latents"` with
-        `random_flip`.
+        `random_flip` and `"bucket"` (`int`, index into `aspect_ratio_buckets`) with buckets.
     """
     if not images:
         return []
-    pixel_values = images_to_pixel_values(images, image_size, "crop" if center_crop else "default")
-    latents = encode(pixel_values).float().cpu()
-    flipped = encode(torch.flip(pixel_values, dims=[-1])).float().cpu() if random_flip else None
-    examples = []
-    for index, caption in enumerate(captions):
-        example = {"text": caption_prefix + caption, "latents": latents[index]}
-        if flipped is not None:
-            example["flipped_latents"] = flipped[index]
-        examples.append(example)
+    resize_mode = "crop" if center_crop else "default"
+    examples = [{"text": caption_prefix + caption} for caption in captions]
+    if aspect_ratio_buckets is None:
+        groups = {None: list(range(len(images)))}
+    else:
+        groups = group_by_bucket(images, aspect_ratio_buckets)
+    for bucket, members in groups.items():
+        # The encoder takes one pixel size per call: one call per bucket present in this batch.
+        if bucket is None:
+            pixel_values = images_to_pixel_values(images, image_size, resize_mode)
+        else:
+            height, width = aspect_ratio_buckets[bucket]
+            pixel_values = resize_to_pixel_values([images[i] for i in members], height, width, resize_mode)
+        latents = encode(pixel_values).float().cpu()
+        flipped = encode(torch.flip(pixel_values, dims=[-1])).float().cpu() if random_flip else None
+        for row, index in enumerate(members):
+            examples[index]["latents"] = latents[row]
+            if flipped is not None:
+                examples[index]["flipped_latents"] = flipped[row]
+            if bucket is not None:
+                examples[index]["bucket"] = bucket
     return examples
+
+
+def group_by_bucket(images: list[PIL.Image.Image], buckets: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """The positions of `images` in each bucket ([`assign_bucket_index`] of each image's size).
+
+    Returns:
+        `dict[int, list[int]]`: bucket index -> positions in `images`, buckets in order of first appearance.
+    """
+    groups: dict[int, list[int]] = {}
+    for position, image in enumerate(images):
+        groups.setdefault(assign_bucket_index(image.height, image.width, buckets), []).append(position)
+    return groups
+
+
+def resize_to_pixel_values(
+    images: list[PIL.Image.Image], height: int, width: int, resize_mode: str = "crop"
+) -> torch.Tensor:
+    """Resize decoded images to `height x width` pixel values in [-1, 1], as `images_to_pixel_values` does at a
+    square size (diffusers' `VaeImageProcessor`; `"crop"` resizes to cover and center-crops, `"default"` stretches).
+
+    Args:
+        images (`list[PIL.Image.Image]`): decoded images of any mode and size.
+        height (`int`): output height in pixels.
+        width (`int`): output width in pixels.
+        resize_mode (`str`): `"crop"` or `"default"`.
+
+    Returns:
+        `torch.Tensor` of shape `(len(images), 3, height, width)`.
+    """
+    processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True)
+    return processor.preprocess(
+        [image.convert("RGB") for image in images], height=height, width=width, resize_mode=resize_mode
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -292,6 +354,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     data.add_argument("--caption_column", default="text")
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=32)
+    data.add_argument(
+        BUCKETS_FLAG,
+        default=None,
+        help="Aspect-ratio buckets as HxW (height x width, pixels), e.g. 32x32,32x48,48x32: each image is encoded at "
+        "the bucket closest to its aspect ratio (resize + center crop) instead of --resolution square, and each batch "
+        "holds one bucket. Each side a multiple of patch_size x the VAE's downsampling. Built-in shapes are drawn at "
+        "these sizes, split evenly. Default: square --resolution.",
+    )
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
     data.add_argument("--max_train_samples", type=int, default=None)
@@ -301,9 +371,49 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return data
 
 
-def check_dataset_from_args(args: argparse.Namespace) -> None:
+def aspect_ratio_buckets_from_args(
+    args: argparse.Namespace, multiple: int = 1, max_side: int | None = None
+) -> list[tuple[int, int]] | None:
+    """The parsed `--aspect_ratio_buckets` ([`parse_aspect_ratio_buckets`]), or None without it (square
+    `--resolution`).
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags (a namespace without the flag means no buckets).
+        multiple (`int`): each side must be a multiple of it (`patch_size * vae_scale_factor`).
+        max_side (`int`, *optional*): each side must be at most this (`max_latent_size * vae_scale_factor`).
+
+    Raises:
+        ValueError: one line naming `--aspect_ratio_buckets` and its value.
+    """
+    value = getattr(args, BUCKETS_FLAG.lstrip("-"), None)
+    return None if value is None else parse_aspect_ratio_buckets(value, multiple, max_side)
+
+
+def check_dataset_from_args(
+    args: argparse.Namespace, bucket_multiple: int = 1, max_bucket_side: int | None = None
+) -> None:
     """[`check_image_text_source`] with the options of [`add_data_arguments`]: the source and the split
-    [`load_dataset_from_args`] will read, checked without loading (every script that takes those flags calls it)."""
+    [`load_dataset_from_args`] will read, checked without loading (every script that takes those flags calls it),
+    and `--aspect_ratio_buckets`: each side a positive multiple of `bucket_multiple` (`patch_size *
+    vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, not with `--streaming`, and large
+    enough for the built-in shapes."""
+    buckets = aspect_ratio_buckets_from_args(args, bucket_multiple, max_bucket_side)
+    if buckets is not None:
+        if getattr(args, "streaming", False):
+            raise ValueError(
+                f"{BUCKETS_FLAG}={args.aspect_ratio_buckets!r} is not supported with --streaming: the stream is "
+                "encoded batch by batch at --resolution."
+            )
+        if args.dataset_name == "shapes":
+            from .shapes import MIN_CANVAS_SIZE
+
+            small = [f"{height}x{width}" for height, width in buckets if min(height, width) < MIN_CANVAS_SIZE]
+            if small:
+                raise ValueError(
+                    f"{BUCKETS_FLAG}={args.aspect_ratio_buckets!r}: the built-in shapes are drawn at the bucket sizes "
+                    f"and need both sides of at least {MIN_CANVAS_SIZE} px (the shapes keep their pixel sizes); "
+                    f"too small: {', '.join(small)}."
+                )
     check_image_text_source(
         args.dataset_name,
         args.dataset_config_name,
@@ -334,6 +444,8 @@ def load_dataset_from_args(
         glyphs_resolution=getattr(args, "resolution", 32),
         train_data_files=getattr(args, "train_data_files", None),
         streaming=streaming,
+        # The built-in shapes are drawn at the bucket sizes (their images would otherwise all be 32x32 squares).
+        shapes_image_sizes=aspect_ratio_buckets_from_args(args) if args.dataset_name == "shapes" else None,
     )
     if args.max_train_samples is not None and streaming:
         dataset = dataset.take(args.max_train_samples)
@@ -345,6 +457,8 @@ def load_dataset_from_args(
 __all__ = [
     "BUILTIN_DATASETS",
     "CorruptImageError",
+    "aspect_ratio_buckets_from_args",
+    "check_dataset_from_args",
     "check_image_text_source",
     "add_data_arguments",
     "load_dataset_from_args",
@@ -353,4 +467,6 @@ __all__ = [
     "decode_rows",
     "encode_images",
     "encode_latents",
+    "group_by_bucket",
+    "resize_to_pixel_values",
 ]

@@ -11,6 +11,12 @@ the pixel tensors the same way.
 Layout of `cache_dir/<fingerprint>/`: `latents-<rank>-of-<world>.arrow` (one per encoding process) and
 `latents.json`, written last, which lists the shards: a folder without it is incomplete and is completed on the next
 run.
+
+With aspect-ratio buckets each image is encoded at the size of its bucket, so the latents differ in shape. `datasets`
+stores a fixed-shape `Array3D` only (its dynamic dimension can be the first one alone), and nested lists read back
+~15x slower than flat ones, so a bucketed cache stores each row's latents flat (`List(Value)`, read back as fast as
+`Array3D`) with its `latent_shape` `(C, h, w)` and its `bucket` (index into the bucket list); [`unflatten_latents`]
+views a row's latents in their shape again. Without buckets the cache is exactly what it was (same fingerprint).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from accelerate import Accelerator, PartialState
 from datasets.arrow_writer import ArrowWriter
 
 from ..processing_transfusion import images_to_pixel_values
-from .image_text import decode_rows
+from .image_text import decode_rows, group_by_bucket, resize_to_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +53,17 @@ class LatentCache:
 
     Args:
         dataset (`datasets.Dataset`): columns `text` (`str`) and `latents` (`torch.Tensor` of shape `(C, h, w)`), plus
-            `flipped_latents` (the mirrored image) with `random_flip`; memory-mapped, in torch format.
+            `flipped_latents` (the mirrored image) with `random_flip`; memory-mapped, in torch format. With
+            `aspect_ratio_buckets`, `latents` (and `flipped_latents`) are flat `(C * h * w,)` and the columns
+            `latent_shape` (`(3,)`: `C, h, w`) and `bucket` (index into `aspect_ratio_buckets`) are added: see
+            [`unflatten_latents`].
         path (`Path`): the cache folder of this fingerprint.
         num_rows (`int`): rows of the source data set.
         num_skipped (`int`): unreadable images skipped, over all processes (`num_rows - len(dataset)`).
         num_encoded (`int`): images this process encoded in this call (0 when the cache was complete).
         encode_seconds (`float`): wall time this process spent decoding and encoding them.
+        aspect_ratio_buckets (`list[tuple[int, int]]`, *optional*): the `(height, width)` buckets the images were
+            encoded at; None for the square path.
     """
 
     dataset: datasets.Dataset
@@ -61,6 +72,15 @@ class LatentCache:
     num_skipped: int
     num_encoded: int
     encode_seconds: float
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None
+
+    @property
+    def buckets(self) -> list[int] | None:
+        """The bucket index of every row (what `buckets.BucketBatchSampler` groups by), None without buckets."""
+        if self.aspect_ratio_buckets is None:
+            return None
+        # One small column read at once (`dataset["bucket"]` is a lazy column, read row by row).
+        return self.dataset.select_columns(["bucket"]).with_format("numpy")[:]["bucket"].tolist()
 
     @property
     def reused(self) -> bool:
@@ -100,9 +120,11 @@ def latent_cache_fingerprint(
     center_crop: bool,
     random_flip: bool,
     latent_dtype: str,
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
 ) -> str:
     """The cache key: a hash of the data set's `datasets` fingerprint (which follows its files, content and every
-    transform such as `select`), the encoder ([`encoder_fingerprint`]) and the encoding options."""
+    transform such as `select`), the encoder ([`encoder_fingerprint`]) and the encoding options (the square
+    `image_size`, or the buckets, which replace it)."""
     key = {
         "version": LATENT_CACHE_VERSION,
         # `_fingerprint` is the only handle `datasets` gives on a data set's identity (no public accessor).
@@ -113,6 +135,10 @@ def latent_cache_fingerprint(
         "random_flip": random_flip,
         "latent_dtype": latent_dtype,
     }
+    if aspect_ratio_buckets is not None:
+        # Only when given, so that the key of every square cache stays what it was (no cache is re-encoded).
+        key["image_size"] = None
+        key["aspect_ratio_buckets"] = [[int(height), int(width)] for height, width in aspect_ratio_buckets]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,17 +163,25 @@ def _encode_shard(
     strict: bool,
     latent_dtype: str,
     fingerprint: str,
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
 ) -> int:
     """Encode the shard `rank` of `world` into the Arrow file `path` (written to a temporary file and renamed by
     `datasets`, so a killed run never leaves a truncated shard); returns the number of images encoded."""
     resize_mode = "crop" if center_crop else "default"
-    with torch.no_grad():
-        # The stored shape must be declared before the first batch (fixed-shape Arrow arrays read back zero-copy).
-        probe = encode(torch.zeros(1, 3, image_size, image_size))
-    array = datasets.Array3D(shape=tuple(probe.shape[1:]), dtype=latent_dtype)
+    if aspect_ratio_buckets is None:
+        with torch.no_grad():
+            # The stored shape must be declared before the first batch (fixed-shape Arrow arrays read back zero-copy).
+            probe = encode(torch.zeros(1, 3, image_size, image_size))
+        array = datasets.Array3D(shape=tuple(probe.shape[1:]), dtype=latent_dtype)
+    else:
+        # Shapes differ by bucket: flat, with the shape beside it (see the module docstring).
+        array = datasets.List(datasets.Value(latent_dtype))
     features = {"text": datasets.Value("string"), "latents": array}
     if random_flip:
         features["flipped_latents"] = array
+    if aspect_ratio_buckets is not None:
+        features["latent_shape"] = datasets.List(datasets.Value("int32"), length=3)
+        features["bucket"] = datasets.Value("int32")
     shard_rows = _shard_rows(len(dataset), world, rank)
     if not shard_rows:  # more processes than rows: an empty shard (`Dataset.shard` refuses to cut one)
         with ArrowWriter(features=datasets.Features(features), path=str(path)) as writer:
@@ -155,6 +189,28 @@ def _encode_shard(
         return 0
     shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
     encoded = 0
+
+    def encode_bucketed_batch(rows: dict, indices: list[int]) -> dict:
+        nonlocal encoded
+        images, captions, _ = decode_rows(rows["image"], rows["text"], shard_rows.start + indices[0], strict)
+        output = {name: [None] * len(images) for name in features}
+        output["text"] = captions
+        for bucket, members in group_by_bucket(images, aspect_ratio_buckets).items():
+            # The encoder takes one pixel size per call: one call per bucket present in this batch.
+            height, width = aspect_ratio_buckets[bucket]
+            pixel_values = resize_to_pixel_values([images[i] for i in members], height, width, resize_mode)
+            with torch.no_grad():
+                encoded_here = {"latents": encode(pixel_values).float().cpu().numpy().astype(latent_dtype)}
+                if random_flip:
+                    flipped = encode(torch.flip(pixel_values, dims=[-1]))
+                    encoded_here["flipped_latents"] = flipped.float().cpu().numpy().astype(latent_dtype)
+            for row, position in enumerate(members):
+                for name, latents in encoded_here.items():
+                    output[name][position] = latents[row].reshape(-1)
+                output["latent_shape"][position] = list(encoded_here["latents"].shape[1:])
+                output["bucket"][position] = bucket
+        encoded += len(images)
+        return output
 
     def encode_batch(rows: dict, indices: list[int]) -> dict:
         nonlocal encoded
@@ -172,7 +228,7 @@ def _encode_shard(
         return output
 
     shard.map(
-        encode_batch,
+        encode_batch if aspect_ratio_buckets is None else encode_bucketed_batch,
         with_indices=True,
         batched=True,
         batch_size=batch_size,
@@ -200,6 +256,7 @@ def cache_latents(
     strict: bool = False,
     latent_dtype: str = "float32",
     state: PartialState | Accelerator | None = None,
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
 ) -> LatentCache:
     """Encode every image of `dataset` once into a fingerprinted disk cache and read it back memory-mapped.
 
@@ -214,7 +271,7 @@ def cache_latents(
         encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] on the CPU -> clean scaled latents `(n, C, h, w)`
             on any device (e.g. `functools.partial(pixels_to_latents, vae)` with the VAE on the accelerator, or the
             identity in pixel space).
-        image_size (`int`): pixel side `S` given to `encode`.
+        image_size (`int`): pixel side `S` given to `encode` (unused with `aspect_ratio_buckets`).
         cache_dir (`str` or `os.PathLike`): parent folder of the caches.
         encoder (`str`): identity of `encode` for the fingerprint ([`encoder_fingerprint`] of the VAE).
         center_crop (`bool`): keep the aspect ratio and center-crop (else stretch).
@@ -225,6 +282,10 @@ def cache_latents(
             back as float32 tensors of the rounded values, like every float column in `datasets`' torch format).
         state (`PartialState` or `Accelerator`, *optional*): gives the process index and count and the barrier;
             defaults to accelerate's `PartialState()`.
+        aspect_ratio_buckets (`list[tuple[int, int]]`, *optional*): `(height, width)` buckets (e.g. from
+            `buckets.parse_aspect_ratio_buckets`): each image is resized and center-cropped (or stretched without
+            `center_crop`) to the bucket closest to its aspect ratio (`buckets.assign_bucket`) instead of `image_size`
+            square; the rows store flat latents, their `latent_shape` and `bucket` (see [`unflatten_latents`]).
 
     Returns:
         [`LatentCache`]: the memory-mapped data set and the counts.
@@ -235,7 +296,13 @@ def cache_latents(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     state = state if state is not None else PartialState()
     rank, world = state.process_index, state.num_processes
-    fingerprint = latent_cache_fingerprint(dataset, encoder, image_size, center_crop, random_flip, latent_dtype)
+    if aspect_ratio_buckets is not None:
+        aspect_ratio_buckets = [(int(height), int(width)) for height, width in aspect_ratio_buckets]
+        if not aspect_ratio_buckets:
+            raise ValueError("`aspect_ratio_buckets` is empty: give at least one (height, width), or None.")
+    fingerprint = latent_cache_fingerprint(
+        dataset, encoder, image_size, center_crop, random_flip, latent_dtype, aspect_ratio_buckets
+    )
     folder = Path(cache_dir) / fingerprint
     manifest_path = folder / MANIFEST_NAME
     shard_path = folder / f"latents-{rank:05d}-of-{world:05d}.arrow"
@@ -256,6 +323,7 @@ def cache_latents(
             strict,
             latent_dtype,
             fingerprint,
+            aspect_ratio_buckets,
         )
         seconds = time.perf_counter() - started
     # Every process takes both barriers whatever it found on disk, so none can wait for a barrier the others skip.
@@ -270,7 +338,31 @@ def cache_latents(
     num_skipped = len(dataset) - len(cached)
     if num_skipped:
         logger.warning("skipped %d unreadable images of %d", num_skipped, len(dataset))
-    return LatentCache(cached, folder, len(dataset), num_skipped, num_encoded, seconds)
+    return LatentCache(cached, folder, len(dataset), num_skipped, num_encoded, seconds, aspect_ratio_buckets)
+
+
+LATENT_COLUMNS = ("latents", "flipped_latents")
+
+
+def unflatten_latents(example: dict) -> dict:
+    """View the flat latents of a row of a bucketed cache in their shape `(C, h, w)` (no copy); a row without
+    `latent_shape` (a square cache, an in-memory example) comes back as it is.
+
+    Args:
+        example (`dict`): a row of `LatentCache.dataset`, with `latents` (and `flipped_latents`) `(C * h * w,)` and
+            `latent_shape` `(3,)`.
+
+    Returns:
+        `dict`: a new dict with `latents` (and `flipped_latents`) of shape `(C, h, w)`, without `latent_shape`.
+    """
+    if example.get("latent_shape") is None:
+        return example
+    shape = [int(size) for size in example["latent_shape"]]
+    unflattened = {key: value for key, value in example.items() if key != "latent_shape"}
+    for key in LATENT_COLUMNS:
+        if unflattened.get(key) is not None:
+            unflattened[key] = unflattened[key].view(shape)
+    return unflattened
 
 
 def _write_manifest(folder: Path, world: int, num_rows: int, fingerprint: str) -> None:
@@ -293,4 +385,5 @@ __all__ = [
     "cache_latents",
     "encoder_fingerprint",
     "latent_cache_fingerprint",
+    "unflatten_latents",
 ]

@@ -1,6 +1,6 @@
 """The built-in "captioned shapes" data set: tiny procedurally drawn images with exact captions.
 
-Every image is 32x32 RGB on a black background and holds one filled shape, drawn without anti-aliasing so that
+Every image is 32x32 RGB (by default; see "Canvas" below) on a black background and holds one filled shape, drawn without anti-aliasing so that
 every pixel is either black or exactly one palette colour. Its caption is
 
     ``a {size} {color} {shape} in the {position}``, e.g. ``a small red circle in the top left``.
@@ -14,6 +14,13 @@ Attributes (the order of each tuple/dict below is part of the format and never c
   (8, 8), (24, 8), (8, 24), (24, 24), (16, 16) in (x, y) pixels; each sample is shifted by an integer jitter of
   at most 1 px per axis. A large shape in a corner that is jittered towards the border loses its outermost pixel
   row/column to the image edge.
+
+Canvas: `draw_shape`, `shape_mask` and `load_shapes_dataset` also draw on a canvas of any ``height x width`` with both
+sides at least `MIN_CANVAS_SIZE` (32) px, e.g. 32x48 or 48x32 for training at mixed aspect ratios. The shapes keep
+their pixel sizes (8 / 16 px); the positions are relative to the canvas: the centres above are fractions (1/4, 1/2,
+3/4) of the 32x32 canvas, and on a ``height x width`` canvas the centre ``(x, y)`` moves to ``(x * width / 32,
+y * height / 32)``, rounded half up to whole pixels (`position_center`): on 32x48 (height x width) ``top right`` is
+centred at (36, 8). The default 32x32 canvas draws exactly the images it always drew.
 
 Geometry (pixel ``(x, y)`` is painted when its centre ``(x + 0.5, y + 0.5)`` lies inside the continuous shape; all
 tests are done in integer arithmetic on doubled coordinates, so they are exact):
@@ -36,12 +43,16 @@ held-out captions are new.
 
 Sampling: ``load_shapes_dataset`` draws sample ``i`` from a counter-based hash (SplitMix64) of ``(seed, i)``, not
 from a library RNG, so the data set for a given seed is identical across NumPy/Python versions, and a smaller
-``num_samples`` yields a prefix of a larger one.
+``num_samples`` yields a prefix of a larger one. With several canvas sizes (``image_sizes``) the size of sample ``i``
+comes from a second hash stream of the same seed (`sample_image_sizes`): every block of ``len(image_sizes)``
+consecutive samples holds each size once, in a hashed order, so the sizes are split evenly and the combinations and
+jitters are those drawn without sizes.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -53,7 +64,10 @@ from PIL import Image
 from .splits import SPLITS, split_combinations
 
 IMAGE_SIZE: int = 32
-"""Side of every image, in pixels."""
+"""Side of the default (square) canvas, in pixels."""
+
+MIN_CANVAS_SIZE: int = IMAGE_SIZE
+"""Smallest canvas side, in pixels: a large shape in a corner (centred a quarter of the side in) fits from 32 px on."""
 
 MAX_JITTER: int = 1
 """Largest per-axis shift, in pixels, that ``load_shapes_dataset`` applies to a shape's centre."""
@@ -78,7 +92,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom right": (24, 24),
     "center": (16, 16),
 }
-"""Position name -> (x, y) centre in pixels before jitter."""
+"""Position name -> (x, y) centre in pixels before jitter, on the default 32x32 canvas (see `position_center`)."""
 
 
 _COLOR_NAMES = tuple(COLORS)
@@ -216,23 +230,61 @@ def held_out_captions() -> list[str]:
     return [spec.caption for spec in _split_combinations("held_out")]
 
 
-def shape_mask(spec: ShapeSpec, jitter: tuple[int, int] = (0, 0)) -> np.ndarray:
+def check_canvas_size(height: int, width: int) -> None:
+    """Raises unless ``height x width`` is a canvas the shapes can be drawn on.
+
+    Args:
+        height (`int`): Canvas height in pixels.
+        width (`int`): Canvas width in pixels.
+
+    Raises:
+        ValueError: If a side is not an integer of at least `MIN_CANVAS_SIZE`.
+    """
+    for name, side in (("height", height), ("width", width)):
+        if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < MIN_CANVAS_SIZE:
+            raise ValueError(
+                f"Canvas {name} must be an integer of at least {MIN_CANVAS_SIZE} px (the shapes keep their pixel "
+                f"sizes, so a large one in a corner needs it), got {side!r}."
+            )
+
+
+def position_center(position: str, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> tuple[int, int]:
+    """Returns the nominal centre of a position on a canvas: `POSITIONS` scaled by the canvas, rounded half up.
+
+    Args:
+        position (`str`): One of `POSITIONS`.
+        height (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas height in pixels.
+        width (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas width in pixels.
+
+    Returns:
+        `tuple[int, int]`: (x, y) centre in pixels before jitter; `POSITIONS[position]` on the 32x32 canvas.
+    """
+    x, y = POSITIONS[position]
+    # floor(x * width / 32 + 1/2) in integers, so that no canvas size meets a float rounding edge.
+    return (2 * x * width + IMAGE_SIZE) // (2 * IMAGE_SIZE), (2 * y * height + IMAGE_SIZE) // (2 * IMAGE_SIZE)
+
+
+def shape_mask(
+    spec: ShapeSpec, jitter: tuple[int, int] = (0, 0), height: int = IMAGE_SIZE, width: int = IMAGE_SIZE
+) -> np.ndarray:
     """Returns the pixels covered by a shape.
 
     Args:
         spec (`ShapeSpec`): What to draw (the color is ignored).
         jitter (`tuple[int, int]`, *optional*, defaults to `(0, 0)`): Integer (dx, dy) shift of the centre in pixels.
+        height (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas height in pixels (at least `MIN_CANVAS_SIZE`).
+        width (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas width in pixels (at least `MIN_CANVAS_SIZE`).
 
     Returns:
-        `np.ndarray`: Boolean mask of shape `(IMAGE_SIZE, IMAGE_SIZE)`, indexed `[y, x]`.
+        `np.ndarray`: Boolean mask of shape `(height, width)`, indexed `[y, x]`.
     """
+    check_canvas_size(height, width)
     dx, dy = (int(j) for j in jitter)
-    cx, cy = POSITIONS[spec.position]
+    cx, cy = position_center(spec.position, height, width)
     extent = SIZES[spec.size]
     # Doubled coordinates of pixel centres relative to the shape centre: odd integers, so every test below is exact.
-    coords = 2 * np.arange(IMAGE_SIZE) + 1
-    u = (coords - 2 * (cx + dx))[None, :]
-    v = (coords - 2 * (cy + dy))[:, None]
+    u = (2 * np.arange(width) + 1 - 2 * (cx + dx))[None, :]
+    v = (2 * np.arange(height) + 1 - 2 * (cy + dy))[:, None]
     if spec.shape == "square":
         return (np.abs(u) < extent) & (np.abs(v) < extent)
     if spec.shape == "circle":
@@ -241,27 +293,36 @@ def shape_mask(spec: ShapeSpec, jitter: tuple[int, int] = (0, 0)) -> np.ndarray:
     return (np.abs(v) < extent) & (2 * np.abs(u) <= v + extent + 1)
 
 
-def draw_shape(spec: ShapeSpec, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
+def draw_shape(
+    spec: ShapeSpec, jitter: tuple[int, int] = (0, 0), height: int = IMAGE_SIZE, width: int = IMAGE_SIZE
+) -> Image.Image:
     """Draws one shape on a black background, without anti-aliasing.
 
     Args:
         spec (`ShapeSpec`): What to draw.
         jitter (`tuple[int, int]`, *optional*, defaults to `(0, 0)`): Integer (dx, dy) shift of the centre in pixels;
             pixels pushed past the border are dropped.
+        height (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas height in pixels (at least `MIN_CANVAS_SIZE`).
+        width (`int`, *optional*, defaults to `IMAGE_SIZE`): Canvas width in pixels (at least `MIN_CANVAS_SIZE`).
 
     Returns:
-        `PIL.Image.Image`: An RGB image of size `(IMAGE_SIZE, IMAGE_SIZE)`.
+        `PIL.Image.Image`: An RGB image of `height` x `width` pixels (PIL's `size` is `(width, height)`).
     """
-    pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    pixels[shape_mask(spec, jitter)] = COLORS[spec.color]
+    mask = shape_mask(spec, jitter, height, width)
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[mask] = COLORS[spec.color]
     return Image.fromarray(pixels)
 
 
-@lru_cache(maxsize=len(SIZES) * len(COLORS) * len(SHAPES) * len(POSITIONS) * (2 * MAX_JITTER + 1) ** 2)
-def _png_bytes(spec: ShapeSpec, jitter: tuple[int, int]) -> bytes:
-    # Only 240 x 9 distinct images exist, so caching their PNG encodings makes large data sets nearly free to build.
+_NUM_IMAGES_PER_CANVAS = len(SIZES) * len(COLORS) * len(SHAPES) * len(POSITIONS) * (2 * MAX_JITTER + 1) ** 2
+
+
+@lru_cache(maxsize=16 * _NUM_IMAGES_PER_CANVAS)
+def _png_bytes(spec: ShapeSpec, jitter: tuple[int, int], height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> bytes:
+    # Only 240 x 9 distinct images exist per canvas, so caching their PNG encodings makes large data sets nearly free
+    # to build (room for 16 canvas sizes).
     buffer = io.BytesIO()
-    draw_shape(spec, jitter).save(buffer, format="PNG")
+    draw_shape(spec, jitter, height, width).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -312,26 +373,85 @@ def sample_specs(
     ]
 
 
-def load_shapes_dataset(split: str = "train", num_samples: int = 10_000, seed: int = 0) -> Dataset:
+_SIZE_STREAM = _U64(0xD1B54A32D192ED03)
+"""Salt of the hash stream that picks canvas sizes, apart from the stream of combinations and jitters."""
+
+
+def sample_image_sizes(
+    image_sizes: Sequence[tuple[int, int]], num_samples: int = 10_000, seed: int = 0
+) -> list[tuple[int, int]]:
+    """Picks a canvas size for each sample, deterministically and split evenly.
+
+    Every block of `len(image_sizes)` consecutive samples gets each size once, in an order hashed from `(seed,
+    block)`: the sizes are as even as they can be in every prefix, and sample `i` depends only on `(seed, i)`.
+
+    Args:
+        image_sizes (`Sequence[tuple[int, int]]`): The canvas sizes, each `(height, width)` in pixels.
+        num_samples (`int`, *optional*, defaults to 10000): How many samples.
+        seed (`int`, *optional*, defaults to 0): The seed of `sample_specs`; its size stream is a separate one.
+
+    Returns:
+        `list[tuple[int, int]]`: The `(height, width)` of each sample.
+
+    Raises:
+        ValueError: If `image_sizes` is empty or holds a canvas the shapes cannot be drawn on, or `num_samples` is
+            negative.
+    """
+    sizes = [tuple(size) for size in image_sizes]
+    if not sizes:
+        raise ValueError("image_sizes is empty: give at least one (height, width).")
+    for size in sizes:
+        if len(size) != 2:
+            raise ValueError(f"Each of image_sizes is a (height, width) pair, got {size!r}.")
+        check_canvas_size(*size)
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}.")
+    num_sizes = len(sizes)
+    num_blocks = -(-int(num_samples) // num_sizes)
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        draws = _splitmix64(np.arange(num_blocks * num_sizes, dtype=np.uint64) + _splitmix64(key ^ _SIZE_STREAM))
+    # Sorting a block's hashes gives a uniformly random permutation of the sizes for that block.
+    order = np.argsort(draws.reshape(num_blocks, num_sizes), axis=1, kind="stable").reshape(-1)[:num_samples]
+    return [(int(sizes[i][0]), int(sizes[i][1])) for i in order.tolist()]
+
+
+def load_shapes_dataset(
+    split: str = "train",
+    num_samples: int = 10_000,
+    seed: int = 0,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+) -> Dataset:
     """Builds the captioned-shapes data set.
 
     Args:
         split (`str`, *optional*, defaults to `"train"`): `"train"` (192 combinations), `"held_out"` (48) or `"all"`.
         num_samples (`int`, *optional*, defaults to 10000): Number of rows.
-        seed (`int`, *optional*, defaults to 0): Fixes which combination and jitter each row gets.
+        seed (`int`, *optional*, defaults to 0): Fixes which combination, jitter (and canvas size) each row gets.
+        image_sizes (`Sequence[tuple[int, int]]`, *optional*): Canvas sizes `(height, width)`, each side at least
+            `MIN_CANVAS_SIZE`; each row gets one of them (`sample_image_sizes`), so the images are of mixed sizes.
+            The combinations and jitters stay those drawn without it. Defaults to the 32x32 canvas.
 
     Returns:
-        `datasets.Dataset`: Columns `image` (`datasets.Image`, decoded to a 32x32 RGB `PIL.Image.Image`) and `text`
-        (the caption).
+        `datasets.Dataset`: Columns `image` (`datasets.Image`, decoded to an RGB `PIL.Image.Image`, 32x32 unless
+        `image_sizes` is given) and `text` (the caption).
 
     Raises:
-        ValueError: If `split` is unknown or `num_samples` is negative.
+        ValueError: If `split` is unknown, `num_samples` is negative or a canvas size is too small.
     """
     samples = sample_specs(split, num_samples, seed)
+    canvases = (
+        [(IMAGE_SIZE, IMAGE_SIZE)] * len(samples)
+        if image_sizes is None
+        else sample_image_sizes(image_sizes, num_samples, seed)
+    )
     features = Features({"image": ImageFeature(), "text": Value("string")})
     return Dataset.from_dict(
         {
-            "image": [{"bytes": _png_bytes(spec, jitter), "path": None} for spec, jitter in samples],
+            "image": [
+                {"bytes": _png_bytes(spec, jitter, *canvas), "path": None}
+                for (spec, jitter), canvas in zip(samples, canvases, strict=True)
+            ],
             "text": [spec.caption for spec, _ in samples],
         },
         features=features,
@@ -342,16 +462,20 @@ __all__ = [
     "COLORS",
     "IMAGE_SIZE",
     "MAX_JITTER",
+    "MIN_CANVAS_SIZE",
     "POSITIONS",
     "SHAPES",
     "SIZES",
     "SPLITS",
     "ShapeSpec",
     "all_combinations",
+    "check_canvas_size",
     "draw_shape",
     "held_out_captions",
     "load_shapes_dataset",
     "normalize_caption",
+    "position_center",
+    "sample_image_sizes",
     "sample_specs",
     "shape_mask",
     "train_captions",

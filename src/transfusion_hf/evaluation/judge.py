@@ -8,15 +8,19 @@ deviations, a few stray pixels and soft edges:
 2. Keep the largest 8-connected foreground component, which drops isolated stray pixels.
 3. Bounding box of that component, ignoring outer rows/columns of fewer than 2 px: those are spurs (stray pixels
    stuck to an edge) and would otherwise stretch the box.
-4. Measurements, in the 32x32 frame of the data set (other resolutions are rescaled):
-   - position: the nominal centre (`POSITIONS`) nearest to the centre of the bounding box;
-   - size: ``large`` when the longer bounding-box side is at least 12 px (drawn: 8 vs 15-16);
+4. Measurements, in the frame of the data set: images whose short side is 32 px (32x32, 32x48, 48x32, ...) are
+   measured as drawn, others are rescaled uniformly so that their short side is 32 px (a 64x64 sample of a model
+   trained on 32x32 shapes upscaled to 64 px reads as that 32x32 drawing, a 64x96 one as a 32x48 drawing); pass
+   `scale` when the short side of the drawing was not 32 px (e.g. `scale=1.0` for `draw_shape` on a 48x64 canvas):
+   - position: the nominal centre nearest to the centre of the bounding box; the centres scale with the canvas as
+     `data.shapes.position_center` places them (`POSITIONS` on 32x32), since the data set draws them so;
+   - size: ``large`` when the longer bounding-box side is at least 12 px (drawn: 8 vs 15-16, on any canvas);
    - shape: ``triangle`` when the skewness of the pixel rows is below -0.2 (drawn: about -0.55, as its mass sits
      low; circle and square: 0), else ``square`` when the bounding box is at least 85% (small) / 90% (large)
      filled (drawn: 1.0), else ``circle`` (drawn: 0.81);
    - color: each pixel is divided by its brightest channel (so dim or soft-edged pixels keep their hue), the
      per-channel median is taken and the nearest palette colour (Euclidean in RGB) wins.
-5. No component of at least 12 px (scaled with the resolution) means no shape: the judge returns `None`.
+5. No component of at least 12 px (in the frame) means no shape: the judge returns `None`.
 6. Background: every pixel farther than 1 px from the shape (soft edges excluded). The data set draws it black; a
    person sees a speckled or tinted one at once, so the judge reads it too: `background_level` is the mean brightest
    channel there, `background_speckle` the share of its pixels at least `SPECKLE_LEVEL` bright, and the background
@@ -49,10 +53,11 @@ FOREGROUND_THRESHOLD: float = 127.5
 """A pixel is foreground when its brightest channel, in [0, 255], is at least this."""
 
 MIN_AREA: int = 12
-"""Smallest component, in pixels of a 32x32 image, that counts as a shape (the smallest drawn shape has 40)."""
+"""Smallest component, in pixels of the frame (short side 32 px), that counts as a shape (the smallest drawn shape has
+40)."""
 
 LARGE_EXTENT: float = 12.0
-"""Longer bounding-box side, in pixels of a 32x32 image, from which a shape is ``large`` (midway between 8 and 16)."""
+"""Longer bounding-box side, in pixels of the frame, from which a shape is ``large`` (midway between 8 and 16)."""
 
 TRIANGLE_MAX_SKEW: float = -0.2
 """Below this skewness of its pixel rows a shape is a ``triangle`` (drawn: about -0.55; circle and square: 0)."""
@@ -75,14 +80,16 @@ CLEAN_BACKGROUND_MAX_SPECKLE: float = 0.01
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
 _POSITION_NAMES = tuple(POSITIONS)
-_POSITION_CENTRES = np.array([POSITIONS[name] for name in _POSITION_NAMES], dtype=np.float32)
+# Nominal centres as fractions (x / width, y / height) of the canvas: the data set scales them with it.
+_POSITION_FRACTIONS = np.array([POSITIONS[name] for name in _POSITION_NAMES], dtype=np.float32) / IMAGE_SIZE
 _SMALL, _LARGE = SIZES
 _CIRCLE, _SQUARE, _TRIANGLE = SHAPES
 
 
 @dataclass(frozen=True)
 class JudgeResult:
-    """What the judge read from one image, with the measurements behind it (all in the 32x32 frame).
+    """What the judge read from one image, with the measurements behind it (all in the frame: the image rescaled to a
+    short side of 32 px, or by the `scale` given to the judge).
 
     Args:
         spec (`ShapeSpec`): The attributes read back.
@@ -250,33 +257,43 @@ def _nearest_color(pixels: np.ndarray) -> tuple[str, tuple[float, float, float]]
     return _PALETTE_NAMES[int(np.argmin(distances))], (float(median[0]), float(median[1]), float(median[2]))
 
 
-def judge_image_details(image: Any, value_range: tuple[float, float] | None = None) -> JudgeResult | None:
+def judge_image_details(
+    image: Any, value_range: tuple[float, float] | None = None, scale: float | None = None
+) -> JudgeResult | None:
     """Reads the shape in an image back, with the measurements behind the decision.
 
     Args:
         image (`PIL.Image.Image`, `np.ndarray` of shape `(H, W, 3)` or `torch.Tensor` of shape `(3, H, W)`):
-            The image; see the module docstring for accepted dtypes and ranges.
+            The image, of any size; see the module docstring for accepted dtypes and ranges.
         value_range (`tuple[float, float]`, *optional*): (low, high) of floating-point inputs; inferred when `None`.
+        scale (`float`, *optional*): Frame pixels per image pixel. Defaults to `IMAGE_SIZE / min(H, W)`: an image
+            whose short side is 32 px is measured as drawn, a larger one as an upscaled drawing.
 
     Returns:
         `JudgeResult` or `None`: `None` when no shape (foreground component of at least `MIN_AREA` px) is found.
     """
     rgb = to_rgb_array(image, value_range)
     height, width = rgb.shape[:2]
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}.")
     mask = _largest_component(rgb.max(axis=2) >= FOREGROUND_THRESHOLD)
-    # Measurements are rescaled to the 32x32 frame so that the thresholds hold at any resolution.
-    scale_x, scale_y = IMAGE_SIZE / width, IMAGE_SIZE / height
+    # One scale for both axes: the shapes keep their pixel sizes on any canvas, so only the whole drawing may have been
+    # resized (a square one exactly as before: 32 / side), never stretched along one axis.
+    scale = IMAGE_SIZE / min(height, width) if scale is None else float(scale)
     area = 0 if mask is None else int(mask.sum())
-    if mask is None or area * scale_x * scale_y < MIN_AREA:
+    if mask is None or area * scale * scale < MIN_AREA:
         return None
-    x0, x1 = _robust_span(mask.sum(axis=0), max(2, round(2 / scale_y)))
-    y0, y1 = _robust_span(mask.sum(axis=1), max(2, round(2 / scale_x)))
+    min_count = max(2, round(2 / scale))
+    x0, x1 = _robust_span(mask.sum(axis=0), min_count)
+    y0, y1 = _robust_span(mask.sum(axis=1), min_count)
     box_rows = mask[y0:y1, x0:x1].sum(axis=1)
     fill_ratio = float(box_rows.sum()) / ((x1 - x0) * (y1 - y0))
     vertical_skew = _skewness(np.arange(len(box_rows), dtype=np.float64), box_rows.astype(np.float64))
-    center = ((x0 + x1) / 2 * scale_x, (y0 + y1) / 2 * scale_y)
-    extent = max((x1 - x0) * scale_x, (y1 - y0) * scale_y)
-    position_i = int(np.argmin(np.linalg.norm(_POSITION_CENTRES - np.array(center, dtype=np.float32), axis=1)))
+    center = ((x0 + x1) / 2 * scale, (y0 + y1) / 2 * scale)
+    extent = max(x1 - x0, y1 - y0) * scale
+    # The nominal centres on this canvas, in frame pixels (on 32x32 exactly `POSITIONS`).
+    centres = _POSITION_FRACTIONS * np.array([width * scale, height * scale], dtype=np.float32)
+    position_i = int(np.argmin(np.linalg.norm(centres - np.array(center, dtype=np.float32), axis=1)))
     color, color_rgb = _nearest_color(rgb[mask])
     background_level, background_speckle = background_statistics(rgb.max(axis=2), mask)
     size = _LARGE if extent >= LARGE_EXTENT else _SMALL
@@ -290,7 +307,7 @@ def judge_image_details(image: Any, value_range: tuple[float, float] | None = No
         spec=spec,
         center=center,
         extent=extent,
-        area=area * scale_x * scale_y,
+        area=area * scale * scale,
         fill_ratio=fill_ratio,
         vertical_skew=vertical_skew,
         color_rgb=color_rgb,
@@ -299,16 +316,19 @@ def judge_image_details(image: Any, value_range: tuple[float, float] | None = No
     )
 
 
-def judge_image(image: Any, value_range: tuple[float, float] | None = None) -> ShapeSpec | None:
+def judge_image(
+    image: Any, value_range: tuple[float, float] | None = None, scale: float | None = None
+) -> ShapeSpec | None:
     """Reads size, color, shape and position back from an image.
 
     Args:
         image (`PIL.Image.Image`, `np.ndarray` of shape `(H, W, 3)` or `torch.Tensor` of shape `(3, H, W)`):
-            The image; see the module docstring for accepted dtypes and ranges.
+            The image, of any size; see the module docstring for accepted dtypes and ranges.
         value_range (`tuple[float, float]`, *optional*): (low, high) of floating-point inputs; inferred when `None`.
+        scale (`float`, *optional*): Frame pixels per image pixel; see `judge_image_details`.
 
     Returns:
         `ShapeSpec` or `None`: The attributes read back, or `None` when no shape is found.
     """
-    result = judge_image_details(image, value_range)
+    result = judge_image_details(image, value_range, scale)
     return None if result is None else result.spec

@@ -22,7 +22,14 @@ from .checkpointing import (
 from .compilation import mark_varying_dims_dynamic, torch_compile_plugin
 from .components import TrainingComponents
 from .conditioning import TextConditioningGap, text_conditioning_gap
-from .data import TrainingData, build_collator, build_dataloader, prepare_training_data, text_validation_batches
+from .data import (
+    TrainingData,
+    build_collator,
+    build_dataloader,
+    prepare_training_data,
+    set_loader_epoch,
+    text_validation_batches,
+)
 from .distributed import build_accelerator, check_fsdp_setup, prepare_with_accelerator, setup_accelerator
 from .model_setup import apply_lora, build_model, build_tokenizer, build_vae, image_config_fields, prepare_model
 from .monitoring import (
@@ -38,6 +45,7 @@ from .optimization import (
     build_lr_scheduler,
     build_optimizer,
     follow_time_budget,
+    time_budget_message,
     trainable_parameters,
     weight_decay_parameter_groups,
 )
@@ -89,7 +97,9 @@ __all__ = [
     "setup_accelerator",
     "text_conditioning_gap",
     "text_lm_loss",
+    "set_loader_epoch",
     "text_validation_batches",
+    "time_budget_message",
     "torch_compile_plugin",
     "trainable_parameters",
     "training_forward",

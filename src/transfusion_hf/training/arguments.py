@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
-from ..data.image_text import add_data_arguments, check_dataset_from_args
+from ..data.image_text import add_data_arguments, aspect_ratio_buckets_from_args, check_dataset_from_args
 from ..data.latent_cache import LATENT_DTYPES
 from ..evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
 from ..evaluation.field_metrics import DEFAULT_CLIP_MODEL, FIELD_METRICS
@@ -152,6 +152,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["true", "false"],
         default=None,
         help="The learned 2D patch-position embedding (beyond the paper).",
+    )
+    model.add_argument(
+        "--patch_position_embedding_type",
+        choices=["learned", "factorized", "interpolated"],
+        default=None,
+        help="How a patch's (row, column) is embedded, for images of any aspect ratio (`TransfusionConfig`).",
     )
     model.add_argument("--lora_rank", type=int, default=0, help="Train the backbone through LoRA of this rank.")
     model.add_argument("--lora_alpha", type=int, default=None)
@@ -531,13 +537,17 @@ def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
             name = args.text_model_name_or_path
             raise ValueError(f"--text_model_name_or_path={name!r} cannot be loaded: {first_line(error)}") from error
     fields = image_config_fields(args, preset, latent_channels, args.resolution // vae_scale)
+    # The buckets' sides must be whole patches (of latents, through the VAE's downsampling): said about the flag
+    # before the config refuses the `max_latent_size` made from them.
+    aspect_ratio_buckets_from_args(args, multiple=fields.get("patch_size", TransfusionConfig.patch_size) * vae_scale)
     config = TransfusionConfig(text_config=text_config, **fields)
     # bos, <boi>, the image, <eoi>, eos: the shortest sequence must fit the backbone's positions.
     max_positions = getattr(config.text_config, "max_position_embeddings", None)
-    if max_positions is not None and config.num_patches + 4 > max_positions:
+    largest = config.num_patches_for(config.max_latent_side, config.max_latent_side)
+    if max_positions is not None and largest + 4 > max_positions:
         raise ValueError(
-            f"--patch_size={config.patch_size} at --resolution={args.resolution} gives {config.num_patches} image "
-            f"positions (latent side {config.latent_size}), more than the backbone's max_position_embeddings="
+            f"--patch_size={config.patch_size} at --resolution={args.resolution} gives {largest} image "
+            f"positions (latent side {config.max_latent_side}), more than the backbone's max_position_embeddings="
             f"{max_positions} allow: use a larger --patch_size or a VAE."
         )
 

@@ -67,7 +67,7 @@ def text_conditioning_gap(
     processor: TransfusionProcessor,
     noiser: TransfusionNoiser,
     captions: Sequence[str],
-    clean_latents: torch.Tensor,
+    clean_latents: torch.Tensor | list[torch.Tensor],
     num_bands: int = 4,
     seed: int = 0,
     batch_size: int = 32,
@@ -79,7 +79,8 @@ def text_conditioning_gap(
         processor (`TransfusionProcessor`): lays out `[bos] caption <boi> <image>*N <eoi> [eos]`.
         noiser (`TransfusionNoiser`): the run's noising (prediction type and schedule).
         captions (`Sequence[str]`): one caption per image.
-        clean_latents (`torch.Tensor` of shape `(num_pairs, C, H, W)`): the images' clean latents.
+        clean_latents (`torch.Tensor` of shape `(num_pairs, C, H, W)`, or a list of `(C, H_i, W_i)` for images of
+            different sizes): the images' clean latents.
         num_bands (`int`): timestep bands; image `i` gets a time drawn uniformly in band `i % num_bands`.
         seed (`int`): seeds the times and the noise, so successive calls measure the same draws.
         batch_size (`int`): sequences per forward.
@@ -87,9 +88,9 @@ def text_conditioning_gap(
     Returns:
         [`TextConditioningGap`].
     """
-    if len(captions) != clean_latents.shape[0] or len(captions) < 2:
+    if len(captions) != len(clean_latents) or len(captions) < 2:
         raise ValueError(
-            f"`captions` ({len(captions)}) and `clean_latents` ({clean_latents.shape[0]}) must hold the same number of "
+            f"`captions` ({len(captions)}) and `clean_latents` ({len(clean_latents)}) must hold the same number of "
             "pairs, at least 2."
         )
     if len(set(captions)) < 2:
@@ -104,7 +105,16 @@ def text_conditioning_gap(
     if noiser.prediction_type != "flow_prediction":
         timesteps = timesteps.long()
     device = next(model.parameters()).device
-    noised = noiser.add_noise(clean_latents.float(), timesteps, generator)
+    if isinstance(clean_latents, torch.Tensor):
+        noised = noiser.add_noise(clean_latents.float(), timesteps, generator)
+        noisy, targets, times = noised.latents, noised.targets, noised.timesteps
+    else:  # images of different sizes: noised one at a time, in order
+        draws = [
+            noiser.add_noise(image[None].float(), timesteps[i : i + 1], generator)
+            for i, image in enumerate(clean_latents)
+        ]
+        noisy, targets = [draw.latents[0] for draw in draws], [draw.targets[0] for draw in draws]
+        times = torch.cat([draw.timesteps for draw in draws])
     was_training = model.training
     model.eval()
     losses = {}
@@ -112,19 +122,33 @@ def text_conditioning_gap(
         per_image = []
         for start in range(0, len(captions), batch_size):
             stop = min(start + batch_size, len(captions))
+            # An image of another size than the processor's default takes its own number of placeholders.
+            blocks = [
+                None if isinstance(noisy, torch.Tensor) else model.config.num_patches_for(*noisy[i].shape[-2:])
+                for i in range(start, stop)
+            ]
             sequences = [
-                processor.encode_parts([captions[order[i]], None], add_bos=True, add_eos=True)
+                processor.encode_parts([captions[order[i]], blocks[i - start]], add_bos=True, add_eos=True)
                 for i in range(start, stop)
             ]
             input_ids, attention_mask = pad_sequences(sequences, processor.tokenizer.pad_token_id, "right")
+            batch_latents = noisy[start:stop]
             output = model(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                latents=noised.latents[start:stop].to(device, model.dtype),
-                timesteps=noised.timesteps[start:stop].to(device),
+                latents=[image.to(device, model.dtype) for image in batch_latents]
+                if isinstance(batch_latents, list)
+                else batch_latents.to(device, model.dtype),
+                timesteps=times[start:stop].to(device),
             )
-            targets = noised.targets[start:stop].to(device)
-            per_image.append((output.diffusion_predictions.float() - targets.float()).pow(2).mean(dim=(1, 2, 3)).cpu())
+            per_image.append(
+                torch.stack(
+                    [
+                        (prediction.float() - target.to(device).float()).pow(2).mean().cpu()
+                        for prediction, target in zip(output.diffusion_predictions, targets[start:stop])
+                    ]
+                )
+            )
         losses[name] = torch.cat(per_image)
     model.train(was_training)
     width = noiser.num_train_timesteps // num_bands

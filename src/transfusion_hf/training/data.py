@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from transformers import PreTrainedTokenizerBase
 
+from ..data.buckets import BucketBatchSampler
 from ..data.collator import TransfusionDataCollator
-from ..data.image_text import load_dataset_from_args
-from ..data.latent_cache import cache_latents, encoder_fingerprint
+from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args
+from ..data.latent_cache import cache_latents, encoder_fingerprint, unflatten_latents
 from ..data.streaming import StreamingLatentBatches, take_captions, take_examples
 from ..data.text import load_text_dataset, text_only_examples
 from ..latents_transfusion import pixels_to_latents
@@ -33,10 +34,12 @@ STREAMING_TOKENIZER_ROWS = 10000
 
 def prepare_examples(
     args: argparse.Namespace, vae: AutoencoderKL | None, image_size: int, accelerator
-) -> datasets.Dataset:
+) -> tuple[datasets.Dataset, list[int] | None]:
     """Load the data set and encode every image once (the VAE is frozen) into the latent cache: each process encodes
     its shard on its device, then all read every latent back memory-mapped (`text`, `latents` columns, torch format).
-    A rerun, a resumed run, or another run on the same data, VAE, resolution, crop and flip reuses the cache."""
+    A rerun, a resumed run, or another run on the same data, VAE, resolution, crop and flip reuses the cache. With
+    `--aspect_ratio_buckets` each image is encoded at the size of its bucket; returns the bucket of every row (else
+    None)."""
     dataset = load_dataset_from_args(args)
     default_cache_dir = Path(args.cache_dir or datasets.config.HF_DATASETS_CACHE) / "transfusion_latents"
     cache = cache_latents(
@@ -51,6 +54,7 @@ def prepare_examples(
         strict=args.strict_data,
         latent_dtype=args.latent_dtype,
         state=accelerator,
+        aspect_ratio_buckets=aspect_ratio_buckets_from_args(args),
     )
     counts = f"{len(cache.dataset)} images ({cache.num_skipped} unreadable images skipped) from {cache.num_rows} rows"
     if cache.reused:
@@ -63,7 +67,14 @@ def prepare_examples(
         )
     if not len(cache.dataset):
         raise ValueError("No readable image-caption pair in the data set.")
-    return cache.dataset
+    buckets = cache.buckets
+    if buckets is not None:
+        sizes = aspect_ratio_buckets_from_args(args)
+        counts = torch.bincount(torch.as_tensor(buckets), minlength=len(sizes)).tolist()
+        accelerator.print(
+            "Aspect-ratio buckets: " + ", ".join(f"{h}x{w} {n} images" for (h, w), n in zip(sizes, counts)) + "."
+        )
+    return cache.dataset, buckets
 
 
 def prepare_text_examples(args: argparse.Namespace, num_image_rows: int, accelerator) -> tuple[list[dict], list[str]]:
@@ -101,7 +112,8 @@ class TrainingData(NamedTuple):
 
     `head`: the first few image examples (validation prompts and captions); `examples`: the encoded map-style data
     set, or `stream`: the streamed one (the other is None); `text_examples` and `held_out_texts`: the text-only
-    training rows and validation texts (empty when streaming); `tokenizer`: pretrained, or learnt from the captions.
+    training rows and validation texts (empty when streaming); `tokenizer`: pretrained, or learnt from the captions;
+    `buckets`: the aspect-ratio bucket of every row of `examples` (`--aspect_ratio_buckets`), else None.
     """
 
     head: list[dict]
@@ -110,6 +122,7 @@ class TrainingData(NamedTuple):
     text_examples: list[dict]
     held_out_texts: list[str]
     tokenizer: PreTrainedTokenizerBase
+    buckets: list[int] | None = None
 
 
 def prepare_training_data(
@@ -133,15 +146,15 @@ def prepare_training_data(
         text_examples, held_out_texts = [], []
         tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS))
         return TrainingData(head, None, stream, text_examples, held_out_texts, tokenizer)
-    examples = prepare_examples(args, vae, args.resolution, accelerator)
+    examples, buckets = prepare_examples(args, vae, args.resolution, accelerator)
     # Validation prompts, captions and the text-conditioning gap use a few training examples, spread evenly over the
     # data set (a folder sorted by class must not give 64 pairs of one caption): keep only those in memory.
     spread = torch.linspace(0, len(examples) - 1, min(len(examples), num_head)).round().long().unique()
-    head = list(examples.select(spread.tolist()))
+    head = [unflatten_latents(row) for row in examples.select(spread.tolist())]
     text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
     # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
     tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
-    return TrainingData(head, examples, None, text_examples, held_out_texts, tokenizer)
+    return TrainingData(head, examples, None, text_examples, held_out_texts, tokenizer, buckets)
 
 
 def build_collator(
@@ -150,9 +163,11 @@ def build_collator(
     noiser: TransfusionNoiser,
     context: int,
     accelerator: Accelerator,
+    patch_size: int | None = None,
 ) -> TransfusionDataCollator:
     """The training collator, seeded per process, truncating to the model's `context` (packing to
-    `--max_sequence_length` when given)."""
+    `--max_sequence_length` when given); with the model's `patch_size`, images of any size take their own number of
+    placeholders."""
     # Latents are memory-mapped and collation is cheap: no worker processes, so the collator's batch counter is exact.
     return TransfusionDataCollator(
         processor,
@@ -160,7 +175,26 @@ def build_collator(
         seed=args.seed * 1000 + accelerator.process_index,
         max_length=context,
         max_sequence_length=args.max_sequence_length,
+        patch_size=patch_size,
     )
+
+
+def set_loader_epoch(dataloader, epoch: int) -> None:
+    """Select the epoch whose shuffled order the loader yields next. Accelerate's `set_epoch` reaches a batch
+    sampler (the aspect-ratio buckets' [`BucketBatchSampler`]) only in a single process: with several it is wrapped
+    in a `BatchSamplerShard`, and a resumed epoch's loader in a `SkipBatchSampler`, which do not pass it on.
+
+    Args:
+        dataloader: the prepared loader (or its `skip_first_batches` copy), or `StreamingLatentBatches`.
+        epoch (`int`).
+    """
+    if hasattr(dataloader, "set_epoch"):  # accelerate's loaders and the stream; a plain DataLoader has none
+        dataloader.set_epoch(epoch)
+    sampler = getattr(dataloader, "batch_sampler", None)
+    while sampler is not None and not isinstance(sampler, BucketBatchSampler):
+        sampler = getattr(sampler, "batch_sampler", None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
 
 
 def build_dataloader(
@@ -191,9 +225,14 @@ def build_dataloader(
             strict=args.strict_data,
         )
     examples, text_examples = data.examples, data.text_examples
-    return torch.utils.data.DataLoader(
-        torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collator,
-    )
+    dataset = torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples
+    if data.buckets is None:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator
+        )
+    # One aspect-ratio bucket per batch, so every batch is one latents tensor of one size (SDXL-style buckets). The
+    # text-only rows join the buckets in turn, so they mix into the image batches as without buckets.
+    num_buckets = len(aspect_ratio_buckets_from_args(args))
+    keys = list(data.buckets) + [index % num_buckets for index in range(len(text_examples))]
+    sampler = BucketBatchSampler(keys, args.train_batch_size, seed=args.seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from ..configuration_transfusion import TransfusionConfig
+from ..data.image_text import aspect_ratio_buckets_from_args
 from ..modality_experts import freeze_text_weights
 from ..modeling_transfusion import TransfusionForMixedModal
 from ..processing_transfusion import add_special_tokens, special_token_ids
@@ -114,6 +115,7 @@ IMAGE_FIELD_FLAGS = (
     "unet_norm_num_groups",
     "unet_skip_connections",
     "image_attention",
+    "patch_position_embedding_type",
 )
 
 
@@ -129,6 +131,11 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name) == "true"
     downsampling = args.resolution // latent_size  # the VAE's (1 in pixel space)
+    buckets = aspect_ratio_buckets_from_args(args)
+    if buckets:
+        # Images of every bucket fit: the largest side, in latents (`--resolution` stays the default square size).
+        largest = max(max(height, width) for height, width in buckets) // downsampling
+        fields["max_latent_size"] = max(largest, latent_size)
     if args.patch_size is None and downsampling > 1 and "patch_size" in preset:
         # A recipe's patch size is measured in pixel space; on a VAE's latents the same image area (and so the same
         # number of image positions the recipe was tuned for) is a patch `downsampling` times smaller: the small

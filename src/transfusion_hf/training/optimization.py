@@ -177,6 +177,29 @@ class TrainingClock:
         return self.budget_seconds is not None and self.elapsed() > self.budget_seconds
 
 
+def time_budget_message(args: argparse.Namespace, step: int, learning_rate: float) -> str:
+    """What a run stopped by `--max_train_time_minutes` prints: the step it reached and, with the step clock
+    (`--lr_schedule_clock steps`), how far from its end the schedule (planned for `--max_train_steps`) stopped.
+
+    Args:
+        args (`argparse.Namespace`): the parsed flags (`max_train_time_minutes`, `max_train_steps`,
+            `lr_schedule_clock`).
+        step (`int`): the last optimizer step of the run.
+        learning_rate (`float`): the learning rate at that step.
+    """
+    reached = (
+        f"Time budget of {args.max_train_time_minutes} min reached at step {step} of "
+        f"--max_train_steps={args.max_train_steps}"
+    )
+    if args.lr_schedule_clock == "time":
+        return f"{reached}; the schedule followed the budget to its end (learning rate {learning_rate:.3g})."
+    return (
+        f"{reached}: the learning rate is still {learning_rate:.3g} (its schedule ends at step "
+        f"{args.max_train_steps}; set --max_train_steps to what fits the budget, or --lr_schedule_clock time, for a "
+        "run that decays fully)."
+    )
+
+
 def follow_time_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, clock: TrainingClock, total_steps: int) -> None:
     """Make a step-based `LambdaLR` schedule (any of `transformers.get_scheduler`'s) advance with the time budget too:
     at step `s` it gives the factor of step `max(s, clock.fraction() * total_steps)`, capped at the last step. A run

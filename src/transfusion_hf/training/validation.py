@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from ..evaluation.field_metrics import DESCRIPTIONS, cached_field_metrics, evaluate_pipeline, parse_metric_names
+from ..image_grids import stack_if_same_grid
 from ..modeling_transfusion import TransfusionForMixedModal, TransfusionOutput
 from ..pipeline_transfusion import TransfusionPipeline
 from ..visualization import make_grid
@@ -71,7 +72,20 @@ def run_validation(
         pipeline.decode_latents(example["latents"][None].to(pipeline.transformer.dtype))[0]
         for example in examples[: args.num_validation_captions]
     ]
-    captions = pipeline.caption(reference, max_new_tokens=24) if reference else []
+    # Each image read at its own size (aspect-ratio buckets), in pixels: its latents' size times the VAE's scale.
+    sizes = [
+        tuple(side * pipeline.vae_scale_factor for side in example["latents"].shape[-2:])
+        for example in examples[: len(reference)]
+    ]
+    if len(set(sizes)) <= 1:
+        captions = (
+            pipeline.caption(reference, max_new_tokens=24, height=sizes[0][0], width=sizes[0][1]) if sizes else []
+        )
+    else:
+        captions = [
+            pipeline.caption([image], max_new_tokens=24, height=height, width=width)[0]
+            for image, (height, width) in zip(reference, sizes)
+        ]
     model.train(was_training)
     log_text_conditioning_gap(args, accelerator, pipeline.transformer, components, examples, step)
     log_field_metrics(args, accelerator, pipeline, examples, step)
@@ -105,7 +119,7 @@ def log_text_conditioning_gap(
             logger.warning("Every validation pair has the same caption: the text-conditioning gap is not measured.")
             components.gap_skip_warned = True
         return
-    clean = torch.stack([torch.as_tensor(example["latents"]) for example in pairs])
+    clean = stack_if_same_grid([torch.as_tensor(example["latents"]) for example in pairs])
     gap = text_conditioning_gap(model, components.processor, components.noiser, captions, clean, seed=args.seed)
     record = gap.log_record()
     accelerator.log(record, step=step)
@@ -156,11 +170,15 @@ def log_field_metrics(
     model = pipeline.transformer
     was_training = model.training
     model.eval()
-    latents = torch.stack([torch.as_tensor(example["latents"]) for example in chosen]).to(model.dtype)
+    # One at a time: with aspect-ratio buckets the examples differ in size.
+    references = [
+        pipeline.decode_latents(torch.as_tensor(example["latents"])[None].to(model.device, model.dtype))[0]
+        for example in chosen
+    ]
     evaluation = evaluate_pipeline(
         pipeline,
         [example["text"] for example in chosen],
-        pipeline.decode_latents(latents.to(model.device)),
+        references,
         field_metrics,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
