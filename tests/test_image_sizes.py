@@ -263,3 +263,22 @@ def test_the_collator_lays_out_and_noises_images_of_mixed_sizes():
         [{"text": "a", "latents": torch.zeros(3, 8, 16)}, {"text": "b", "latents": torch.zeros(3, 8, 16)}]
     )
     assert isinstance(same["latents"], torch.Tensor) and same["latents"].shape == (2, 3, 8, 16)
+
+
+def test_a_clean_context_image_takes_no_diffusion_loss():
+    """`diffusion_targets` as a list with None for a clean context image (the source of an edit): the loss is the
+    mean over the other images, and equals the loss of the targeted images alone."""
+    from transfusion_hf.loss_transfusion import diffusion_loss
+
+    predictions = torch.randn(3, 3, 8, 8)
+    targets = [None, torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]
+    expected = diffusion_loss(predictions[1:], torch.stack(targets[1:]))
+    torch.testing.assert_close(diffusion_loss(predictions, targets), expected)
+    weights = torch.tensor([5.0, 1.0, 2.0])
+    torch.testing.assert_close(
+        diffusion_loss(predictions, targets, weights),
+        diffusion_loss(predictions[1:], torch.stack(targets[1:]), weights[1:]),
+    )
+    assert diffusion_loss(predictions, [None, None, None]) == 0
+    with pytest.raises(ValueError, match=r"must be a list of 3 entries"):
+        diffusion_loss(predictions, [None])

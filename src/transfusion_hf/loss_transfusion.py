@@ -60,26 +60,39 @@ def diffusion_loss(
     Args:
         predictions (`torch.Tensor` of shape `(num_images, C, H, W)`, or a list of `(C, H_i, W_i)` for images of
             different sizes).
-        targets (same form as `predictions`).
-        loss_weights (`torch.Tensor` of shape `(num_images,)`, *optional*): per-image weights (min-SNR-gamma, see
+        targets (same form as `predictions`, or a list for either form): a list entry may be None for an image that
+            is clean context (t = 0, e.g. the source image of an edit), which takes no loss; the mean is over the
+            others.
+        loss_weights (`torch.Tensor` of shape `(num_images,)` (or one per image with a target), *optional*): weights (min-SNR-gamma, see
             `TransfusionNoiser`), applied before the mean over images as in diffusers' training scripts.
 
     Returns:
         Scalar tensor.
     """
-    if isinstance(predictions, (list, tuple)):
-        if not isinstance(targets, (list, tuple)) or len(targets) != len(predictions):
+    if isinstance(targets, (list, tuple)):
+        # One target per image; None for an image given as clean context (t = 0), which takes no loss.
+        per_prediction = list(predictions)
+        if len(targets) != len(per_prediction):
             raise ValueError(
-                f"`diffusion_targets` must be a list of {len(predictions)} tensors, one per image, like `latents`."
+                f"`diffusion_targets` must be a list of {len(per_prediction)} entries, one per image like `latents` "
+                "(None for a clean context image)."
             )
-        for index, (prediction, target) in enumerate(zip(predictions, targets)):
-            if prediction.shape != target.shape:
+        kept = [index for index, target in enumerate(targets) if target is not None]
+        for index in kept:
+            if per_prediction[index].shape != targets[index].shape:
                 raise ValueError(
-                    f"`diffusion_targets[{index}]` has shape {tuple(target.shape)}, expected {tuple(prediction.shape)}."
+                    f"`diffusion_targets[{index}]` has shape {tuple(targets[index].shape)}, expected "
+                    f"{tuple(per_prediction[index].shape)}."
                 )
+        if not kept:  # only context images: no diffusion loss, but a graph for the backward of a mixed step
+            return sum(prediction.float().sum() for prediction in per_prediction) * 0.0
         per_image = torch.stack(
-            [(prediction.float() - target.float()).pow(2).mean() for prediction, target in zip(predictions, targets)]
+            [(per_prediction[index].float() - targets[index].float()).pow(2).mean() for index in kept]
         )
+        if loss_weights is not None and loss_weights.shape == (len(per_prediction),):
+            loss_weights = loss_weights[kept]
+    elif isinstance(predictions, (list, tuple)):
+        raise ValueError("`diffusion_targets` must be a list, one per image, like `latents` of mixed sizes.")
     else:
         if not isinstance(targets, torch.Tensor) or predictions.shape != targets.shape:
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
