@@ -9,6 +9,14 @@ for held-out prompts, prompt under each), `captions.png` and `captions.txt` (hel
 captions), `loss_curve.png`, and `metrics.json` (the judge's accuracies and, with the `eval` extra, FID / KID on the
 shapes feature extractor and caption BLEU-4 / CIDEr). Any extra argument goes to examples/train_transfusion.py and
 overrides the training script's default (the package's default recipe, `transfusion_hf.recipes`).
+
+`--task edit` trains the built-in editing task instead (`--dataset shapes_edit`: source image, instruction, target
+image), usually from a pipeline this demo saved (`--pretrained_model_name_or_path`, passed on to the training
+script), and scores held-out edits (`evaluation.shapes_edit_benchmark`): `metrics.json` and `edits.png` (each source
+beside its edit, the instruction under it).
+
+    python examples/shapes_demo.py --task edit --output_dir outputs/shapes_edit \
+        --pretrained_model_name_or_path outputs/shapes
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from transfusion_hf.data.image_text import aspect_ratio_buckets_from_args
 from transfusion_hf.evaluation.field_metrics import FieldMetrics, caption_scores
 from transfusion_hf.evaluation.shapes_benchmark import ShapesEvaluation, evaluate_shapes, held_out_samples_grid
+from transfusion_hf.evaluation.shapes_edit_benchmark import evaluate_shapes_edit
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
 from transfusion_hf.training import parse_args as parse_training_args
 from transfusion_hf.visualization import make_grid
@@ -40,7 +49,29 @@ DEMO_FLAGS = [
     "--shapes_num_samples", "20000",
     "--logging_steps", "25",
 ]
+# The editing task: the same, on the shapes editing triples.
+EDIT_DEMO_FLAGS = [
+    "--dataset", "shapes_edit",
+    "--shapes_num_samples", "20000",
+    "--logging_steps", "25",
+]
 # fmt: on
+
+
+def edit_metrics(args: argparse.Namespace, pipeline: TransfusionPipeline, output_dir: Path) -> dict:
+    """Score `--num_edits` held-out edits, and save `edits.png` (source, edit, ... with the instructions)."""
+    print(f"Evaluating {args.num_edits} held-out edits...", flush=True)
+    evaluation = evaluate_shapes_edit(
+        pipeline,
+        num_samples=args.num_edits,
+        num_inference_steps=args.eval_inference_steps,
+        guidance_scale=args.eval_guidance_scale,
+    )
+    shown = min(len(evaluation.images), 24)
+    pairs = [image for index in range(shown) for image in (evaluation.sources[index], evaluation.images[index])]
+    labels = [text for index in range(shown) for text in ("source", evaluation.instructions[index])]
+    make_grid(pairs, labels, columns=8).save(output_dir / "edits.png")
+    return evaluation.metrics
 
 
 def plot_loss_curve(log_path: Path, output: Path) -> None:
@@ -75,6 +106,30 @@ def field_metrics(evaluation: ShapesEvaluation) -> dict:
     return {**scores, "caption_bleu_4": captions["bleu_4"], "caption_cider": captions["cider"]}
 
 
+def generation_metrics(
+    args: argparse.Namespace, pipeline: TransfusionPipeline, output_dir: Path, image_sizes: list | None
+) -> dict:
+    """Score text-to-image and captioning on the held-out combinations, and save `samples.png`, `captions.png` and
+    `captions.txt`."""
+    print("Evaluating on the 48 held-out combinations...", flush=True)
+    evaluation = evaluate_shapes(
+        pipeline,
+        images_per_caption=args.images_per_caption,
+        num_inference_steps=args.eval_inference_steps,
+        guidance_scale=args.eval_guidance_scale,
+        image_sizes=image_sizes,
+    )
+    held_out_samples_grid(evaluation.prompts, evaluation.images, args.images_per_caption).save(
+        output_dir / "samples.png"
+    )
+    make_grid(evaluation.caption_images[:48], evaluation.predicted_captions[:48], columns=8).save(
+        output_dir / "captions.png"
+    )
+    lines = [f"{ref}\t->\t{pred}" for ref, pred in zip(evaluation.reference_captions, evaluation.predicted_captions)]
+    (output_dir / "captions.txt").write_text("reference\t->\tgenerated\n" + "\n".join(lines) + "\n")
+    return {**evaluation.metrics, **field_metrics(evaluation)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/shapes")
@@ -83,13 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_inference_steps", type=int, default=25)
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate the pipeline in --output_dir.")
     parser.add_argument(
+        "--task",
+        choices=["generate", "edit"],
+        default="generate",
+        help="generate: text-to-image and captions on the shapes; edit: the shapes editing task (--dataset "
+        "shapes_edit), e.g. from a saved pipeline with --pretrained_model_name_or_path.",
+    )
+    parser.add_argument("--num_edits", type=int, default=96, help="Held-out edits scored with --task edit.")
+    parser.add_argument(
         "--eval_device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device of the evaluation."
     )
     args, train_overrides = parser.parse_known_args(argv)
     output_dir = Path(args.output_dir)
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    train_argv = DEMO_FLAGS + ["--output_dir", str(output_dir)] + train_overrides
+    demo_flags = EDIT_DEMO_FLAGS if args.task == "edit" else DEMO_FLAGS
+    train_argv = demo_flags + ["--output_dir", str(output_dir)] + train_overrides
     # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
     image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
     if not args.skip_training:
@@ -100,32 +164,16 @@ def main(argv: list[str] | None = None) -> dict:
     trained = time.time()
     pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
     pipeline.set_progress_bar_config(disable=True)
-    print("Evaluating on the 48 held-out combinations...", flush=True)
-    evaluation = evaluate_shapes(
-        pipeline,
-        images_per_caption=args.images_per_caption,
-        num_inference_steps=args.eval_inference_steps,
-        guidance_scale=args.eval_guidance_scale,
-        image_sizes=image_sizes,
-    )
-    metrics = {
-        **evaluation.metrics,
-        **field_metrics(evaluation),
-        "train_minutes": round((trained - started) / 60, 2),
-        "eval_minutes": round((time.time() - trained) / 60, 2),
-    }
+    if args.task == "edit":
+        metrics = edit_metrics(args, pipeline, output_dir)
+    else:
+        metrics = generation_metrics(args, pipeline, output_dir, image_sizes)
+    metrics["train_minutes"] = round((trained - started) / 60, 2)
+    metrics["eval_minutes"] = round((time.time() - trained) / 60, 2)
     summary_path = output_dir / "training_summary.json"
     if summary_path.is_file():
         metrics["global_step"] = json.loads(summary_path.read_text())["global_step"]
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    held_out_samples_grid(evaluation.prompts, evaluation.images, args.images_per_caption).save(
-        output_dir / "samples.png"
-    )
-    make_grid(evaluation.caption_images[:48], evaluation.predicted_captions[:48], columns=8).save(
-        output_dir / "captions.png"
-    )
-    lines = [f"{ref}\t->\t{pred}" for ref, pred in zip(evaluation.reference_captions, evaluation.predicted_captions)]
-    (output_dir / "captions.txt").write_text("reference\t->\tgenerated\n" + "\n".join(lines) + "\n")
     log_path = output_dir / "logs" / "train_log.jsonl"
     if log_path.is_file():
         plot_loss_curve(log_path, output_dir / "loss_curve.png")

@@ -1,5 +1,6 @@
-"""The training collator: (caption, clean latents) pairs and text-only rows into a [`TransfusionForMixedModal`] batch,
-each image noised by the [`TransfusionNoiser`], padded or packed into rows of a fixed length.
+"""The training collator: (caption, clean latents) pairs, interleaved documents (text and several images, each noised
+or kept clean as context, e.g. image editing) and text-only rows into a [`TransfusionForMixedModal`] batch, each noised
+image noised by the [`TransfusionNoiser`], padded or packed into rows of a fixed length.
 
 Training-only: the processor (`processing_transfusion`) lays sequences out for training and inference alike; this
 module adds the noising, the caption dropout and the packing, so inference never imports the training noise.
@@ -8,6 +9,7 @@ module adds the noising, the caption dropout and the packing, so inference never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -83,6 +85,21 @@ def pack_sequences(
     return input_ids, labels, position_ids, rows
 
 
+@dataclass
+class ImageSegment:
+    """One image of a laid-out training document.
+
+    Args:
+        latents (`torch.Tensor` of shape `(C, H, W)`): the clean latents.
+        noised (`bool`): noised and trained (a timestep and a target), or clean context (t = 0, no loss).
+        capped (`bool`): noised under the noiser's image-first limit (the image of an image-first pair).
+    """
+
+    latents: torch.Tensor
+    noised: bool
+    capped: bool = False
+
+
 class TransfusionDataCollator:
     """Collate (caption, clean latents) pairs, and text-only examples, into a training batch for
     [`TransfusionForMixedModal`].
@@ -110,6 +127,7 @@ class TransfusionDataCollator:
         latents_column (`str`): key of the clean latents `(C, H, W)` in each example; missing or None: text-only.
         flipped_latents_column (`str`): key of the mirrored image's latents, when the data has them (random flip):
             each example uses one of the two with probability 1/2.
+        source_latents_column (`str`): key of the clean source image's latents `(C, H, W)` of an edit example.
         max_length (`int`, *optional*): the model's context; longer texts are truncated.
         max_sequence_length (`int`, *optional*): pack the sequences into rows of this many tokens (at most
             `max_length`); longer texts are truncated to fit one row.
@@ -130,6 +148,7 @@ class TransfusionDataCollator:
         max_length: int | None = None,
         max_sequence_length: int | None = None,
         patch_size: int | None = None,
+        source_latents_column: str = "source_latents",
     ):
         for name, value in (("max_length", max_length), ("max_sequence_length", max_sequence_length)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -157,6 +176,7 @@ class TransfusionDataCollator:
         self.max_length = max_length
         self.max_sequence_length = max_sequence_length
         self.patch_size = patch_size
+        self.source_latents_column = source_latents_column
 
     def batch_generator(self, batch_index: int) -> torch.Generator:
         """The generator of batch `batch_index` (a pure function of the seed and the index)."""
@@ -191,6 +211,8 @@ class TransfusionDataCollator:
         examples = [unflatten_latents(example) for example in examples]
         generator = self.batch_generator(self.num_batches)
         self.num_batches += 1
+        if any(self.is_document(example) for example in examples):
+            return self.collate_documents(examples, generator)
         image_first, drop_caption = self.noiser.sample_layout(len(examples), generator)
         has_image = [example.get(self.latents_column) is not None for example in examples]
         sequences = [
@@ -203,26 +225,162 @@ class TransfusionDataCollator:
             for index, example in enumerate(examples)
         ]
         flip = torch.rand(len(examples), generator=generator) < 0.5
-        pad_token_id = self.processor.tokenizer.pad_token_id
-        if self.max_sequence_length is None:
-            input_ids, attention_mask = pad_sequences(sequences, pad_token_id, "right")
-            labels = input_ids.masked_fill(attention_mask == 0, -100)
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-            reading_order = list(range(len(examples)))
-        else:
-            input_ids, labels, position_ids, rows = pack_sequences(sequences, pad_token_id, self.max_sequence_length)
-            batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-            reading_order = [index for row in rows for index in row]
+        batch, reading_order = self.pad_or_pack(sequences)
         if any(has_image):
             images_in_order = [index for index in reading_order if has_image[index]]
             batch.update(self.noised_images(examples, image_first, flip, images_in_order, generator))
         return batch
 
+    def pad_or_pack(self, sequences: list[list[int]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pad the sequences into a batch (`attention_mask`), or pack them (`position_ids`) with
+        `max_sequence_length`; returns the batch and the sequences in reading order (row by row)."""
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        if self.max_sequence_length is None:
+            input_ids, attention_mask = pad_sequences(sequences, pad_token_id, "right")
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, list(
+                range(len(sequences))
+            )
+        input_ids, labels, position_ids, rows = pack_sequences(sequences, pad_token_id, self.max_sequence_length)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return batch, [index for row in rows for index in row]
+
+    def is_document(self, example: dict) -> bool:
+        """Whether an example has several images or a clean one: `segments`, or an edit's `source_latents`."""
+        return example.get("segments") is not None or example.get(self.source_latents_column) is not None
+
+    def collate_documents(self, examples: Sequence[dict], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Collate a batch holding interleaved documents (see the class docstring): lay out every example as a
+        document, draw its text dropout, pad or pack, then noise its noised images."""
+        image_first, drop_caption = self.noiser.sample_layout(len(examples), generator)
+        drop_text = torch.rand(len(examples), generator=generator) < self.noiser.caption_dropout_probability
+        flip = torch.rand(len(examples), generator=generator) < 0.5
+        documents = [
+            self.example_document(
+                example, bool(image_first[index]), bool(drop_caption[index]), bool(drop_text[index]), bool(flip[index])
+            )
+            for index, example in enumerate(examples)
+        ]
+        batch, reading_order = self.pad_or_pack([self.encode_document(document) for document in documents])
+        if any(isinstance(segment, ImageSegment) for document in documents for segment in document):
+            batch.update(self.document_images(documents, reading_order, generator))
+        return batch
+
+    def example_document(
+        self, example: dict, image_first: bool, drop_caption: bool, drop_text: bool, flip: bool
+    ) -> list[str | ImageSegment]:
+        """One example as a document: text strings and [`ImageSegment`]s in reading order, text dropped as drawn."""
+        if example.get("segments") is not None:
+            document = []
+            for segment in example["segments"]:
+                if isinstance(segment, str):
+                    document.append(segment)
+                else:
+                    latents = torch.as_tensor(segment["latents"]).float()
+                    document.append(ImageSegment(latents, bool(segment.get("noised", True))))
+            if drop_text and any(isinstance(part, ImageSegment) and part.noised for part in document):
+                document = [part for part in document if not isinstance(part, str)]
+            return document
+        text = example.get(self.text_column) or ""
+        if example.get(self.source_latents_column) is not None:
+            source = ImageSegment(torch.as_tensor(example[self.source_latents_column]).float(), noised=False)
+            target = ImageSegment(torch.as_tensor(example[self.latents_column]).float(), noised=True)
+            # No flip: an edit's instruction may name a side ("move it to the left"), which a mirror would falsify.
+            return [source, target] if drop_text else [source, text, target]
+        if example.get(self.latents_column) is None:
+            return [text]
+        key = self.latents_column
+        if flip and self.flipped_latents_column in example:
+            key = self.flipped_latents_column
+        image = ImageSegment(torch.as_tensor(example[key]).float(), noised=True, capped=image_first)
+        if image_first:
+            return [image, text]
+        return [image] if drop_caption else [text, image]
+
+    def encode_document(self, document: list[str | ImageSegment]) -> list[int]:
+        """The ids of one document; its texts are cut from the last one back when the sequence is over the limit (the
+        smaller of `max_length` and `max_sequence_length`), counted in `num_truncated`."""
+        parts = [
+            self.processor.encode_text(part) if isinstance(part, str) else self.placeholders_for(part.latents)
+            for part in document
+        ]
+        images = [part for part in parts if not isinstance(part, list)]
+        fixed = len(self.processor.encode_parts(images, add_bos=True, add_eos=True))
+        name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
+        limit = getattr(self, name)
+        excess = fixed + sum(len(part) for part in parts if isinstance(part, list)) - (limit or 0)
+        if limit is not None and excess > 0:
+            if fixed > limit:
+                raise ValueError(
+                    f"`{name}`={limit} cannot hold a training document: its image blocks and special tokens alone "
+                    f"take {fixed} tokens."
+                )
+            for position in reversed(range(len(parts))):
+                if isinstance(parts[position], list) and excess > 0:
+                    cut = min(excess, len(parts[position]))
+                    parts[position] = parts[position][: len(parts[position]) - cut]
+                    excess -= cut
+            self.num_truncated += 1
+        return self.processor.encode_parts(parts, add_bos=True, add_eos=True)
+
+    def document_images(
+        self, documents: list[list[str | ImageSegment]], reading_order: list[int], generator: torch.Generator
+    ) -> dict[str, torch.Tensor | list[torch.Tensor | None]]:
+        """`latents`, `timesteps`, `diffusion_targets` (and `diffusion_loss_weights`) of the documents' images in
+        reading order. The noised images are drawn in document order, one size at a time (in order of first
+        appearance, so the draws are a pure function of the batch); clean images get t = 0 and the target None.
+        `latents` is a tensor when all the images have one size (else a list), `diffusion_targets` a tensor when
+        moreover every image is noised (else a list)."""
+        drawn = [part for document in documents for part in document if isinstance(part, ImageSegment)]
+        noised = [index for index, part in enumerate(drawn) if part.noised]
+        targets: list[torch.Tensor | None] = [None] * len(drawn)
+        latents = [part.latents for part in drawn]
+        timesteps, weights = torch.zeros(len(drawn)), None
+        for grid in dict.fromkeys(tuple(drawn[index].latents.shape) for index in noised):
+            members = [index for index in noised if tuple(drawn[index].latents.shape) == grid]
+            capped = torch.tensor([drawn[index].capped for index in members])
+            result = self.noiser(torch.stack([drawn[index].latents for index in members]), capped, generator)
+            # Timesteps keep the noiser's dtype (integers for DDPM, floats for flow matching).
+            timesteps = timesteps.to(result.timesteps.dtype)
+            timesteps[members] = result.timesteps
+            if result.loss_weights is not None:
+                weights = torch.ones(len(drawn)) if weights is None else weights
+                weights[members] = result.loss_weights
+            for slot, index in enumerate(members):
+                latents[index], targets[index] = result.latents[slot], result.targets[slot]
+        # The images of each document are consecutive in `drawn`: map reading order to their indices.
+        starts, start = [], 0
+        for document in documents:
+            starts.append(start)
+            start += sum(isinstance(part, ImageSegment) for part in document)
+        order = [
+            starts[index] + offset
+            for index in reading_order
+            for offset in range(sum(isinstance(part, ImageSegment) for part in documents[index]))
+        ]
+        latents, targets = [latents[index] for index in order], [targets[index] for index in order]
+        one_size = len({tuple(image.shape) for image in latents}) == 1
+        images = {
+            "latents": torch.stack(latents) if one_size else latents,
+            "timesteps": timesteps[order],
+            "diffusion_targets": torch.stack(targets) if one_size and None not in targets else targets,
+        }
+        if weights is not None:
+            images["diffusion_loss_weights"] = weights[order]
+        return images
+
     def num_image_tokens(self, example: dict) -> int | None:
         """Placeholders of the example's image: from its latents' size with `patch_size`, else the processor's."""
         if self.patch_size is None:
             return None
-        height, width = (int(side) for side in torch.as_tensor(example[self.latents_column]).shape[-2:])
+        return self.placeholders_for(example[self.latents_column])
+
+    def placeholders_for(self, latents: torch.Tensor) -> int | None:
+        """Placeholders of an image of these latents `(C, H, W)`: from their size with `patch_size`, else None (the
+        processor's `num_image_tokens`)."""
+        if self.patch_size is None:
+            return None
+        height, width = (int(side) for side in torch.as_tensor(latents).shape[-2:])
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
                 f"An example's latents are {height}x{width}, not a whole number of patches of `patch_size`="
@@ -299,4 +457,4 @@ class TransfusionDataCollator:
 TransfusionProcessor.register_for_auto_class("AutoProcessor")
 
 
-__all__ = ["TransfusionDataCollator", "first_fit_rows", "pack_sequences"]
+__all__ = ["ImageSegment", "TransfusionDataCollator", "first_fit_rows", "pack_sequences"]

@@ -23,7 +23,9 @@ from .buckets import BUCKETS_FLAG, assign_bucket_index, parse_aspect_ratio_bucke
 
 logger = logging.getLogger(__name__)
 # Data sets generated in this package, not loaded by `datasets`.
-BUILTIN_DATASETS = ("shapes", "glyphs")
+BUILTIN_DATASETS = ("shapes", "glyphs", "shapes_edit")
+# Built-in data sets whose rows are edits: a clean `source_image`, the instruction (`text`) and the target (`image`).
+EDITING_DATASETS = ("shapes_edit",)
 
 
 class CorruptImageError(ValueError):
@@ -48,7 +50,9 @@ def load_image_text_dataset(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load an image-caption data set with `datasets`.
 
-    Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="glyphs"` (the
+    Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="shapes_edit"` (the
+    built-in shapes editing triples, `shapes_num_samples` rows: a `source_image` column besides `image`, the target,
+    and `text`, the instruction; `data.shapes_edit`), `dataset_name="glyphs"` (the
     built-in rendered characters, `glyphs_num_samples` rows at `glyphs_resolution` px; for both, `split` is `"train"`,
     `"held_out"`, the combinations never trained on, or `"all"`), another `dataset_name` (a
     Hub data set, e.g. `"lambdalabs/naruto-blip-captions"`), `train_data_dir` (a folder of images with a
@@ -66,7 +70,7 @@ def load_image_text_dataset(
     instead of crashing the data loader.
 
     Returns:
-        `datasets.Dataset` with the columns `image` and `text`.
+        `datasets.Dataset` with the columns `image` and `text` (and `source_image` for an editing data set).
 
     Raises:
         ValueError: a missing column, naming it and listing the available ones.
@@ -83,6 +87,11 @@ def load_image_text_dataset(
         dataset = load_shapes_dataset(
             split=split, num_samples=shapes_num_samples, seed=seed, image_sizes=shapes_image_sizes
         )
+        image_column, caption_column = "image", "text"
+    elif dataset_name == "shapes_edit":
+        from .shapes_edit import load_shapes_edit_dataset
+
+        dataset = load_shapes_edit_dataset(split=split, num_samples=shapes_num_samples, seed=seed)
         image_column, caption_column = "image", "text"
     elif dataset_name == "glyphs":
         from .glyphs import load_glyphs_dataset
@@ -116,9 +125,12 @@ def load_image_text_dataset(
                 f"`{role}`={column!r} is not a column of the data set; available columns: {dataset.column_names}."
             )
     # Cast before selecting: a stream's `select_columns` applies (decodes) the features of every row it reads.
-    if dataset.features is not None and isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    dataset = dataset.select_columns([image_column, caption_column])
+    # An editing data set keeps its clean source images beside the targets.
+    image_columns = [image_column] + (["source_image"] if dataset_name in EDITING_DATASETS else [])
+    for column in image_columns:
+        if dataset.features is not None and isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    dataset = dataset.select_columns([*image_columns, caption_column])
     # Only the columns whose name changes: a stream refuses to rename a column to itself.
     renames = {old: new for old, new in ((image_column, "image"), (caption_column, "text")) if old != new}
     if renames:
@@ -338,7 +350,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     script can add its own."""
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset_name", default=None, help="Hub data set id, or 'shapes' / 'glyphs' for the built-in data."
+        "--dataset_name",
+        default=None,
+        help="Hub data set id, or 'shapes' / 'glyphs' for the built-in data, 'shapes_edit' for the built-in editing "
+        "task (source image, instruction, target image; see transfusion_hf.data.shapes_edit).",
     )
     data.add_argument("--dataset", dest="dataset_name", help="Alias of --dataset_name (e.g. --dataset shapes).")
     data.add_argument("--dataset_config_name", default=None)
@@ -365,7 +380,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
     data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--shapes_num_samples", type=int, default=20000)
+    data.add_argument("--shapes_num_samples", type=int, default=20000, help="Rows of the built-in shapes (and edits).")
     data.add_argument("--glyphs_num_samples", type=int, default=20000, help="Rows of the built-in glyphs.")
     data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
     return data
@@ -398,6 +413,18 @@ def check_dataset_from_args(
     vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, not with `--streaming`, and large
     enough for the built-in shapes."""
     buckets = aspect_ratio_buckets_from_args(args, bucket_multiple, max_bucket_side)
+    if args.dataset_name in EDITING_DATASETS:
+        for flag, given in (
+            (BUCKETS_FLAG, buckets is not None),
+            ("--random_flip", getattr(args, "random_flip", False)),
+        ):
+            if given:
+                raise ValueError(
+                    f"--dataset_name={args.dataset_name} does not support {flag}: its source and target images are "
+                    "32x32 and an instruction may name a side, which a mirror would falsify."
+                )
+        if getattr(args, "streaming", False):
+            raise ValueError(f"--dataset_name={args.dataset_name} does not support --streaming (it is cached).")
     if buckets is not None:
         if getattr(args, "streaming", False):
             raise ValueError(
@@ -456,6 +483,7 @@ def load_dataset_from_args(
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "EDITING_DATASETS",
     "CorruptImageError",
     "aspect_ratio_buckets_from_args",
     "check_dataset_from_args",

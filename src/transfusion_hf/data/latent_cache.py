@@ -17,6 +17,10 @@ stores a fixed-shape `Array3D` only (its dynamic dimension can be the first one 
 ~15x slower than flat ones, so a bucketed cache stores each row's latents flat (`List(Value)`, read back as fast as
 `Array3D`) with its `latent_shape` `(C, h, w)` and its `bucket` (index into the bucket list); [`unflatten_latents`]
 views a row's latents in their shape again. Without buckets the cache is exactly what it was (same fingerprint).
+
+An editing data set (a `source_image` column besides `image`, e.g. the built-in `shapes_edit`) stores the clean
+source's latents as `source_latents` beside the target's `latents`; a row either of whose images is unreadable is
+skipped as a whole (square path only: no buckets, no flip).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class LatentCache:
 
     Args:
         dataset (`datasets.Dataset`): columns `text` (`str`) and `latents` (`torch.Tensor` of shape `(C, h, w)`), plus
-            `flipped_latents` (the mirrored image) with `random_flip`; memory-mapped, in torch format. With
+            `flipped_latents` (the mirrored image) with `random_flip`, `source_latents` (the clean source) for an
+            editing data set; memory-mapped, in torch format. With
             `aspect_ratio_buckets`, `latents` (and `flipped_latents`) are flat `(C * h * w,)` and the columns
             `latent_shape` (`(3,)`: `C, h, w`) and `bucket` (index into `aspect_ratio_buckets`) are added: see
             [`unflatten_latents`].
@@ -177,6 +182,9 @@ def _encode_shard(
         # Shapes differ by bucket: flat, with the shape beside it (see the module docstring).
         array = datasets.List(datasets.Value(latent_dtype))
     features = {"text": datasets.Value("string"), "latents": array}
+    has_source = SOURCE_IMAGE_COLUMN in dataset.column_names
+    if has_source:
+        features["source_latents"] = array
     if random_flip:
         features["flipped_latents"] = array
     if aspect_ratio_buckets is not None:
@@ -214,17 +222,24 @@ def _encode_shard(
 
     def encode_batch(rows: dict, indices: list[int]) -> dict:
         nonlocal encoded
-        images, captions, _ = decode_rows(rows["image"], rows["text"], shard_rows.start + indices[0], strict)
+        first_row = shard_rows.start + indices[0]
+        if has_source:
+            sources, images, captions = decode_edit_rows(rows, first_row, strict)
+        else:
+            images, captions, _ = decode_rows(rows["image"], rows["text"], first_row, strict)
         if not images:
             empty = np.zeros((0, *array.shape), dtype=latent_dtype)
-            return {"text": [], "latents": empty, **({"flipped_latents": empty} if random_flip else {})}
+            return {"text": [], **{name: empty for name in features if name != "text"}}
         pixel_values = images_to_pixel_values(images, image_size, resize_mode)
         with torch.no_grad():
             output = {"text": captions, "latents": encode(pixel_values).float().cpu().numpy().astype(latent_dtype)}
+            if has_source:
+                source_pixels = images_to_pixel_values(sources, image_size, resize_mode)
+                output["source_latents"] = encode(source_pixels).float().cpu().numpy().astype(latent_dtype)
             if random_flip:
                 flipped = encode(torch.flip(pixel_values, dims=[-1]))
                 output["flipped_latents"] = flipped.float().cpu().numpy().astype(latent_dtype)
-        encoded += len(images)
+        encoded += len(images) + (len(sources) if has_source else 0)
         return output
 
     shard.map(
@@ -242,6 +257,23 @@ def _encode_shard(
         desc=f"Encoding latents (process {rank} of {world})",
     )
     return encoded
+
+
+SOURCE_IMAGE_COLUMN = "source_image"
+
+
+def decode_edit_rows(rows: dict, first_row: int, strict: bool) -> tuple[list, list, list[str]]:
+    """Decode the source and target images of a batch of edit rows, skipping (or, with `strict`, raising on) a row
+    either of whose images is unreadable, so that sources, targets and instructions stay aligned."""
+    sources, images, captions = [], [], []
+    for offset, (source, target, text) in enumerate(zip(rows[SOURCE_IMAGE_COLUMN], rows["image"], rows["text"])):
+        decoded_source, _, _ = decode_rows([source], [text], first_row + offset, strict)
+        decoded_target, kept, _ = decode_rows([target], [text], first_row + offset, strict)
+        if decoded_source and decoded_target:
+            sources.append(decoded_source[0])
+            images.append(decoded_target[0])
+            captions.extend(kept)
+    return sources, images, captions
 
 
 def cache_latents(
@@ -267,7 +299,8 @@ def cache_latents(
     at the barrier until the launcher ends the job (as for any exception raised by one process alone).
 
     Args:
-        dataset (`datasets.Dataset`): `image` and `text` columns (from [`load_image_text_dataset`]).
+        dataset (`datasets.Dataset`): `image` and `text` columns (from [`load_image_text_dataset`]); with a
+            `source_image` column (an editing data set) its latents are stored as `source_latents`.
         encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] on the CPU -> clean scaled latents `(n, C, h, w)`
             on any device (e.g. `functools.partial(pixels_to_latents, vae)` with the VAE on the accelerator, or the
             identity in pixel space).
@@ -294,6 +327,11 @@ def cache_latents(
         raise ValueError(f"`latent_dtype` must be one of {LATENT_DTYPES}, got {latent_dtype!r}.")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if SOURCE_IMAGE_COLUMN in dataset.column_names and (random_flip or aspect_ratio_buckets is not None):
+        raise ValueError(
+            f"A data set with a `{SOURCE_IMAGE_COLUMN}` column (edits) is cached square only: no `random_flip`, no "
+            "`aspect_ratio_buckets`."
+        )
     state = state if state is not None else PartialState()
     rank, world = state.process_index, state.num_processes
     if aspect_ratio_buckets is not None:
@@ -341,7 +379,7 @@ def cache_latents(
     return LatentCache(cached, folder, len(dataset), num_skipped, num_encoded, seconds, aspect_ratio_buckets)
 
 
-LATENT_COLUMNS = ("latents", "flipped_latents")
+LATENT_COLUMNS = ("latents", "flipped_latents", "source_latents")
 
 
 def unflatten_latents(example: dict) -> dict:

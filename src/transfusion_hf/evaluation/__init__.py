@@ -28,12 +28,14 @@ from transfusion_hf.evaluation.glyph_judge import (
 from transfusion_hf.evaluation.image_quality import diversity_score, mean_image_score, sharpness_score, tile_seam_score
 from transfusion_hf.evaluation.judge import JudgeResult, judge_image, judge_image_details, to_rgb_array
 from transfusion_hf.evaluation.metrics import ATTRIBUTES, caption_accuracy, text_to_image_accuracy
+from transfusion_hf.evaluation.shapes_edit_benchmark import ShapesEditEvaluation, edit_accuracy, evaluate_shapes_edit
 
 __all__ = [
     "ATTRIBUTES",
     "FIELD_METRICS",
     "FieldEvaluation",
     "FieldMetrics",
+    "ShapesEditEvaluation",
     "ShapesFeatureExtractor",
     "caption_scores",
     "evaluate_pipeline",
@@ -47,6 +49,8 @@ __all__ = [
     "JudgeResult",
     "caption_accuracy",
     "diversity_score",
+    "edit_accuracy",
+    "evaluate_shapes_edit",
     "glyph_caption_accuracy",
     "glyph_text_to_image_accuracy",
     "judge_glyph",

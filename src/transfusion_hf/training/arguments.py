@@ -12,13 +12,26 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
-from ..data.image_text import add_data_arguments, aspect_ratio_buckets_from_args, check_dataset_from_args
+from ..data.image_text import (
+    EDITING_DATASETS,
+    add_data_arguments,
+    aspect_ratio_buckets_from_args,
+    check_dataset_from_args,
+)
 from ..data.latent_cache import LATENT_DTYPES
 from ..evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
 from ..evaluation.field_metrics import DEFAULT_CLIP_MODEL, FIELD_METRICS
 from ..recipes import DEFAULT_RECIPE, list_recipes, load_recipe, resolve_recipe_name
 from .compilation import TORCH_COMPILE_BACKENDS
-from .model_setup import first_line, image_config_fields, run_model_preset, warn_about_preset_limits
+from .model_setup import (
+    IMAGE_FIELD_FLAGS,
+    PRETRAINED_FLAG,
+    first_line,
+    image_config_fields,
+    pretrained_has_vae,
+    run_model_preset,
+    warn_about_preset_limits,
+)
 from .optimization import DEFAULT_LR_SCHEDULER, DEFAULT_MIN_LR_RATIO, LR_SCHEDULERS, MIN_LR_SCHEDULERS
 from .schedulers import INFERENCE_SCHEDULER_CHOICES, build_noiser, inference_scheduler
 from .validation import DEFAULT_VALIDATION_METRIC_SAMPLES, DEFAULT_VALIDATION_STEPS, check_validation_metrics
@@ -105,6 +118,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "transformers' run_clm.py: e.g. 'num_hidden_layers=4,hidden_size=192'.",
     )
     model.add_argument("--text_model_name_or_path", default=None, help="Start from a pretrained decoder LLM.")
+    model.add_argument(
+        PRETRAINED_FLAG,
+        default=None,
+        help="Start from a saved TransfusionPipeline folder (save_pretrained, e.g. the --output_dir of a finished run): "
+        "its transformer, tokenizer and VAE (if any) instead of a model built from the recipe, e.g. to train the "
+        "editing task (--dataset shapes_edit) from a model trained on shapes. The recipe still gives the training "
+        "hyper-parameters.",
+    )
     model.add_argument("--tokenizer_name_or_path", default=None)
     model.add_argument("--tokenizer_vocab_size", type=int, default=512, help="BPE size when training a tokenizer.")
     model.add_argument("--vae_name_or_path", default=None, help="Frozen AutoencoderKL; pixel space without one.")
@@ -451,7 +472,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     # The recipe and the noising flags are checked here, before any data is loaded or encoded.
     preset = run_model_preset(args)
-    noiser = build_noiser(args, args.prediction_type or preset.get("prediction_type", "epsilon"))
+    prediction_type = args.prediction_type or preset.get("prediction_type", "epsilon")
+    if args.pretrained_model_name_or_path is not None:
+        prediction_type = pretrained_config(args).prediction_type
+    noiser = build_noiser(args, prediction_type)
     if noiser.prediction_type == "epsilon" and args.snr_gamma is None:
         # Not an error: plain epsilon is the paper as written, and it may do at scale. Measured here it reads images
         # (captions 0.99) but draws shapes that ignore the prompt (t2i 0.00; README, "Why the paper's recipe did
@@ -463,7 +487,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             "paper's recipe did not draw')."
         )
     inference_scheduler(args, noiser.scheduler)
-    check_model_fields(args, preset)
+    if args.pretrained_model_name_or_path is not None:
+        check_pretrained_args(args)
+    else:
+        check_model_fields(args, preset)
     warn_about_preset_limits(args)
     check_validation_metrics(args)
     check_dataset_from_args(args)
@@ -541,6 +568,7 @@ def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
     # before the config refuses the `max_latent_size` made from them.
     aspect_ratio_buckets_from_args(args, multiple=fields.get("patch_size", TransfusionConfig.patch_size) * vae_scale)
     config = TransfusionConfig(text_config=text_config, **fields)
+    check_editing_context(args, config)
     # bos, <boi>, the image, <eoi>, eos: the shortest sequence must fit the backbone's positions.
     max_positions = getattr(config.text_config, "max_position_embeddings", None)
     largest = config.num_patches_for(config.max_latent_side, config.max_latent_side)
@@ -549,6 +577,77 @@ def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
             f"--patch_size={config.patch_size} at --resolution={args.resolution} gives {largest} image "
             f"positions (latent side {config.max_latent_side}), more than the backbone's max_position_embeddings="
             f"{max_positions} allow: use a larger --patch_size or a VAE."
+        )
+
+
+def check_editing_context(args: argparse.Namespace, config: TransfusionConfig) -> None:
+    """An editing data set's rows hold two images (source and target): both blocks must fit the backbone's context."""
+    if args.dataset_name not in EDITING_DATASETS:
+        return
+    max_positions = getattr(config.text_config, "max_position_embeddings", None)
+    needed = 2 * (config.num_patches + 2) + 2  # bos, two image blocks with <boi> and <eoi>, eos
+    if max_positions is not None and needed > max_positions:
+        raise ValueError(
+            f"--dataset_name={args.dataset_name}: a source and a target image take {needed} positions at "
+            f"patch_size={config.patch_size}, more than the model's max_position_embeddings={max_positions}: use a "
+            "larger --patch_size (for the model trained first) or a VAE."
+        )
+
+
+def pretrained_config(args: argparse.Namespace) -> TransfusionConfig:
+    """The config of the transformer of `--pretrained_model_name_or_path` (raises one line naming the flag when the
+    folder is not a saved Transfusion pipeline)."""
+    from .model_setup import pretrained_pipeline_index
+
+    path = args.pretrained_model_name_or_path
+    pretrained_pipeline_index(path)
+    try:
+        return TransfusionConfig.from_pretrained(path, subfolder="transformer")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{PRETRAINED_FLAG}={path!r}: its transformer cannot be loaded: {first_line(error)}"
+        ) from error
+
+
+def check_pretrained_args(args: argparse.Namespace) -> None:
+    """Refuse the flags that would build another model than the saved pipeline's, and a `--resolution` or
+    `--prediction_type` other than its own."""
+    path = args.pretrained_model_name_or_path
+    config = pretrained_config(args)
+    given = [
+        f"--{name}"
+        for name in (
+            "text_model_name_or_path",
+            "tokenizer_name_or_path",
+            "vae_name_or_path",
+            "config_overrides",
+            *IMAGE_FIELD_FLAGS,
+            "patch_position_embedding",
+            "unet_linear_shortcut",
+            "unet_output_shortcut",
+        )
+        if getattr(args, name, None) is not None
+    ]
+    if args.modality_experts:
+        given.append("--modality_experts")
+    if given:
+        raise ValueError(
+            f"{PRETRAINED_FLAG}={path!r} brings its own model, tokenizer and VAE: drop {', '.join(given)}."
+        )
+    if args.prediction_type is not None and args.prediction_type != config.prediction_type:
+        raise ValueError(
+            f"--prediction_type={args.prediction_type} differs from the {config.prediction_type} of "
+            f"{PRETRAINED_FLAG}={path!r}."
+        )
+    check_editing_context(args, config)
+    vae_scale = 1
+    if pretrained_has_vae(path):
+        blocks = AutoencoderKL.load_config(path, subfolder="vae").get("block_out_channels", [64])
+        vae_scale = 2 ** (len(blocks) - 1)
+    if args.resolution != config.latent_size * vae_scale:
+        raise ValueError(
+            f"--resolution={args.resolution} differs from the {config.latent_size * vae_scale} px the model of "
+            f"{PRETRAINED_FLAG}={path!r} was made for."
         )
 
 

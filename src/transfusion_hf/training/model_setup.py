@@ -5,8 +5,10 @@ frozen text weights), the VAE and the tokenizer.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -86,17 +88,64 @@ def run_model_preset(args: argparse.Namespace) -> dict:
     return {**preset, "text_config": {**preset["text_config"], **updated}}
 
 
+PRETRAINED_FLAG = "--pretrained_model_name_or_path"
+
+
+def pretrained_pipeline_index(path: str) -> dict:
+    """The `model_index.json` of a saved [`TransfusionPipeline`] folder (`--pretrained_model_name_or_path`).
+
+    Raises:
+        ValueError: one line naming the flag, when the folder is missing or holds no Transfusion pipeline.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"{PRETRAINED_FLAG}={path!r} is not a folder (give a TransfusionPipeline.save_pretrained one)."
+        )
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(
+            f"{PRETRAINED_FLAG}={path!r} has no model_index.json: not a saved pipeline (TransfusionPipeline."
+            "save_pretrained, e.g. the --output_dir of a finished run)."
+        )
+    index = json.loads(index_file.read_text())
+    class_name = index.get("_class_name")
+    # A pipeline saved with its code names the class as [module, class].
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    if class_name != "TransfusionPipeline" or not (folder / "transformer").is_dir():
+        raise ValueError(
+            f"{PRETRAINED_FLAG}={path!r} is a {class_name} folder, not a TransfusionPipeline with a transformer."
+        )
+    return index
+
+
+def pretrained_has_vae(path: str) -> bool:
+    """Whether the saved pipeline at `path` has a VAE (else it works in pixel space)."""
+    entry = pretrained_pipeline_index(path).get("vae")
+    return isinstance(entry, list) and entry[0] is not None and (Path(path) / "vae").is_dir()
+
+
 def build_vae(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[AutoencoderKL | None, int, int]:
     """The frozen VAE on `device` (the accelerator: it encodes the data set, then decodes validation images), or None
-    for pixel space; its downsampling factor and latent channels."""
-    if args.vae_name_or_path is None:
+    for pixel space; its downsampling factor and latent channels. With `--pretrained_model_name_or_path`, the saved
+    pipeline's VAE (if it has one)."""
+    pretrained = getattr(args, "pretrained_model_name_or_path", None)
+    if pretrained is not None and pretrained_has_vae(pretrained):
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+    elif args.vae_name_or_path is None:
         return None, 1, 3
-    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
     vae.requires_grad_(False).eval().to(device)
     return vae, 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
 
 
 def build_tokenizer(args: argparse.Namespace, captions: Iterable[str]) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: a saved pipeline's (`--pretrained_model_name_or_path`), a pretrained one, or a byte-level
+    BPE learnt from the captions."""
+    pretrained = getattr(args, "pretrained_model_name_or_path", None)
+    if pretrained is not None:
+        return AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
     source = args.tokenizer_name_or_path or args.text_model_name_or_path
     if source is None:
         # No pretrained tokenizer: a byte-level BPE learned from the captions (never meets an unknown character).
@@ -167,7 +216,15 @@ def image_config_fields(args: argparse.Namespace, preset: dict, latent_channels:
 def build_model(
     args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, latent_channels: int, latent_size: int
 ) -> tuple[TransfusionForMixedModal, str | None]:
-    """From scratch (a preset) or from a pretrained LLM; returns the model and the base model id (for the card)."""
+    """From scratch (a preset), from a pretrained LLM, or the transformer of a saved pipeline
+    (`--pretrained_model_name_or_path`); returns the model and the base model id (for the card; None for a local
+    pipeline folder)."""
+    pretrained = getattr(args, "pretrained_model_name_or_path", None)
+    if pretrained is not None:
+        model = TransfusionForMixedModal.from_pretrained(
+            pretrained, subfolder="transformer", attn_implementation=args.attn_implementation
+        )
+        return model, None
     preset = run_model_preset(args)
     text_config = preset.pop("text_config")
     image_fields = {

@@ -56,11 +56,20 @@ class CleanImageErrorTracker:
             batch (`dict`): the collator's batch (`latents`, `timesteps`, `diffusion_targets`).
             predictions (`torch.Tensor` of shape `(num_images, C, H, W)`): the model's diffusion predictions.
         """
-        if predictions is None or predictions.shape[0] < 2:
+        if not isinstance(predictions, torch.Tensor):  # images of mixed sizes (a list): not tracked
             return
-        timesteps = batch["timesteps"]
-        clean = self.noiser.predict_clean(batch["latents"], batch["diffusion_targets"], timesteps)
-        predicted = self.noiser.predict_clean(batch["latents"], predictions.detach(), timesteps)
+        latents, targets, timesteps = batch["latents"], batch["diffusion_targets"], batch["timesteps"]
+        if isinstance(targets, (list, tuple)):
+            # Interleaved documents: only the noised images (with a target) have an implied clean image to compare.
+            noised = [index for index, target in enumerate(targets) if target is not None]
+            if not noised:
+                return
+            targets = torch.stack([targets[index] for index in noised])
+            latents, timesteps, predictions = latents[noised], timesteps[noised], predictions[noised]
+        if predictions.shape[0] < 2:
+            return
+        clean = self.noiser.predict_clean(latents, targets, timesteps)
+        predicted = self.noiser.predict_clean(latents, predictions.detach(), timesteps)
         model_error = (predicted - clean).pow(2).flatten(1).mean(1)
         mean_image_error = (clean.mean(0, keepdim=True) - clean).pow(2).flatten(1).mean(1)
         # An image equal to the batch mean (e.g. a batch of one repeated image) has no baseline to compare with.

@@ -1,0 +1,162 @@
+"""Interleaved documents in the training collator: several images per sequence, each noised or kept clean as context
+(`segments`), and edits (`source_latents`): layout, draws, dropout, padding and packing, mixed sizes, and a diffusion
+loss that covers the noised images only."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline_components import CAPTIONS, get_tokenizer, perturb_  # noqa: E402
+from tiny_configs import llama_text_config, tiny_config  # noqa: E402
+from transfusion_hf import TransfusionForMixedModal  # noqa: E402
+from transfusion_hf.data.collator import TransfusionDataCollator  # noqa: E402
+from transfusion_hf.noising import TransfusionNoiser  # noqa: E402
+from transfusion_hf.processing_transfusion import TransfusionProcessor, special_token_ids  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer()
+
+
+def latents(seed: int, height: int = 4, width: int = 4) -> torch.Tensor:
+    return torch.randn(4, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def documents(count: int = 6) -> list[dict]:
+    """Documents `[text, clean image, text, noised image]`, edits and text-only rows, texts of mixed lengths."""
+    examples = []
+    for index in range(count):
+        text = " ".join(CAPTIONS[index % len(CAPTIONS) : index % len(CAPTIONS) + 1 + index % 3])
+        if index % 3 == 0:
+            segments = [text, {"latents": latents(index), "noised": False}, "then", {"latents": latents(100 + index)}]
+            examples.append({"segments": segments})
+        elif index % 3 == 1:
+            examples.append({"source_latents": latents(index), "text": text, "latents": latents(100 + index)})
+        else:
+            examples.append({"text": text})
+    return examples
+
+
+def build_collator(tokenizer, dropout: float = 0.0, **kwargs) -> TransfusionDataCollator:
+    processor = TransfusionProcessor(tokenizer, image_size=4, num_image_tokens=4)
+    noiser = TransfusionNoiser(
+        FlowMatchEulerDiscreteScheduler(), "flow_prediction", caption_dropout_probability=dropout
+    )
+    return TransfusionDataCollator(processor, noiser, seed=3, **kwargs)
+
+
+def build_model(tokenizer, **fields) -> TransfusionForMixedModal:
+    text_config = llama_text_config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = tiny_config(text_config, **special_token_ids(tokenizer), **fields)
+    torch.manual_seed(0)
+    # Perturbed: the zero-initialised output layers would give every image the same (zero) prediction.
+    return perturb_(TransfusionForMixedModal(config), seed=1).eval()
+
+
+def test_documents_are_laid_out_in_order_with_clean_context_images(tokenizer):
+    collator = build_collator(tokenizer)
+    processor = collator.processor
+    examples = documents(2)
+    batch = collator(examples)
+    block = processor.image_block(4)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    first = [bos, *processor.encode_text(examples[0]["segments"][0]), *block, *processor.encode_text("then")]
+    first += [*block, eos]
+    edit = [bos, *block, *processor.encode_text(examples[1]["text"]), *block, eos]
+    for row, expected in enumerate((first, edit)):
+        assert batch["input_ids"][row, : len(expected)].tolist() == expected
+        assert batch["attention_mask"][row].sum() == len(expected)
+    # Reading order: document 0's clean image then its noised one, then the edit's clean source and noised target.
+    assert batch["timesteps"][0] == 0 and batch["timesteps"][2] == 0
+    assert batch["timesteps"][1] > 0 and batch["timesteps"][3] > 0
+    targets = batch["diffusion_targets"]
+    assert targets[0] is None and targets[2] is None
+    torch.testing.assert_close(batch["latents"][0], examples[0]["segments"][1]["latents"])  # clean: unchanged
+    torch.testing.assert_close(batch["latents"][2], examples[1]["source_latents"])
+    # Flow matching: x_t = (1 - s) x0 + s noise and the target noise - x0 give back x0 = x_t - s * target.
+    sigma = batch["timesteps"][3] / 1000
+    torch.testing.assert_close(batch["latents"][3] - sigma * targets[3], examples[1]["latents"], atol=1e-5, rtol=0)
+
+
+def test_draws_are_a_pure_function_of_seed_and_batch_index(tokenizer):
+    first, second = build_collator(tokenizer), build_collator(tokenizer)
+    second.num_batches = 5
+    one = [first(documents()) for _ in range(6)][5]
+    again = second(documents())
+    torch.testing.assert_close(one["timesteps"], again["timesteps"])
+    torch.testing.assert_close(one["latents"], again["latents"])
+    assert not torch.equal(first(documents())["timesteps"], one["timesteps"])
+
+
+def test_text_dropout_removes_the_text_of_documents_with_a_noised_image(tokenizer):
+    collator = build_collator(tokenizer, dropout=1.0)
+    batch = collator(documents(3))
+    block = collator.processor.image_block(4)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for row in (0, 1):  # the document and the edit keep their images, lose their texts
+        expected = [bos, *block, *block, eos]
+        assert batch["input_ids"][row, : len(expected)].tolist() == expected
+        assert batch["attention_mask"][row].sum() == len(expected)
+    text = collator.processor.encode_parts([documents(3)[2]["text"]], add_eos=True)
+    assert batch["input_ids"][2, : len(text)].tolist() == text  # a text-only row keeps its text
+
+
+def test_loss_covers_the_noised_images_only_and_packing_gives_the_padded_loss(tokenizer):
+    model = build_model(tokenizer)
+    padded = build_collator(tokenizer)(documents())
+    length = padded["input_ids"].shape[1]
+    packed = build_collator(tokenizer, max_sequence_length=2 * length)(documents())
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    with torch.no_grad():
+        expected, actual = model(**padded), model(**packed)
+    for key in ("loss", "lm_loss", "diffusion_loss"):
+        torch.testing.assert_close(getattr(actual, key), getattr(expected, key), rtol=1e-6, atol=1e-6, msg=key)
+    noised = [index for index, target in enumerate(padded["diffusion_targets"]) if target is not None]
+    assert len(noised) == 4 and len(padded["diffusion_targets"]) == 8
+    per_image = [
+        (expected.diffusion_predictions[index] - padded["diffusion_targets"][index]).pow(2).mean() for index in noised
+    ]
+    torch.testing.assert_close(expected.diffusion_loss, torch.stack(per_image).mean())
+
+
+def test_images_of_mixed_sizes(tokenizer):
+    collator = build_collator(tokenizer, patch_size=2)
+    segments = [{"latents": latents(0, 4, 6), "noised": False}, "make it red", {"latents": latents(1, 6, 4)}]
+    batch = collator([{"segments": segments}, {"source_latents": latents(2), "text": "x", "latents": latents(3)}])
+    assert [tuple(image.shape) for image in batch["latents"]] == [(4, 4, 6), (4, 6, 4), (4, 4, 4), (4, 4, 4)]
+    assert [target is None for target in batch["diffusion_targets"]] == [True, False, True, False]
+    assert (batch["input_ids"] == collator.processor.image_token_id).sum() == 6 + 6 + 4 + 4
+    model = build_model(tokenizer, max_latent_size=6)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).diffusion_loss)
+
+
+def test_pairs_in_a_document_batch_keep_their_draws_layout(tokenizer):
+    """A caption pair collated beside a document becomes `[text, image]` (noised, full range) or `[image, text]`."""
+    collator = build_collator(tokenizer)
+    batch = collator([{"text": CAPTIONS[0], "latents": latents(0)}, documents(1)[0]])
+    assert batch["latents"].shape == (3, 4, 4, 4)
+    assert batch["diffusion_targets"][0] is not None and batch["diffusion_targets"][1] is None
+
+
+def test_a_document_longer_than_the_context_is_cut_in_its_text(tokenizer):
+    collator = build_collator(tokenizer, max_length=16)
+    long = " ".join(CAPTIONS * 3)
+    batch = collator([{"source_latents": latents(0), "text": long, "latents": latents(1)}])
+    assert batch["input_ids"].shape[1] == 16 and collator.num_truncated == 1
+    assert (batch["input_ids"] == collator.processor.image_token_id).sum() == 8
+    with pytest.raises(ValueError, match="cannot hold a training document"):
+        build_collator(tokenizer, max_length=8)([{"segments": [{"latents": latents(0)}, {"latents": latents(1)}]}])

@@ -1,0 +1,129 @@
+"""Image-conditioned training end to end: a tiny model trained on shapes, saved, then trained on the built-in editing
+task (`--dataset shapes_edit --pretrained_model_name_or_path`), whose loss covers the noised targets only; and the
+refusals of bad flags before any data is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from script_loading import (
+    load_script,
+    one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
+    reset_accelerate,
+)
+from transfusion_hf import training
+from transfusion_hf.pipeline_transfusion import TransfusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--recipe", "tiny", "--train_batch_size", "4", "--report_to", "none", "--num_inference_steps", "2"]
+QUICK = ["--validation_steps", "0", "--checkpointing_steps", "0", "--logging_steps", "1"]
+SHAPES = ["--dataset_name", "shapes", "--shapes_num_samples", "16"]
+EDITS = ["--dataset", "shapes_edit", "--shapes_num_samples", "16"]
+
+train_transfusion = load_script(ROOT / "examples" / "train_transfusion.py")
+
+
+def run_main(output_dir: Path, *args: str) -> Path:
+    try:
+        return train_transfusion.main([*TINY, *QUICK, "--output_dir", str(output_dir), *args])
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tmp_path_factory) -> Path:
+    """A tiny model trained on shapes for 2 steps and saved (the starting point of the editing runs)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    try:
+        # 4x4 patches: 64 positions an image, so that a source and a target fit the tiny recipe's 512.
+        run_main(out, *SHAPES, "--patch_size", "4", "--max_train_steps", "2")
+    finally:
+        reset_accelerate()
+    return out
+
+
+def test_editing_from_a_saved_pipeline_trains_on_the_targets_only(tmp_path, base_pipeline, monkeypatch):
+    calls = []
+    forward = train_transfusion.training_forward
+    base = TransfusionPipeline.from_pretrained(base_pipeline).transformer.state_dict()
+
+    def recording_forward(model, batch):
+        if not calls:  # the run starts from the saved transformer's weights
+            for name, tensor in model.state_dict().items():
+                torch.testing.assert_close(tensor, base[name], msg=name)
+        output = forward(model, batch)
+        calls.append((batch, output))
+        return output
+
+    monkeypatch.setattr(train_transfusion, "training_forward", recording_forward)
+    out = tmp_path / "edit"
+    run_main(out, *EDITS, "--pretrained_model_name_or_path", str(base_pipeline), "--max_train_steps", "2")
+    assert len(calls) == 2
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    for record, (batch, output) in zip(records, calls):
+        targets, timesteps = batch["diffusion_targets"], batch["timesteps"]
+        # Each row is [bos] <boi> source <eoi> instruction <boi> target <eoi> [eos]: sources clean, targets noised.
+        assert [target is None for target in targets] == [True, False] * 4
+        assert (timesteps[0::2] == 0).all()
+        predictions = output.diffusion_predictions.detach()
+        per_target = [(predictions[i] - targets[i]).pow(2).mean() for i in range(1, 8, 2)]
+        expected = torch.stack(per_target).mean()
+        torch.testing.assert_close(output.diffusion_loss.detach(), expected)
+        assert record["diffusion_loss"] == pytest.approx(float(expected), rel=1e-5)
+    pipe = TransfusionPipeline.from_pretrained(out)  # the editing run saves a working pipeline
+    assert len(pipe.tokenizer) == len(TransfusionPipeline.from_pretrained(base_pipeline).tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--pretrained_model_name_or_path", "/no/such/folder"],
+            "--pretrained_model_name_or_path='/no/such/folder' is",
+        ),
+        (["--dataset", "shapes_edit", "--patch_size", "4", "--random_flip"], "does not support --random_flip"),
+        (
+            ["--dataset", "shapes_edit", "--patch_size", "4", "--aspect_ratio_buckets", "32x32,32x48"],
+            "does not support --aspect_ratio",
+        ),
+        (["--dataset", "shapes_edit"], "a source and a target image take 518 positions"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_data(flags, message):
+    argv = [*TINY, *flags] if "--dataset" in flags else [*TINY, *SHAPES, *flags]
+    with pytest.raises(ValueError, match=message):
+        training.parse_args(argv)
+
+
+def test_a_folder_that_is_not_a_transfusion_pipeline_is_refused(tmp_path, base_pipeline):
+    flag = "--pretrained_model_name_or_path"
+    with pytest.raises(ValueError, match="has no model_index.json"):
+        training.parse_args([*TINY, *EDITS, flag, str(tmp_path)])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="is a StableDiffusionPipeline folder, not a TransfusionPipeline"):
+        training.parse_args([*TINY, *EDITS, flag, str(other)])
+    with pytest.raises(ValueError, match="brings its own model, tokenizer and VAE: drop --patch_size"):
+        training.parse_args([*TINY, *EDITS, flag, str(base_pipeline), "--patch_size", "2"])
+    with pytest.raises(ValueError, match="--resolution=64 differs from the 32 px"):
+        training.parse_args([*TINY, *EDITS, flag, str(base_pipeline), "--resolution", "64"])
+    assert training.parse_args([*TINY, *EDITS, flag, str(base_pipeline)]).pretrained_model_name_or_path
+
+
+def test_shapes_demo_edit_task_evaluates_a_saved_pipeline(tmp_path, base_pipeline):
+    import shutil
+
+    shapes_demo = load_script(ROOT / "examples" / "shapes_demo.py")
+    assert shapes_demo.EDIT_DEMO_FLAGS[:2] == ["--dataset", "shapes_edit"]
+    out = tmp_path / "demo"
+    shutil.copytree(base_pipeline, out)
+    argv = ["--task", "edit", "--skip_training", "--output_dir", str(out), "--num_edits", "4"]
+    metrics = shapes_demo.main([*argv, "--eval_inference_steps", "2", "--eval_device", "cpu", "--patch_size", "4"])
+    assert {"edit_accuracy", "edited_attribute_accuracy", "kept_attributes_accuracy"} <= set(metrics)
+    assert json.loads((out / "metrics.json").read_text())["edit_accuracy"] == metrics["edit_accuracy"]
+    assert (out / "edits.png").is_file()
