@@ -37,8 +37,9 @@ def group_images_by_grid(latents: torch.Tensor | list[torch.Tensor], patch_size:
     """Group images by patch grid, groups in order of their first image.
 
     Args:
-        latents (`torch.Tensor` of shape `(num_images, C, H, W)` or a list of `(C, H_i, W_i)` tensors).
-        patch_size (`int`).
+        latents (`torch.Tensor` or `list[torch.Tensor]`): the images, `(num_images, C, H, W)` or one `(C, H_i, W_i)`
+            each.
+        patch_size (`int`): the model's patch size.
 
     Returns:
         `list[ImageGroup]`: one group without `indices` for a tensor.

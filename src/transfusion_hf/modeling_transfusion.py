@@ -304,7 +304,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
 
         Args:
             image_hidden (`torch.Tensor` of shape `(total_patches, hidden_size)`): in the order of [`encode_images`].
-            timesteps (`torch.Tensor` of shape `(num_images,)`).
+            timesteps (`torch.Tensor` of shape `(num_images,)`): the images' timesteps.
             groups (`list[ImageGroup]`): from [`encode_images`].
 
         Returns:

@@ -79,8 +79,8 @@ def text_conditioning_gap(
         processor (`TransfusionProcessor`): lays out `[bos] caption <boi> <image>*N <eoi> [eos]`.
         noiser (`TransfusionNoiser`): the run's noising (prediction type and schedule).
         captions (`Sequence[str]`): one caption per image.
-        clean_latents (`torch.Tensor` of shape `(num_pairs, C, H, W)`, or a list of `(C, H_i, W_i)` for images of
-            different sizes): the images' clean latents.
+        clean_latents (`torch.Tensor` or `list[torch.Tensor]`): the images' clean latents, `(num_pairs, C, H, W)`, or
+            one `(C, H_i, W_i)` per pair for images of different sizes.
         num_bands (`int`): timestep bands; image `i` gets a time drawn uniformly in band `i % num_bands`.
         seed (`int`): seeds the times and the noise, so successive calls measure the same draws.
         batch_size (`int`): sequences per forward.

@@ -186,7 +186,7 @@ def set_loader_epoch(dataloader, epoch: int) -> None:
 
     Args:
         dataloader: the prepared loader (or its `skip_first_batches` copy), or `StreamingLatentBatches`.
-        epoch (`int`).
+        epoch (`int`): the epoch.
     """
     if hasattr(dataloader, "set_epoch"):  # accelerate's loaders and the stream; a plain DataLoader has none
         dataloader.set_epoch(epoch)
