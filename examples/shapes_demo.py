@@ -154,9 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     demo_flags = EDIT_DEMO_FLAGS if args.task == "edit" else DEMO_FLAGS
     train_argv = demo_flags + ["--output_dir", str(output_dir)] + train_overrides
-    # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
-    image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
-    if not args.skip_training:
+    if args.skip_training:
+        # Only the buckets matter to an evaluation: read them alone (no training check loads anything).
+        buckets = argparse.ArgumentParser(add_help=False)
+        buckets.add_argument("--aspect_ratio_buckets", default=None)
+        image_sizes = aspect_ratio_buckets_from_args(buckets.parse_known_args(train_overrides)[0])
+    else:
+        # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
+        image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
         # The training script runs as the user would run it (its own process, its own logging).
         result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *train_argv])
         if result.returncode:

@@ -212,7 +212,9 @@ def test_the_processor_lays_out_images_of_the_asked_size():
     default = processor(text=["<image> a caption"], images=[image])
     assert default["pixel_values"].shape == (1, 3, 8, 8)
     assert int((default["input_ids"] == processor.image_token_id).sum()) == 4
-    with pytest.raises(ValueError, match=r"An image of 8x10 pixels is not a whole number of patches of 4x4 pixels"):
+    with pytest.raises(
+        ValueError, match=r"`height`=8 and `width`=10: an image is not a whole number of patches of 4x4"
+    ):
         processor(text=["<image>"], images=[image], height=8, width=10)
 
 
@@ -280,5 +282,29 @@ def test_a_clean_context_image_takes_no_diffusion_loss():
         diffusion_loss(predictions[1:], torch.stack(targets[1:]), weights[1:]),
     )
     assert diffusion_loss(predictions, [None, None, None]) == 0
-    with pytest.raises(ValueError, match=r"must be a list of 3 entries"):
+    with pytest.raises(ValueError, match=r"`diffusion_targets` has 1 entries but there are 3 images"):
         diffusion_loss(predictions, [None])
+
+
+def test_placeholder_blocks_must_match_one_tensor_of_another_grid():
+    """Two 8x12 images (6 patches each) against 12 placeholders in blocks of 4, 4 and 4: the total fits, the blocks
+    do not; refused instead of splitting an image's patches over two blocks."""
+    model = perturbed_model()
+    config = model.config
+    ids = torch.tensor([image_row(config, [5], [(8, 8), (8, 8), (8, 8)])])
+    with pytest.raises(ValueError, match=r"blocks of `input_ids` have \[4, 4, 4\] positions but the images of "
+                       r"`latents` have \[6, 6\] patches"):  # fmt: skip
+        model(input_ids=ids, latents=torch.zeros(2, 3, 8, 12), timesteps=torch.zeros(2))
+
+
+def test_generate_expands_images_of_several_sizes():
+    """`generate(num_return_sequences=2)` repeats each row's own images, for a list of latents too."""
+    model = perturbed_model()
+    config = model.config
+    ids = torch.tensor([image_row(config, [5], [(8, 8), (8, 12)])])
+    latents = [torch.randn(3, 8, 8), torch.randn(3, 8, 12)]
+    out = model.generate(
+        input_ids=ids, latents=latents, timesteps=torch.zeros(2), max_new_tokens=2, do_sample=False,
+        num_return_sequences=2, num_beams=2, pad_token_id=0,
+    )  # fmt: skip
+    assert out.shape[0] == 2

@@ -74,8 +74,8 @@ def diffusion_loss(
         per_prediction = list(predictions)
         if len(targets) != len(per_prediction):
             raise ValueError(
-                f"`diffusion_targets` must be a list of {len(per_prediction)} entries, one per image like `latents` "
-                "(None for a clean context image)."
+                f"`diffusion_targets` has {len(targets)} entries but there are {len(per_prediction)} images: one per "
+                "image like `latents` (None for a clean context image)."
             )
         kept = [index for index, target in enumerate(targets) if target is not None]
         for index in kept:

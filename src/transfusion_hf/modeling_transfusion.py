@@ -378,13 +378,15 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 f"`input_ids` hold {num_placeholders} image placeholders but `latents` has {num_images} images of "
                 f"{patches if mixed else (patches or [0])[0]} patches ({expected_placeholders} expected)."
             )
-        if mixed:
-            # Images of different grids: each placeholder block must match its image, in reading order.
+        if mixed or (patches and patches[0] != config.num_patches):
+            # Images of other grids than the default: each placeholder block must match its image, in reading order
+            # (the right total alone could still split an image's patches over two blocks).
+            per_image = patches if isinstance(latents, list) else patches * num_images
             block_lengths = placeholder_block_lengths(input_ids, config.image_token_id)
-            if block_lengths != patches:
+            if block_lengths != per_image:
                 raise ValueError(
                     f"The image placeholder blocks of `input_ids` have {block_lengths} positions but the images of "
-                    f"`latents` have {patches} patches, in reading order."
+                    f"`latents` have {per_image} patches, in reading order."
                 )
         return num_images, expected_placeholders
 
@@ -602,10 +604,12 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 for _ in range(expand_size)
                 for image in range(starts[row], starts[row] + count)
             ]
-            index = torch.tensor(index, dtype=torch.long, device=latents.device)
-            latents = latents.index_select(0, index)
+            if isinstance(latents, list):  # images of several sizes
+                latents = [latents[image] for image in index]
+            else:
+                latents = latents.index_select(0, torch.tensor(index, dtype=torch.long, device=latents.device))
             if timesteps is not None and timesteps.shape[:1] == (starts[-1],):
-                timesteps = timesteps.index_select(0, index.to(timesteps.device))
+                timesteps = timesteps.index_select(0, torch.tensor(index, dtype=torch.long, device=timesteps.device))
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )

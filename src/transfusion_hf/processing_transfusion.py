@@ -96,8 +96,8 @@ class TransfusionProcessor(ProcessorMixin):
         patch = self.patch_pixels
         if height % patch or width % patch or height <= 0 or width <= 0:
             raise ValueError(
-                f"An image of {height}x{width} pixels is not a whole number of patches of {patch}x{patch} pixels "
-                "(`height` and `width` must be multiples of the patch size times the VAE's scale)."
+                f"`height`={height} and `width`={width}: an image is not a whole number of patches of {patch}x{patch} "
+                "pixels (`height` and `width` must be multiples of the patch size times the VAE's scale)."
             )
         return (height // patch) * (width // patch)
 

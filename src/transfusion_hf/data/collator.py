@@ -150,7 +150,11 @@ class TransfusionDataCollator:
         patch_size: int | None = None,
         source_latents_column: str = "source_latents",
     ):
-        for name, value in (("max_length", max_length), ("max_sequence_length", max_sequence_length)):
+        for name, value in (
+            ("max_length", max_length),
+            ("max_sequence_length", max_sequence_length),
+            ("patch_size", patch_size),
+        ):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
         if max_length is not None and max_sequence_length is not None and max_sequence_length > max_length:
@@ -383,8 +387,8 @@ class TransfusionDataCollator:
         height, width = (int(side) for side in torch.as_tensor(latents).shape[-2:])
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
-                f"An example's latents are {height}x{width}, not a whole number of patches of `patch_size`="
-                f"{self.patch_size}."
+                f"An example's `{self.latents_column}` are {height}x{width}, not a whole number of patches of "
+                f"`patch_size`={self.patch_size}."
             )
         return (height // self.patch_size) * (width // self.patch_size)
 

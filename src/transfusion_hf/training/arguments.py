@@ -569,14 +569,17 @@ def check_model_fields(args: argparse.Namespace, preset: dict) -> None:
     aspect_ratio_buckets_from_args(args, multiple=fields.get("patch_size", TransfusionConfig.patch_size) * vae_scale)
     config = TransfusionConfig(text_config=text_config, **fields)
     check_editing_context(args, config)
-    # bos, <boi>, the image, <eoi>, eos: the shortest sequence must fit the backbone's positions.
+    # bos, <boi>, the image, <eoi>, eos: the shortest sequence must fit the backbone's positions, for the largest
+    # image trained (the default square one, or the largest bucket).
     max_positions = getattr(config.text_config, "max_position_embeddings", None)
-    largest = config.num_patches_for(config.max_latent_side, config.max_latent_side)
+    sizes = aspect_ratio_buckets_from_args(args) or [(args.resolution, args.resolution)]
+    largest, (height, width) = max(
+        (config.num_patches_for(height // vae_scale, width // vae_scale), (height, width)) for height, width in sizes
+    )
     if max_positions is not None and largest + 4 > max_positions:
         raise ValueError(
-            f"--patch_size={config.patch_size} at --resolution={args.resolution} gives {largest} image "
-            f"positions (latent side {config.max_latent_side}), more than the backbone's max_position_embeddings="
-            f"{max_positions} allow: use a larger --patch_size or a VAE."
+            f"--patch_size={config.patch_size} at {height}x{width} pixels gives {largest} image positions, more than "
+            f"the backbone's max_position_embeddings={max_positions} allow: use a larger --patch_size or a VAE."
         )
 
 
@@ -591,6 +594,11 @@ def check_editing_context(args: argparse.Namespace, config: TransfusionConfig) -
             f"--dataset_name={args.dataset_name}: a source and a target image take {needed} positions at "
             f"patch_size={config.patch_size}, more than the model's max_position_embeddings={max_positions}: use a "
             "larger --patch_size (for the model trained first) or a VAE."
+        )
+    if args.max_sequence_length is not None and needed > args.max_sequence_length:
+        raise ValueError(
+            f"--max_sequence_length={args.max_sequence_length} cannot hold a row of --dataset_name="
+            f"{args.dataset_name}: a source and a target image take {needed} positions."
         )
 
 
@@ -644,6 +652,10 @@ def check_pretrained_args(args: argparse.Namespace) -> None:
     if pretrained_has_vae(path):
         blocks = AutoencoderKL.load_config(path, subfolder="vae").get("block_out_channels", [64])
         vae_scale = 2 ** (len(blocks) - 1)
+    # The saved model's grids bound the buckets: its `max_latent_size` cannot grow with a pretrained model.
+    aspect_ratio_buckets_from_args(
+        args, multiple=config.patch_size * vae_scale, max_side=config.max_latent_side * vae_scale
+    )
     if args.resolution != config.latent_size * vae_scale:
         raise ValueError(
             f"--resolution={args.resolution} differs from the {config.latent_size * vae_scale} px the model of "

@@ -122,11 +122,8 @@ def text_conditioning_gap(
         per_image = []
         for start in range(0, len(captions), batch_size):
             stop = min(start + batch_size, len(captions))
-            # An image of another size than the processor's default takes its own number of placeholders.
-            blocks = [
-                None if isinstance(noisy, torch.Tensor) else model.config.num_patches_for(*noisy[i].shape[-2:])
-                for i in range(start, stop)
-            ]
+            # Each image takes the placeholders of its own size (the default size's count for a default image).
+            blocks = [model.config.num_patches_for(*noisy[i].shape[-2:]) for i in range(start, stop)]
             sequences = [
                 processor.encode_parts([captions[order[i]], blocks[i - start]], add_bos=True, add_eos=True)
                 for i in range(start, stop)
@@ -141,14 +138,19 @@ def text_conditioning_gap(
                 else batch_latents.to(device, model.dtype),
                 timesteps=times[start:stop].to(device),
             )
-            per_image.append(
-                torch.stack(
-                    [
-                        (prediction.float() - target.to(device).float()).pow(2).mean().cpu()
-                        for prediction, target in zip(output.diffusion_predictions, targets[start:stop])
-                    ]
+            predictions = output.diffusion_predictions
+            if isinstance(predictions, torch.Tensor):  # one size: one reduction for the batch
+                batch_targets = targets[start:stop].to(device).float()
+                per_image.append((predictions.float() - batch_targets).pow(2).mean(dim=(1, 2, 3)).cpu())
+            else:
+                per_image.append(
+                    torch.stack(
+                        [
+                            (prediction.float() - target.to(device).float()).pow(2).mean()
+                            for prediction, target in zip(predictions, targets[start:stop])
+                        ]
+                    ).cpu()
                 )
-            )
         losses[name] = torch.cat(per_image)
     model.train(was_training)
     width = noiser.num_train_timesteps // num_bands
