@@ -236,7 +236,7 @@ TINY = ["--model_config", "tiny", "--report_to", "none"]
     ("flags", "message"),
     [
         (["--patch_size", "3"], r"`patch_size`=3 must divide `latent_size`=32"),
-        (["--resolution", "64"], r"--patch_size=2 at --resolution=64 gives 1024 image positions.*512"),
+        (["--resolution", "64"], r"--patch_size=2 at 64x64 pixels gives 1024 image positions.*512"),
         (["--patch_encoder", "unet", "--patch_size", "4", "--unet_block_out_channels", "32"], "unet_block_out"),
         (
             ["--vae_name_or_path", "{vae}", "--resolution", "31"],
