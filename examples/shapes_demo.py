@@ -41,7 +41,7 @@ from transfusion_hf.visualization import make_grid
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_transfusion.py"
 
 # Data flags only: the recipe is the training script's default (`transfusion_hf.recipes`, "small": learning rate
-# 2e-3, logit-normal times, 1,700 steps of 32). Training stops at that step count, never at a wall-clock cap, so the
+# 2e-3, logit-normal times, 2,000 steps of 32). Training stops at that step count, never at a wall-clock cap, so the
 # same command and seed give the same model on a fast or a slow machine; the time is reported in metrics.json.
 # fmt: off
 DEMO_FLAGS = [

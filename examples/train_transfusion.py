@@ -8,7 +8,7 @@ image folder, or the built-in captioned shapes, optionally with text-only data m
 
 Its defaults are the package's default recipe (`--recipe small`, `transfusion_hf.recipes`): the model config and the
 training hyper-parameters measured to draw what the prompt says on a CPU, in pixel space or on a VAE's latents
-(rectified flow, logit-normal times, learning rate 2e-3, 1,700 steps of 32). A flag given on the command line wins over
+(rectified flow, logit-normal times, learning rate 2e-3, 2,000 steps of 32). A flag given on the command line wins over
 the recipe. Every part below lives in `transfusion_hf.training` (typed functions a loop of your own can import); this
 file is the training loop. Beyond the recipe, the paper's choices (section 4.1): lambda = 5, 80/20
 caption-first/image-first pairs, a noise limit of t <= 500 on image-first pairs, AdamW (0.9, 0.95), weight decay 0.1

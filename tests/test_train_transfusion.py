@@ -699,7 +699,7 @@ def test_shapes_demo_is_the_script_plus_data_flags():
     assert set(shapes_demo.DEMO_FLAGS[::2]) == {"--dataset", "--shapes_num_samples", "--logging_steps"}
     args = training.parse_args([*shapes_demo.DEMO_FLAGS, "--output_dir", "unused"])
     recipe = load_recipe("small")
-    assert args.recipe == "small" and recipe.training["max_train_steps"] == args.max_train_steps == 1700
+    assert args.recipe == "small" and recipe.training["max_train_steps"] == args.max_train_steps == 2000
     assert (args.max_train_time_minutes, args.lr_schedule_clock) == (None, "steps")
     for name, value in recipe.training.items():
         assert getattr(args, name) == value, name
@@ -722,7 +722,7 @@ def test_a_recipe_sets_the_scripts_defaults_and_a_flag_wins(tmp_path):
     assert (args.learning_rate, args.max_train_steps) == (1e-4, 7)
     path.write_text(json.dumps(load_recipe("tiny").model))  # a bare model preset
     args = training.parse_args([*SHAPES, "--model_config", str(path)])
-    assert (args.learning_rate, args.max_train_steps) == (2e-3, 1700)
+    assert (args.learning_rate, args.max_train_steps) == (2e-3, 2000)
     args = training.parse_args([*SHAPES, "--recipe", "paper_0.16b"])
     assert (args.learning_rate, args.lr_warmup_steps) == (3e-4, 4000)
     # An epsilon model of the user's, no training part: the default recipe's times fall back to uniform.
