@@ -165,3 +165,27 @@ def test_perfect_predictor_recovers_x0(prediction_type):
         torch.testing.assert_close(
             out.targets, (out.latents - alpha.sqrt() * x0) / (1 - alpha).sqrt(), atol=1e-4, rtol=0
         )
+
+
+def test_noise_offset_shifts_each_image_and_channel_by_one_constant():
+    """Offset noise: the noise of each (image, channel) moves by one constant of the asked scale; without it the draws
+    are the former ones; flow refuses it."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    clean = torch.zeros(64, 3, 8, 8)
+    timesteps = torch.full((64,), 999)
+    plain = TransfusionNoiser(DDPMScheduler(), "epsilon").add_noise(clean, timesteps, torch.Generator().manual_seed(0))
+    again = TransfusionNoiser(DDPMScheduler(), "epsilon", noise_offset=0.0)
+    torch.testing.assert_close(
+        again.add_noise(clean, timesteps, torch.Generator().manual_seed(0)).targets, plain.targets
+    )
+    offset = TransfusionNoiser(DDPMScheduler(), "epsilon", noise_offset=0.5)
+    shifted = offset.add_noise(clean, timesteps, torch.Generator().manual_seed(0)).targets
+    difference = shifted - plain.targets  # the same first draw, plus the offset
+    per_channel = difference.flatten(2)
+    torch.testing.assert_close(per_channel, per_channel[..., :1].expand_as(per_channel))  # constant in space
+    assert 0.35 < float(per_channel[..., 0].std()) < 0.65  # of scale 0.5
+    with pytest.raises(ValueError, match=r"`noise_offset`=0.1 is for 'epsilon' and 'v_prediction'"):
+        TransfusionNoiser(FlowMatchEulerDiscreteScheduler(), "flow_prediction", noise_offset=0.1)
+    with pytest.raises(ValueError, match=r"`noise_offset` must be a number >= 0, got -1"):
+        TransfusionNoiser(DDPMScheduler(), "epsilon", noise_offset=-1)

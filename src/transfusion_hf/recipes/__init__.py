@@ -60,6 +60,7 @@ TRAINING_FIELDS = (
     "logit_mean",
     "logit_std",
     "importance_exponent",
+    "noise_offset",
     "snr_gamma",
     "snr_weighting",
     "normalize_snr_weights",

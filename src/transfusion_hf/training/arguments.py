@@ -235,6 +235,13 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--logit_mean", type=float, default=0.0)
     recipe.add_argument("--logit_std", type=float, default=1.0)
     recipe.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Offset noise (diffusers' flag): a per-image, per-channel constant of this scale added to the noise, for "
+        "epsilon / v prediction.",
+    )
+    recipe.add_argument(
         "--importance_exponent",
         type=float,
         default=None,

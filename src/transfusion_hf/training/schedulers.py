@@ -56,6 +56,7 @@ def build_noiser(args: argparse.Namespace, prediction_type: str) -> TransfusionN
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,
         importance_exponent=args.importance_exponent,
+        noise_offset=args.noise_offset,
     )
 
 
