@@ -95,6 +95,15 @@ CASES = {
 }
 
 
+def assert_same_as_eager(model, batch, compiled_loss, compiled_gradients) -> None:
+    """The compiled step's loss and every gradient equal the eager step's."""
+    loss, gradients = loss_and_gradients(model, batch)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=1e-6)
+    assert compiled_gradients.keys() == gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_step_is_one_graph_with_the_eager_loss_and_gradients(tokenizer, case):
     patch_encoder, layout, packed, modality_experts = CASES[case]
@@ -105,11 +114,7 @@ def test_training_step_is_one_graph_with_the_eager_loss_and_gradients(tokenizer,
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     compiled_loss, compiled_gradients = loss_and_gradients(model, batch, compiled)
     assert counter.frame_count == 1
-    loss, gradients = loss_and_gradients(model, batch)
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=1e-6)
-    assert compiled_gradients.keys() == gradients.keys()
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_as_eager(model, batch, compiled_loss, compiled_gradients)
 
 
 def test_compiled_backward_with_activation_checkpointing_matches_eager(tokenizer):
@@ -123,11 +128,7 @@ def test_compiled_backward_with_activation_checkpointing_matches_eager(tokenizer
         compiled = torch.compile(model, backend=counter, fullgraph=True)
         compiled_loss, compiled_gradients = loss_and_gradients(model, batch, compiled)
     assert counter.frame_count == 1
-    loss, gradients = loss_and_gradients(model, batch)
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=1e-6)
-    assert compiled_gradients.keys() == gradients.keys()
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_as_eager(model, batch, compiled_loss, compiled_gradients)
 
 
 def test_compiled_step_checks_the_placeholders_in_the_graph(tokenizer):

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from script_loading import load_script, reset_accelerate
+from script_loading import reset_accelerate
+from test_train_transfusion import ROOT, SCRIPT, TINY, losses_by_step
+from test_train_transfusion import run_main as run_tiny
 from transfusion_hf import TransfusionProcessor
 from transfusion_hf.data.buckets import BucketBatchSampler
 from transfusion_hf.pipeline_transfusion import TransfusionPipeline
@@ -28,26 +30,13 @@ from transfusion_hf.training import (
     set_loader_epoch,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_transfusion.py"
-TINY = ["--model_config", "tiny", "--patch_size", "4", "--train_batch_size", "4", "--report_to", "none",
-        "--num_inference_steps", "2", "--dataset_name", "shapes", "--shapes_num_samples", "30",
-        "--aspect_ratio_buckets", "32x32,32x48,48x32", "--validation_steps", "0"]  # fmt: skip
-
-train_transfusion = load_script(SCRIPT)
+# The tiny recipe at 4x4 patches (64 positions for a 32x32 image, 96 for the others), three canvases of shapes.
+BUCKETS = ["--patch_size", "4", "--dataset_name", "shapes", "--shapes_num_samples", "30",
+           "--aspect_ratio_buckets", "32x32,32x48,48x32", "--validation_steps", "0"]  # fmt: skip
 
 
 def run_main(output_dir: Path, *args: str) -> Path:
-    try:
-        return train_transfusion.main([*TINY, "--output_dir", str(output_dir), *args])
-    finally:
-        reset_accelerate()
-
-
-def losses_by_step(output_dir: Path) -> dict[int, float]:
-    path = output_dir / "logs" / "train_log.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {record["step"]: record["loss"] for record in records}
+    return run_tiny(output_dir, *BUCKETS, *args)
 
 
 def test_training_at_mixed_aspect_ratios_resumes_exactly_and_draws_every_size(tmp_path):
@@ -84,7 +73,7 @@ def test_training_at_mixed_aspect_ratios_resumes_exactly_and_draws_every_size(tm
 def test_every_batch_holds_one_size(tmp_path):
     """The collated batches of a bucketed run: each one `latents` tensor (one size), all three sizes seen."""
 
-    args = parse_args([*TINY, "--output_dir", str(tmp_path / "run")])
+    args = parse_args([*TINY, *BUCKETS, "--output_dir", str(tmp_path / "run")])
     try:
         accelerator = build_accelerator(args)
         data = prepare_training_data(args, None, accelerator)
@@ -112,7 +101,7 @@ def test_every_batch_holds_one_size(tmp_path):
     ],
 )
 def test_bad_buckets_are_refused_in_a_second(tmp_path, buckets, message):
-    argv = [arg if arg != "32x32,32x48,48x32" else buckets for arg in TINY]
+    argv = [*TINY, *(arg if arg != "32x32,32x48,48x32" else buckets for arg in BUCKETS)]
     started = time.time()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *argv, "--output_dir", str(tmp_path / "run")],

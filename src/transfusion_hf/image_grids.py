@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .masking_transfusion import image_block_ids
+
 
 @dataclass
 class ImageGroup:
@@ -58,15 +60,14 @@ def placeholder_block_lengths(input_ids: torch.LongTensor, image_token_id: int) 
     """The length of every run of image placeholders, in reading order (row by row, left to right).
 
     Args:
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
-        image_token_id (`int`).
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the ids.
+        image_token_id (`int`): the placeholder id.
     """
-    is_image = input_ids == image_token_id
-    previous = torch.zeros_like(is_image)
-    previous[:, 1:] = is_image[:, :-1]
-    starts = (is_image & ~previous).reshape(-1)[is_image.reshape(-1)]
-    start_positions = starts.nonzero().squeeze(1).tolist()
-    return [end - start for start, end in zip(start_positions, [*start_positions[1:], len(starts)])]
+    lengths: list[int] = []
+    for row in image_block_ids(input_ids, image_token_id):  # the mask's numbering of the images of each row
+        blocks = row[row >= 0]
+        lengths.extend(torch.bincount(blocks).tolist() if blocks.numel() else [])
+    return lengths
 
 
 def stack_if_same_grid(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

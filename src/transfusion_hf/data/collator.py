@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..image_grids import stack_if_same_grid
 from ..noising import TransfusionNoiser
 from ..processing_transfusion import TransfusionProcessor, pad_sequences
 from .latent_cache import unflatten_latents
@@ -363,11 +364,11 @@ class TransfusionDataCollator:
             for offset in range(sum(isinstance(part, ImageSegment) for part in documents[index]))
         ]
         latents, targets = [latents[index] for index in order], [targets[index] for index in order]
-        one_size = len({tuple(image.shape) for image in latents}) == 1
         images = {
-            "latents": torch.stack(latents) if one_size else latents,
+            "latents": stack_if_same_grid(latents),
             "timesteps": timesteps[order],
-            "diffusion_targets": torch.stack(targets) if one_size and None not in targets else targets,
+            # None marks a clean image (no loss): such targets stay a list.
+            "diffusion_targets": targets if None in targets else stack_if_same_grid(targets),
         }
         if weights is not None:
             images["diffusion_loss_weights"] = weights[order]
@@ -414,23 +415,14 @@ class TransfusionDataCollator:
         ]
         slot = {index: position for position, index in enumerate(with_image)}
         order = torch.tensor([slot[index] for index in images_in_order], dtype=torch.long)
-        if len({tuple(image.shape) for image in clean}) == 1:
-            noised = self.noiser(torch.stack(clean), image_first[with_image], generator)
-            images = {
-                "latents": noised.latents[order],
-                "timesteps": noised.timesteps[order],
-                "diffusion_targets": noised.targets[order],
-            }
-            if noised.loss_weights is not None:
-                images["diffusion_loss_weights"] = noised.loss_weights[order]
-            return images
-        return self.noised_images_of_mixed_sizes(clean, image_first[with_image], order, generator)
+        return self.noised_images_by_size(clean, image_first[with_image], order, generator)
 
-    def noised_images_of_mixed_sizes(
+    def noised_images_by_size(
         self, clean: list[torch.Tensor], image_first: torch.Tensor, order: torch.Tensor, generator: torch.Generator
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Noise images of different sizes, one size at a time (in order of first appearance, so the draws are a
-        pure function of the batch), returned in `order` as lists (`latents`, `diffusion_targets`) and tensors."""
+        """Noise the images one size at a time (in order of first appearance, so the draws are a pure function of the
+        batch; a batch of one size is one draw, as before sizes could differ), returned in `order`: `latents` and
+        `diffusion_targets` one tensor when every image has one size, else lists."""
         num_images = len(clean)
         latents, targets = [None] * num_images, [None] * num_images
         timesteps = weights = None
@@ -447,9 +439,9 @@ class TransfusionDataCollator:
             for slot, index in enumerate(members):
                 latents[index], targets[index] = noised.latents[slot], noised.targets[slot]
         images = {
-            "latents": [latents[i] for i in order.tolist()],
+            "latents": stack_if_same_grid([latents[i] for i in order.tolist()]),
             "timesteps": timesteps[order],
-            "diffusion_targets": [targets[i] for i in order.tolist()],
+            "diffusion_targets": stack_if_same_grid([targets[i] for i in order.tolist()]),
         }
         if weights is not None:
             images["diffusion_loss_weights"] = weights[order]
