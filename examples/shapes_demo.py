@@ -17,6 +17,10 @@ beside its edit, the instruction under it).
 
     python examples/shapes_demo.py --task edit --output_dir outputs/shapes_edit \
         --pretrained_model_name_or_path outputs/shapes
+
+`--task edit_documents` trains the same edits written as interleaved documents (`[source, instruction, target]`,
+a parquet folder in --output_dir read with `--interleaved`): each image is noised with its own t, or kept clean as
+context with `--clean_image_probability`; scored as `--task edit`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from transfusion_hf.data.image_text import aspect_ratio_buckets_from_args
+from transfusion_hf.data.shapes_edit import load_shapes_edit_documents
 from transfusion_hf.evaluation.field_metrics import FieldMetrics, caption_scores
 from transfusion_hf.evaluation.shapes_benchmark import ShapesEvaluation, evaluate_shapes, held_out_samples_grid
 from transfusion_hf.evaluation.shapes_edit_benchmark import evaluate_shapes_edit
@@ -55,7 +60,26 @@ EDIT_DEMO_FLAGS = [
     "--shapes_num_samples", "20000",
     "--logging_steps", "25",
 ]
+# The same edits as interleaved documents `[source, instruction, target]` (a parquet folder written by the demo, read
+# with --interleaved): each image noised with its own t unless --clean_image_probability keeps it clean.
+EDIT_DOCUMENTS_FLAGS = [
+    "--interleaved",
+    "--logging_steps", "25",
+]
+EDIT_DOCUMENTS_ROWS = 20000
 # fmt: on
+
+
+def write_edit_documents(output_dir: Path, seed: int) -> Path:
+    """Write the training edits as interleaved documents (`shapes_edit.load_shapes_edit_documents`) to
+    `output_dir/documents/train.parquet` once; returns the folder (the training script's --dataset_name)."""
+    folder = output_dir / "documents"
+    if not (folder / "train.parquet").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        documents = load_shapes_edit_documents("train", num_samples=EDIT_DOCUMENTS_ROWS, seed=seed)
+        documents.to_parquet(str(folder / ".train.parquet"))
+        (folder / ".train.parquet").rename(folder / "train.parquet")
+    return folder
 
 
 def edit_metrics(args: argparse.Namespace, pipeline: TransfusionPipeline, output_dir: Path) -> dict:
@@ -139,10 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate the pipeline in --output_dir.")
     parser.add_argument(
         "--task",
-        choices=["generate", "edit"],
+        choices=["generate", "edit", "edit_documents"],
         default="generate",
         help="generate: text-to-image and captions on the shapes; edit: the shapes editing task (--dataset "
-        "shapes_edit), e.g. from a saved pipeline with --pretrained_model_name_or_path.",
+        "shapes_edit), e.g. from a saved pipeline with --pretrained_model_name_or_path; edit_documents: the same "
+        "edits written as interleaved documents and trained with --interleaved (scored as edit).",
     )
     parser.add_argument("--num_edits", type=int, default=96, help="Held-out edits scored with --task edit.")
     parser.add_argument(
@@ -152,7 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    demo_flags = EDIT_DEMO_FLAGS if args.task == "edit" else DEMO_FLAGS
+    demo_flags = {"edit": EDIT_DEMO_FLAGS, "edit_documents": EDIT_DOCUMENTS_FLAGS}.get(args.task, DEMO_FLAGS)
+    if args.task == "edit_documents" and not args.skip_training:
+        seed_parser = argparse.ArgumentParser(add_help=False)
+        seed_parser.add_argument("--seed", type=int, default=0)
+        seed = seed_parser.parse_known_args(train_overrides)[0].seed
+        demo_flags = demo_flags + ["--dataset_name", str(write_edit_documents(output_dir, seed))]
     train_argv = demo_flags + ["--output_dir", str(output_dir)] + train_overrides
     if args.skip_training:
         # Only the buckets matter to an evaluation: read them alone (no training check loads anything).
@@ -169,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     trained = time.time()
     pipeline = TransfusionPipeline.from_pretrained(output_dir).to(args.eval_device)
     pipeline.set_progress_bar_config(disable=True)
-    if args.task == "edit":
+    if args.task in ("edit", "edit_documents"):
         metrics = edit_metrics(args, pipeline, output_dir)
     else:
         metrics = generation_metrics(args, pipeline, output_dir, image_sizes)

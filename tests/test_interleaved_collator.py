@@ -159,4 +159,49 @@ def test_a_document_longer_than_the_context_is_cut_in_its_text(tokenizer):
     assert batch["input_ids"].shape[1] == 16 and collator.num_truncated == 1
     assert (batch["input_ids"] == collator.processor.image_token_id).sum() == 8
     with pytest.raises(ValueError, match="cannot hold a training document"):
-        build_collator(tokenizer, max_length=8)([{"segments": [{"latents": latents(0)}, {"latents": latents(1)}]}])
+        build_collator(tokenizer, max_length=8)([{"source_latents": latents(0), "text": "x", "latents": latents(1)}])
+
+
+def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(tokenizer):
+    """`[text, image, text, image]` in 16 tokens: the prefix that fits is kept, the first text cut within it if
+    needed; an image that does not fit whole is dropped with everything after it (no target, no latents)."""
+    processor_ids = build_collator(tokenizer).processor
+    first = "a red circle"
+    used = 2 + len(processor_ids.encode_text(first)) + 6  # bos, eos, the text, the first image's block
+    collator = build_collator(tokenizer, max_length=used + 3)
+    document = {"segments": [first, {"latents": latents(0)}, " ".join(CAPTIONS), {"latents": latents(1)}]}
+    batch = collator([document])
+    assert collator.num_truncated == 1 and batch["input_ids"].shape == (1, used + 3)
+    assert batch["latents"].shape == (1, 4, 4, 4) and batch["diffusion_targets"].shape == (1, 4, 4, 4)
+    second_text = processor_ids.encode_text(" ".join(CAPTIONS))[:3]
+    assert batch["input_ids"][0, used - 1 : used + 2].tolist() == second_text  # cut within, before [eos]
+    # Too short for a first image of 4x8 latents (8 patches of 2x2): the text before it alone (cut), no image.
+    short = build_collator(tokenizer, max_length=8, patch_size=2)
+    big = latents(1, 4, 8)
+    batch = short([{"segments": [{"latents": big}, "x"]}, {"segments": [" ".join(CAPTIONS), {"latents": big}]}])
+    assert "latents" not in batch and short.num_truncated == 2 and batch["input_ids"].shape == (2, 8)
+
+
+def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
+    """A document image whose `noised` is unset (a cached interleaved document): at probability 0 every one is noised
+    and the batch equals the one with `noised=True` given (nothing more drawn); at 1 every one is clean; at 0.5 some
+    of each, the same on every call for the same batch index."""
+    unset = [
+        {"segments": ["a", {"latents": latents(index)}, "b", {"latents": latents(50 + index)}]} for index in range(8)
+    ]
+    given = [
+        {"segments": [part if isinstance(part, str) else {**part, "noised": True} for part in example["segments"]]}
+        for example in unset
+    ]
+    paper, explicit = build_collator(tokenizer)(unset), build_collator(tokenizer)(given)
+    for key in ("input_ids", "latents", "timesteps", "diffusion_targets"):
+        torch.testing.assert_close(paper[key], explicit[key], rtol=0, atol=0, msg=key)
+    clean = build_collator(tokenizer, clean_image_probability=1.0)(unset)
+    assert all(target is None for target in clean["diffusion_targets"]) and (clean["timesteps"] == 0).all()
+    half = build_collator(tokenizer, clean_image_probability=0.5)
+    kept = [target is None for target in half(unset)["diffusion_targets"]]
+    assert 0 < sum(kept) < len(kept)
+    again = build_collator(tokenizer, clean_image_probability=0.5)
+    assert [target is None for target in again(unset)["diffusion_targets"]] == kept
+    with pytest.raises(ValueError, match="clean_image_probability"):
+        build_collator(tokenizer, clean_image_probability=1.5)

@@ -16,6 +16,7 @@ import torch
 from ..image_grids import stack_if_same_grid
 from ..noising import TransfusionNoiser
 from ..processing_transfusion import TransfusionProcessor, pad_sequences
+from .interleaved import document_example
 from .latent_cache import unflatten_latents
 
 
@@ -136,6 +137,14 @@ class TransfusionDataCollator:
             have any size (each image takes `(H // patch_size) * (W // patch_size)` placeholders; a batch of one size
             gives one `latents` tensor, mixed sizes a list of `(C, H_i, W_i)` tensors, noised one size at a time);
             without it every image takes the processor's `num_image_tokens`.
+        clean_image_probability (`float`): the chance that an image of a document whose `noised` is unset (a cached
+            interleaved document, `interleaved.document_example`) is kept clean as context instead of noised; drawn
+            per image, only when above 0. At 0, every image is noised with its own t (the paper's interleaved
+            training).
+
+    Documents (`{"segments": [...]}`) longer than the limit are cut at it, as a language model's text is: an image
+    block is never split, so the first image that does not fit whole ends the document; an edit
+    (`source_latents`) keeps both images and cuts its instruction.
     """
 
     def __init__(
@@ -150,7 +159,10 @@ class TransfusionDataCollator:
         max_sequence_length: int | None = None,
         patch_size: int | None = None,
         source_latents_column: str = "source_latents",
+        clean_image_probability: float = 0.0,
     ):
+        if not 0.0 <= clean_image_probability <= 1.0:
+            raise ValueError(f"`clean_image_probability` must be in [0, 1], got {clean_image_probability!r}.")
         for name, value in (
             ("max_length", max_length),
             ("max_sequence_length", max_sequence_length),
@@ -182,6 +194,7 @@ class TransfusionDataCollator:
         self.max_sequence_length = max_sequence_length
         self.patch_size = patch_size
         self.source_latents_column = source_latents_column
+        self.clean_image_probability = clean_image_probability
 
     def batch_generator(self, batch_index: int) -> torch.Generator:
         """The generator of batch `batch_index` (a pure function of the seed and the index)."""
@@ -213,7 +226,8 @@ class TransfusionDataCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         # Rows of a bucketed latent cache hold flat latents and their shape.
-        examples = [unflatten_latents(example) for example in examples]
+        # Rows of a cache of interleaved documents hold their texts and their images' flat latents.
+        examples = [document_example(unflatten_latents(example)) for example in examples]
         generator = self.batch_generator(self.num_batches)
         self.num_batches += 1
         if any(self.is_document(example) for example in examples):
@@ -262,27 +276,51 @@ class TransfusionDataCollator:
         flip = torch.rand(len(examples), generator=generator) < 0.5
         documents = [
             self.example_document(
-                example, bool(image_first[index]), bool(drop_caption[index]), bool(drop_text[index]), bool(flip[index])
+                example,
+                bool(image_first[index]),
+                bool(drop_caption[index]),
+                bool(drop_text[index]),
+                bool(flip[index]),
+                generator,
             )
             for index, example in enumerate(examples)
         ]
-        batch, reading_order = self.pad_or_pack([self.encode_document(document) for document in documents])
+        sequences = []
+        for index, example in enumerate(examples):
+            # A document is cut at the limit (dropping the images past it); an edit cuts its text.
+            ids, documents[index] = self.encode_document(documents[index], cut_at_limit="segments" in example)
+            sequences.append(ids)
+        batch, reading_order = self.pad_or_pack(sequences)
         if any(isinstance(segment, ImageSegment) for document in documents for segment in document):
             batch.update(self.document_images(documents, reading_order, generator))
         return batch
 
     def example_document(
-        self, example: dict, image_first: bool, drop_caption: bool, drop_text: bool, flip: bool
+        self,
+        example: dict,
+        image_first: bool,
+        drop_caption: bool,
+        drop_text: bool,
+        flip: bool,
+        generator: torch.Generator | None = None,
     ) -> list[str | ImageSegment]:
-        """One example as a document: text strings and [`ImageSegment`]s in reading order, text dropped as drawn."""
+        """One example as a document: text strings and [`ImageSegment`]s in reading order, text dropped as drawn, an
+        image whose `noised` is unset noised or kept clean as drawn (`clean_image_probability`, from `generator`)."""
         if example.get("segments") is not None:
             document = []
             for segment in example["segments"]:
                 if isinstance(segment, str):
                     document.append(segment)
-                else:
-                    latents = torch.as_tensor(segment["latents"]).float()
-                    document.append(ImageSegment(latents, bool(segment.get("noised", True))))
+                    continue
+                latents = torch.as_tensor(segment["latents"]).float()
+                noised = segment.get("noised")
+                if noised is None:
+                    # Drawn only when asked, so that the paper's setting draws nothing more than before.
+                    clean = self.clean_image_probability > 0 and (
+                        torch.rand((), generator=generator).item() < self.clean_image_probability
+                    )
+                    noised = not clean
+                document.append(ImageSegment(latents, bool(noised)))
             if drop_text and any(isinstance(part, ImageSegment) and part.noised for part in document):
                 document = [part for part in document if not isinstance(part, str)]
             return document
@@ -302,13 +340,18 @@ class TransfusionDataCollator:
             return [image, text]
         return [image] if drop_caption else [text, image]
 
-    def encode_document(self, document: list[str | ImageSegment]) -> list[int]:
-        """The ids of one document; its texts are cut from the last one back when the sequence is over the limit (the
-        smaller of `max_length` and `max_sequence_length`), counted in `num_truncated`."""
+    def encode_document(
+        self, document: list[str | ImageSegment], cut_at_limit: bool = False
+    ) -> tuple[list[int], list[str | ImageSegment]]:
+        """The ids of one document and the document they hold. Over the limit (the smaller of `max_length` and
+        `max_sequence_length`), it is cut there with `cut_at_limit` (an image that does not fit whole ends it), else
+        its texts are cut from the last one back; either is counted in `num_truncated`."""
         parts = [
             self.processor.encode_text(part) if isinstance(part, str) else self.placeholders_for(part.latents)
             for part in document
         ]
+        if cut_at_limit:
+            return self.cut_document(document, parts)
         images = [part for part in parts if not isinstance(part, list)]
         fixed = len(self.processor.encode_parts(images, add_bos=True, add_eos=True))
         name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
@@ -326,7 +369,33 @@ class TransfusionDataCollator:
                     parts[position] = parts[position][: len(parts[position]) - cut]
                     excess -= cut
             self.num_truncated += 1
-        return self.processor.encode_parts(parts, add_bos=True, add_eos=True)
+        return self.processor.encode_parts(parts, add_bos=True, add_eos=True), document
+
+    def cut_document(
+        self, document: list[str | ImageSegment], parts: list[list[int] | int | None]
+    ) -> tuple[list[int], list[str | ImageSegment]]:
+        """[`encode_document`] with `cut_at_limit`: keep the longest prefix of the document that fits the limit with
+        `[bos]` and `[eos]`, a text cut within, an image kept whole or dropped with all that follows."""
+        name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
+        limit = getattr(self, name)
+        ids = self.processor.encode_parts(parts, add_bos=True, add_eos=True)
+        if limit is None or len(ids) <= limit:
+            return ids, document
+        budget = limit - len(self.processor.encode_parts([], add_bos=True, add_eos=True))
+        kept_parts, kept = [], []
+        for part, segment in zip(parts, document):
+            cost = len(part) if isinstance(part, list) else len(self.processor.image_block(part))
+            if cost <= budget:
+                kept_parts.append(part)
+                kept.append(segment)
+                budget -= cost
+                continue
+            if isinstance(part, list) and budget > 0:
+                kept_parts.append(part[:budget])
+                kept.append(segment)
+            break
+        self.num_truncated += 1
+        return self.processor.encode_parts(kept_parts, add_bos=True, add_eos=True), kept
 
     def document_images(
         self, documents: list[list[str | ImageSegment]], reading_order: list[int], generator: torch.Generator

@@ -47,8 +47,9 @@ def load_image_text_dataset(
     train_data_files: list[str] | None = None,
     streaming: bool = False,
     shapes_image_sizes: list[tuple[int, int]] | None = None,
+    interleaved: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Load an image-caption data set with `datasets`.
+    """Load an image-caption data set, or a data set of interleaved documents, with `datasets`.
 
     Exactly one source: `dataset_name="shapes"` (the built-in captioned shapes), `dataset_name="shapes_edit"` (the
     built-in shapes editing triples, `shapes_num_samples` rows: a `source_image` column besides `image`, the target,
@@ -63,6 +64,11 @@ def load_image_text_dataset(
     `shapes_image_sizes` (a list of `(height, width)`) draws the built-in shapes on canvases of those sizes, split
     evenly among the rows (`shapes.load_shapes_dataset(image_sizes=...)`); default 32x32.
 
+    `interleaved=True` reads documents of several texts and images instead of pairs (`data.interleaved`): from a
+    Hub data set or a local folder of parquet / json files, `image_column` is a list of images and `caption_column`
+    the aligned list of texts (OBELICS's layout); from webdataset shards both are keys of each sample's `.json`, the
+    images base64-encoded. Not with the built-in data sets, nor streaming.
+
     `streaming=True` returns a `datasets.IterableDataset` read on the fly (the built-in data sets are converted with
     `to_iterable_dataset`, one shard per 64 rows so that processes can split them by shard).
 
@@ -70,7 +76,8 @@ def load_image_text_dataset(
     instead of crashing the data loader.
 
     Returns:
-        `datasets.Dataset` with the columns `image` and `text` (and `source_image` for an editing data set).
+        `datasets.Dataset` with the columns `image` and `text` (and `source_image` for an editing data set), or
+        `images` and `texts` for interleaved documents.
 
     Raises:
         ValueError: a missing column, naming it and listing the available ones.
@@ -81,6 +88,11 @@ def load_image_text_dataset(
             f"Give exactly one of `dataset_name`={dataset_name!r}, `train_data_dir`={train_data_dir!r} and "
             f"`train_data_files`={train_data_files!r}."
         )
+    if interleaved:
+        return load_documents(
+            dataset_name, dataset_config_name, train_data_dir, train_data_files, split, image_column, caption_column,
+            cache_dir, streaming,
+        )  # fmt: skip
     if dataset_name == "shapes":
         from .shapes import load_shapes_dataset
 
@@ -136,6 +148,37 @@ def load_image_text_dataset(
     if renames:
         dataset = dataset.rename_columns(renames)
     return dataset
+
+
+def load_documents(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    train_data_files: list[str] | None,
+    split: str,
+    image_column: str,
+    caption_column: str,
+    cache_dir: str | None,
+    streaming: bool,
+) -> datasets.Dataset:
+    """The interleaved branch of [`load_image_text_dataset`] (same arguments): the documents with the columns `texts`
+    and `images` (`data.interleaved.normalize_documents`)."""
+    from .interleaved import normalize_documents
+
+    if dataset_name in BUILTIN_DATASETS or train_data_dir is not None or streaming:
+        given = f"`dataset_name`={dataset_name!r}" if dataset_name in BUILTIN_DATASETS else None
+        given = given or (f"`train_data_dir`={train_data_dir!r}" if train_data_dir is not None else "streaming")
+        raise ValueError(
+            f"Interleaved documents are read from a Hub data set, a local folder of parquet / json files "
+            f"(`dataset_name`) or webdataset shards (`train_data_files`), cached, not {given}."
+        )
+    if train_data_files is not None:
+        dataset = datasets.load_dataset(
+            "webdataset", data_files={split: list(train_data_files)}, split=split, cache_dir=cache_dir
+        )
+        return normalize_documents(dataset, caption_column, image_column, from_webdataset=True)
+    dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    return normalize_documents(dataset, caption_column, image_column)
 
 
 def check_image_text_source(
@@ -365,8 +408,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         default=None,
         help="webdataset .tar shards (e.g. with --image_column jpg --caption_column txt).",
     )
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
+    data.add_argument(
+        "--image_column", default=None, help="Column of the images (default 'image'; 'images' with --interleaved)."
+    )
+    data.add_argument(
+        "--caption_column", default=None, help="Column of the captions (default 'text'; 'texts' with --interleaved)."
+    )
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=32)
     data.add_argument(
@@ -385,6 +432,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     data.add_argument("--glyphs_num_samples", type=int, default=20000, help="Rows of the built-in glyphs.")
     data.add_argument("--strict_data", action="store_true", help="Fail on an unreadable image instead of skipping.")
     return data
+
+
+def data_columns_from_args(args: argparse.Namespace) -> tuple[str, str]:
+    """The image and caption columns [`load_dataset_from_args`] reads: `--image_column` and `--caption_column`, by
+    default `image` and `text`, or `images` and `texts` for interleaved documents (`--interleaved`)."""
+    interleaved = getattr(args, "interleaved", False)
+    image_column = getattr(args, "image_column", None) or ("images" if interleaved else "image")
+    caption_column = getattr(args, "caption_column", None) or ("texts" if interleaved else "text")
+    return image_column, caption_column
 
 
 def aspect_ratio_buckets_from_args(
@@ -414,6 +470,8 @@ def check_dataset_from_args(
     vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, not with `--streaming`, and large
     enough for the built-in shapes."""
     buckets = aspect_ratio_buckets_from_args(args, bucket_multiple, max_bucket_side)
+    if getattr(args, "interleaved", False):
+        check_interleaved_args(args)
     if args.dataset_name in EDITING_DATASETS:
         for flag, given in (
             (BUCKETS_FLAG, buckets is not None),
@@ -452,18 +510,37 @@ def check_dataset_from_args(
     )
 
 
+def check_interleaved_args(args: argparse.Namespace) -> None:
+    """`--interleaved` reads a Hub data set, a local folder of parquet / json files or webdataset shards, cached:
+    refuse the other sources, `--streaming` and `--random_flip` (a text may name a side, which a mirror falsifies)."""
+    for flag, given in (
+        ("--dataset_name", args.dataset_name in BUILTIN_DATASETS),
+        ("--train_data_dir", args.train_data_dir is not None),
+        ("--streaming", getattr(args, "streaming", False)),
+        ("--random_flip", getattr(args, "random_flip", False)),
+    ):
+        if given:
+            value = getattr(args, flag.lstrip("-"))
+            raise ValueError(
+                f"--interleaved does not support {flag}={value!r}: interleaved documents are read from a Hub data set, "
+                "a local folder of parquet / json files (--dataset_name) or webdataset shards (--train_data_files), "
+                "cached, not mirrored."
+            )
+
+
 def load_dataset_from_args(
     args: argparse.Namespace, streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:
     """[`load_image_text_dataset`] with the options of [`add_data_arguments`] (and `args.seed`), truncated to
     `--max_train_samples`; an `IterableDataset` with `streaming=True`."""
+    image_column, caption_column = data_columns_from_args(args)
     dataset = load_image_text_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir,
         split=args.dataset_split,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
+        image_column=image_column,
+        caption_column=caption_column,
         cache_dir=args.cache_dir,
         shapes_num_samples=args.shapes_num_samples,
         seed=args.seed,
@@ -474,6 +551,7 @@ def load_dataset_from_args(
         streaming=streaming,
         # The built-in shapes are drawn at the bucket sizes (their images would otherwise all be 32x32 squares).
         shapes_image_sizes=aspect_ratio_buckets_from_args(args) if args.dataset_name == "shapes" else None,
+        interleaved=getattr(args, "interleaved", False),
     )
     if args.max_train_samples is not None and streaming:
         dataset = dataset.take(args.max_train_samples)
@@ -489,8 +567,11 @@ __all__ = [
     "aspect_ratio_buckets_from_args",
     "check_dataset_from_args",
     "check_image_text_source",
+    "check_interleaved_args",
     "add_data_arguments",
+    "data_columns_from_args",
     "load_dataset_from_args",
+    "load_documents",
     "load_image_text_dataset",
     "decode_image",
     "decode_rows",

@@ -21,6 +21,10 @@ views a row's latents in their shape again. Without buckets the cache is exactly
 An editing data set (a `source_image` column besides `image`, e.g. the built-in `shapes_edit`) stores the clean
 source's latents as `source_latents` beside the target's `latents`; a row either of whose images is unreadable is
 skipped as a whole (square path only: no buckets, no flip).
+
+A data set of interleaved documents (`images` and `texts` lists, `data.interleaved`) stores each document's texts, the
+flat latents of all its images and each image's shape (`interleaved.document_features`), square or bucketed; a
+document with an unreadable image is skipped as a whole.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from ..processing_transfusion import images_to_pixel_values
 from .image_text import decode_rows, group_by_bucket, resize_to_pixel_values
+from .interleaved import decode_documents, document_features, encode_documents, is_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +87,8 @@ class LatentCache:
     @property
     def buckets(self) -> list[int] | None:
         """The bucket index of every row (what `buckets.BucketBatchSampler` groups by), None without buckets."""
-        if self.aspect_ratio_buckets is None:
-            return None
+        if self.aspect_ratio_buckets is None or "bucket" not in self.dataset.column_names:
+            return None  # square, or interleaved documents (whose images each have their own bucket)
         # One small column read at once (`dataset["bucket"]` is a lazy column, read row by row).
         return self.dataset.select_columns(["bucket"]).with_format("numpy")[:]["bucket"].tolist()
 
@@ -126,10 +131,11 @@ def latent_cache_fingerprint(
     random_flip: bool,
     latent_dtype: str,
     aspect_ratio_buckets: list[tuple[int, int]] | None = None,
+    interleaved: bool = False,
 ) -> str:
     """The cache key: a hash of the data set's `datasets` fingerprint (which follows its files, content and every
     transform such as `select`), the encoder ([`encoder_fingerprint`]) and the encoding options (the square
-    `image_size`, or the buckets, which replace it)."""
+    `image_size`, or the buckets, which replace it, and the document layout)."""
     key = {
         "version": LATENT_CACHE_VERSION,
         # `_fingerprint` is the only handle `datasets` gives on a data set's identity (no public accessor).
@@ -144,6 +150,8 @@ def latent_cache_fingerprint(
         # Only when given, so that the key of every square cache stays what it was (no cache is re-encoded).
         key["image_size"] = None
         key["aspect_ratio_buckets"] = [[int(height), int(width)] for height, width in aspect_ratio_buckets]
+    if interleaved:
+        key["interleaved"] = True  # only when set, like the buckets
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -153,6 +161,36 @@ def _shard_rows(num_rows: int, num_shards: int, index: int) -> range:
     size, extra = divmod(num_rows, num_shards)
     start = index * size + min(index, extra)
     return range(start, start + size + (index < extra))
+
+
+def _cache_features(
+    dataset: datasets.Dataset,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    random_flip: bool,
+    latent_dtype: str,
+    aspect_ratio_buckets: list[tuple[int, int]] | None,
+) -> dict:
+    """The columns of the cache: documents ([`document_features`]), or captions with their latents: one fixed-shape
+    `Array3D` when square, flat with their shape and bucket when bucketed (see the module docstring)."""
+    if is_interleaved(dataset):
+        return dict(document_features(latent_dtype))
+    if aspect_ratio_buckets is None:
+        with torch.no_grad():
+            # The stored shape must be declared before the first batch (fixed-shape Arrow arrays read back zero-copy).
+            probe = encode(torch.zeros(1, 3, image_size, image_size))
+        array = datasets.Array3D(shape=tuple(probe.shape[1:]), dtype=latent_dtype)
+    else:
+        array = datasets.List(datasets.Value(latent_dtype))
+    features = {"text": datasets.Value("string"), "latents": array}
+    if SOURCE_IMAGE_COLUMN in dataset.column_names:
+        features["source_latents"] = array
+    if random_flip:
+        features["flipped_latents"] = array
+    if aspect_ratio_buckets is not None:
+        features["latent_shape"] = datasets.List(datasets.Value("int32"), length=3)
+        features["bucket"] = datasets.Value("int32")
+    return features
 
 
 def _encode_shard(
@@ -173,23 +211,9 @@ def _encode_shard(
     """Encode the shard `rank` of `world` into the Arrow file `path` (written to a temporary file and renamed by
     `datasets`, so a killed run never leaves a truncated shard); returns the number of images encoded."""
     resize_mode = "crop" if center_crop else "default"
-    if aspect_ratio_buckets is None:
-        with torch.no_grad():
-            # The stored shape must be declared before the first batch (fixed-shape Arrow arrays read back zero-copy).
-            probe = encode(torch.zeros(1, 3, image_size, image_size))
-        array = datasets.Array3D(shape=tuple(probe.shape[1:]), dtype=latent_dtype)
-    else:
-        # Shapes differ by bucket: flat, with the shape beside it (see the module docstring).
-        array = datasets.List(datasets.Value(latent_dtype))
-    features = {"text": datasets.Value("string"), "latents": array}
+    features = _cache_features(dataset, encode, image_size, random_flip, latent_dtype, aspect_ratio_buckets)
+    array = features["latents"]
     has_source = SOURCE_IMAGE_COLUMN in dataset.column_names
-    if has_source:
-        features["source_latents"] = array
-    if random_flip:
-        features["flipped_latents"] = array
-    if aspect_ratio_buckets is not None:
-        features["latent_shape"] = datasets.List(datasets.Value("int32"), length=3)
-        features["bucket"] = datasets.Value("int32")
     shard_rows = _shard_rows(len(dataset), world, rank)
     if not shard_rows:  # more processes than rows: an empty shard (`Dataset.shard` refuses to cut one)
         with ArrowWriter(features=datasets.Features(features), path=str(path)) as writer:
@@ -242,8 +266,18 @@ def _encode_shard(
         encoded += len(images) + (len(sources) if has_source else 0)
         return output
 
+    def encode_document_batch(rows: dict, indices: list[int]) -> dict:
+        nonlocal encoded
+        documents, _ = decode_documents(rows, shard_rows.start + indices[0], strict)
+        encoded += sum(not isinstance(part, str) for document in documents for part in document)
+        return encode_documents(documents, encode, image_size, resize_mode, latent_dtype, aspect_ratio_buckets)
+
+    if is_interleaved(dataset):
+        encode_function = encode_document_batch
+    else:
+        encode_function = encode_batch if aspect_ratio_buckets is None else encode_bucketed_batch
     shard.map(
-        encode_batch if aspect_ratio_buckets is None else encode_bucketed_batch,
+        encode_function,
         with_indices=True,
         batched=True,
         batch_size=batch_size,
@@ -300,7 +334,8 @@ def cache_latents(
 
     Args:
         dataset (`datasets.Dataset`): `image` and `text` columns (from [`load_image_text_dataset`]); with a
-            `source_image` column (an editing data set) its latents are stored as `source_latents`.
+            `source_image` column (an editing data set) its latents are stored as `source_latents`; with `images` and
+            `texts` (interleaved documents) see `interleaved.document_features`.
         encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] on the CPU -> clean scaled latents `(n, C, h, w)`
             on any device (e.g. `functools.partial(pixels_to_latents, vae)` with the VAE on the accelerator, or the
             identity in pixel space).
@@ -338,9 +373,12 @@ def cache_latents(
         aspect_ratio_buckets = [(int(height), int(width)) for height, width in aspect_ratio_buckets]
         if not aspect_ratio_buckets:
             raise ValueError("`aspect_ratio_buckets` is empty: give at least one (height, width), or None.")
+    if is_interleaved(dataset) and random_flip:
+        raise ValueError("Interleaved documents are cached without `random_flip` (a text may name a side).")
     fingerprint = latent_cache_fingerprint(
-        dataset, encoder, image_size, center_crop, random_flip, latent_dtype, aspect_ratio_buckets
-    )
+        dataset, encoder, image_size, center_crop, random_flip, latent_dtype, aspect_ratio_buckets,
+        interleaved=is_interleaved(dataset),
+    )  # fmt: skip
     folder = Path(cache_dir) / fingerprint
     manifest_path = folder / MANIFEST_NAME
     shard_path = folder / f"latents-{rank:05d}-of-{world:05d}.arrow"
@@ -375,7 +413,8 @@ def cache_latents(
     cached.set_format("torch")
     num_skipped = len(dataset) - len(cached)
     if num_skipped:
-        logger.warning("skipped %d unreadable images of %d", num_skipped, len(dataset))
+        what = "documents with an unreadable image" if is_interleaved(dataset) else "unreadable images"
+        logger.warning("skipped %d %s of %d", num_skipped, what, len(dataset))
     return LatentCache(cached, folder, len(dataset), num_skipped, num_encoded, seconds, aspect_ratio_buckets)
 
 

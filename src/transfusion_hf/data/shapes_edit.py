@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
 from .shapes import COLORS, MAX_JITTER, POSITIONS, SIZES, ShapeSpec, _png_bytes, _splitmix64, all_combinations
@@ -202,10 +202,43 @@ def load_shapes_edit_dataset(split: str = "train", num_samples: int = 10_000, se
     )
 
 
+def load_shapes_edit_documents(
+    split: str = "train", num_samples: int = 10_000, seed: int = 0, with_captions: bool = False
+) -> Dataset:
+    """The edits of [`load_shapes_edit_dataset`] as interleaved documents (`data.interleaved`): `texts` and
+    `images`, aligned, OBELICS's layout, e.g. to write with `to_parquet` and train with `--interleaved`.
+
+    Args:
+        split (`str`, *optional*, defaults to `"train"`): `"train"`, `"held_out"` or `"all"`.
+        num_samples (`int`, *optional*, defaults to 10000): number of documents (the rows of the edit data set).
+        seed (`int`, *optional*, defaults to 0): as in [`load_shapes_edit_dataset`].
+        with_captions (`bool`, *optional*, defaults to `False`): each image follows its caption
+            (`[caption, source, instruction, target]`); else `[source, instruction, target]`, the layout of
+            `TransfusionPipeline.edit`.
+
+    Returns:
+        `datasets.Dataset`: columns `texts` (`list[str | None]`) and `images` (`list[datasets.Image | None]`).
+    """
+    samples = sample_edits(split, num_samples, seed)
+    texts, images = [], []
+    for edit, jitter in samples:
+        source = {"bytes": _png_bytes(edit.source, jitter), "path": None}
+        target = {"bytes": _png_bytes(edit.target, jitter), "path": None}
+        if with_captions:
+            texts.append([edit.source.caption, None, f"{edit.instruction}: {edit.target.caption}", None])
+            images.append([None, source, None, target])
+        else:
+            texts.append([None, edit.instruction, None])
+            images.append([source, None, target])
+    features = Features({"texts": List(Value("string")), "images": List(ImageFeature())})
+    return Dataset.from_dict({"texts": texts, "images": images}, features=features)
+
+
 __all__ = [
     "EDIT_KINDS",
     "ShapeEdit",
     "edit_instruction",
+    "load_shapes_edit_documents",
     "load_shapes_edit_dataset",
     "sample_edits",
     "split_edits",

@@ -61,6 +61,22 @@ def add_data_and_text_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--shuffle_buffer_size", type=int, default=1000, help="With --streaming: rows of the shuffle buffer."
     )
+    data.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="The rows are interleaved documents (text, image, text, image, ...): aligned lists of texts and images "
+        "(--caption_column, default 'texts', and --image_column, default 'images'; OBELICS's layout) in a Hub data "
+        "set or a local folder of parquet / json files (--dataset_name), or one .json per sample holding both lists, "
+        "images base64-encoded, in webdataset shards (--train_data_files). Each image is noised with its own t; "
+        "documents over the context are cut there.",
+    )
+    data.add_argument(
+        "--clean_image_probability",
+        type=float,
+        default=0.0,
+        help="With --interleaved: the chance each image of a document is kept clean as context (t = 0, no loss) "
+        "instead of noised; default 0, every image noised (the paper).",
+    )
 
     text = parser.add_argument_group("text-only data and packing")
     text.add_argument(
@@ -466,6 +482,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--lr_schedule_clock=time needs --max_train_time_minutes (the budget the schedule follows).")
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
+    if not 0 <= args.clean_image_probability <= 1:
+        raise ValueError(f"--clean_image_probability must be in [0, 1], got {args.clean_image_probability}.")
+    if args.clean_image_probability and not args.interleaved:
+        raise ValueError(
+            f"--clean_image_probability={args.clean_image_probability} applies to interleaved documents only: add "
+            "--interleaved (an editing data set keeps its sources clean already)."
+        )
     check_text_and_packing_args(args)
     check_text_freezing_args(args)
     if args.lora_rank < 0:

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.buckets import BucketBatchSampler
 from ..data.collator import TransfusionDataCollator
 from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args
+from ..data.interleaved import TEXTS_COLUMN, document_pairs
 from ..data.latent_cache import cache_latents, encoder_fingerprint, unflatten_latents
 from ..data.streaming import StreamingLatentBatches, take_captions, take_examples
 from ..data.text import load_text_dataset, text_only_examples
@@ -56,7 +57,15 @@ def prepare_examples(
         state=accelerator,
         aspect_ratio_buckets=aspect_ratio_buckets_from_args(args),
     )
-    counts = f"{len(cache.dataset)} images ({cache.num_skipped} unreadable images skipped) from {cache.num_rows} rows"
+    if TEXTS_COLUMN in cache.dataset.column_names:
+        counts = (
+            f"{len(cache.dataset)} interleaved documents ({cache.num_skipped} with an unreadable image skipped) from "
+            f"{cache.num_rows} rows"
+        )
+    else:
+        counts = (
+            f"{len(cache.dataset)} images ({cache.num_skipped} unreadable images skipped) from {cache.num_rows} rows"
+        )
     if cache.reused:
         accelerator.print(f"Read the latents of {counts} from the cache {cache.path}.")
     else:
@@ -150,10 +159,18 @@ def prepare_training_data(
     # Validation prompts, captions and the text-conditioning gap use a few training examples, spread evenly over the
     # data set (a folder sorted by class must not give 64 pairs of one caption): keep only those in memory.
     spread = torch.linspace(0, len(examples) - 1, min(len(examples), num_head)).round().long().unique()
-    head = [unflatten_latents(row) for row in examples.select(spread.tolist())]
+    if TEXTS_COLUMN in examples.column_names:
+        # Interleaved documents: each image with the text before it serves as a caption pair.
+        head = [pair for row in examples.select(spread.tolist()) for pair in document_pairs(row)][:num_head]
+        texts = (text for document in examples[TEXTS_COLUMN] for text in document if text)
+        if not head:
+            raise ValueError(f"None of the {len(spread)} documents spread over the data set holds an image.")
+    else:
+        head = [unflatten_latents(row) for row in examples.select(spread.tolist())]
+        texts = iter(examples["text"])
     text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
     # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
-    tokenizer = build_tokenizer(args, chain(examples["text"], (example["text"] for example in text_examples)))
+    tokenizer = build_tokenizer(args, chain(texts, (example["text"] for example in text_examples)))
     return TrainingData(head, examples, None, text_examples, held_out_texts, tokenizer, buckets)
 
 
@@ -176,6 +193,7 @@ def build_collator(
         max_length=context,
         max_sequence_length=args.max_sequence_length,
         patch_size=patch_size,
+        clean_image_probability=getattr(args, "clean_image_probability", 0.0),
     )
 
 

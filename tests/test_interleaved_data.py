@@ -1,0 +1,221 @@
+"""Interleaved documents from real `datasets` sources: a local parquet folder in OBELICS's layout (`texts` and
+`images` lists) and webdataset shards (one json per sample, images base64-encoded), cached once, trained end to end
+with `--interleaved`; malformed documents and unreadable images are refused or counted, and bad flags are refused
+before any data is loaded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from script_loading import (
+    load_script,
+    one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
+    reset_accelerate,
+)
+from transfusion_hf import TransfusionProcessor, training
+from transfusion_hf.data.image_text import CorruptImageError, load_image_text_dataset
+from transfusion_hf.data.interleaved import document_example, document_pairs
+from transfusion_hf.data.latent_cache import cache_latents
+from transfusion_hf.data.shapes_edit import load_shapes_edit_documents
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--recipe", "tiny", "--train_batch_size", "4", "--report_to", "none", "--num_inference_steps", "2"]
+QUICK = ["--validation_steps", "0", "--checkpointing_steps", "0", "--logging_steps", "1"]
+
+train_transfusion = load_script(ROOT / "examples" / "train_transfusion.py")
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_documents(folder: Path, num: int = 8, with_captions: bool = True) -> Path:
+    """The built-in edits as documents in a parquet folder (a `datasets` source like a Hub repo's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    load_shapes_edit_documents(num_samples=num, with_captions=with_captions).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def write_shards(folder: Path, documents: list[tuple[list, list]], texts_key: str = "texts") -> list[str]:
+    """webdataset shards: one `KEY.json` per sample holding the texts and the base64-encoded images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        for index, (texts, images) in enumerate(documents):
+            cells = [None if image is None else base64.b64encode(image).decode() for image in images]
+            data = json.dumps({texts_key: texts, "images": cells}).encode()
+            info = tarfile.TarInfo(f"doc{index:04d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return [str(path)]
+
+
+def identity_half(pixels: torch.Tensor) -> torch.Tensor:
+    """A stand-in encoder: pixels at half resolution (deterministic, shape-preserving per image)."""
+    return pixels[:, :, ::2, ::2].clone()
+
+
+def test_a_parquet_folder_and_webdataset_shards_give_the_same_documents(tmp_path):
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255), (32, 48))
+    documents = [(["a red square", None, "then blue", None], [None, red, None, blue]), ([None, "alone"], [red, None])]
+    shards = write_shards(tmp_path / "shards", documents)
+    from_shards = load_image_text_dataset(
+        train_data_files=shards, image_column="images", caption_column="texts", interleaved=True
+    )
+    rows = [
+        {"texts": texts, "images": [None if i is None else {"bytes": i, "path": None} for i in images]}
+        for texts, images in documents
+    ]
+    features = datasets.Features(
+        {"texts": datasets.List(datasets.Value("string")), "docs": datasets.List(datasets.Image())}
+    )
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    table = datasets.Dataset.from_list([{"texts": r["texts"], "docs": r["images"]} for r in rows], features=features)
+    table.to_parquet(str(folder / "train.parquet"))
+    from_parquet = load_image_text_dataset(
+        dataset_name=str(folder), image_column="docs", caption_column="texts", interleaved=True
+    )
+    for loaded in (from_shards, from_parquet):
+        assert loaded.column_names == ["texts", "images"] and len(loaded) == 2
+        assert loaded[0]["texts"] == ["a red square", None, "then blue", None]
+        assert [None if cell is None else cell["bytes"] for cell in loaded[0]["images"]] == [None, red, None, blue]
+
+    # Cached square and in buckets (the 48x32 (height x width) image goes to its own bucket); a document's latents come back in its
+    # reading order, each image with the text before it as a caption pair.
+    square = cache_latents(from_shards, identity_half, 32, tmp_path / "cache", "half")
+    document = document_example(square.dataset[0])["segments"]
+    assert [part if isinstance(part, str) else tuple(part["latents"].shape) for part in document] == [
+        "a red square",
+        (3, 16, 16),
+        "then blue",
+        (3, 16, 16),
+    ]
+    assert document[1]["latents"][0].mean() == 1.0 and document[3]["latents"][2].mean() == 1.0  # red, then blue
+    assert [pair["text"] for pair in document_pairs(square.dataset[1])] == [""]
+    bucketed = cache_latents(
+        from_parquet, identity_half, 32, tmp_path / "cache", "half", aspect_ratio_buckets=[(32, 32), (48, 32)]
+    )
+    shapes = [
+        tuple(part["latents"].shape)
+        for part in document_example(bucketed.dataset[0])["segments"]
+        if not isinstance(part, str)
+    ]
+    assert shapes == [(3, 16, 16), (3, 24, 16)] and bucketed.buckets is None
+    assert bucketed.path != square.path
+
+
+def test_malformed_documents_and_unreadable_images(tmp_path):
+    red = png_bytes((255, 0, 0))
+    misaligned = write_shards(tmp_path / "bad", [(["a", None], [red, red])])
+    loaded = load_image_text_dataset(
+        train_data_files=misaligned, image_column="images", caption_column="texts", interleaved=True
+    )
+    with pytest.raises(ValueError, match=r"document 0, position 0: exactly one of `texts` and `images`"):
+        cache_latents(loaded, identity_half, 32, tmp_path / "cache", "half")
+    no_key = write_shards(tmp_path / "nokey", [(["a"], [None])], texts_key="text")
+    with pytest.raises(ValueError, match="its json has no `texts` list"):
+        load_image_text_dataset(
+            train_data_files=no_key, image_column="images", caption_column="texts", interleaved=True
+        )
+    # URLs instead of images (OBELICS as published): refused, naming the column and what to do.
+    urls = tmp_path / "urls"
+    urls.mkdir()
+    datasets.Dataset.from_dict({"texts": [[None, "a"]], "images": [["http://x/1.jpg", None]]}).to_parquet(
+        str(urls / "t.parquet")
+    )
+    with pytest.raises(ValueError, match=r"`image_column`='images' holds .* not a list of images: .*download"):
+        load_image_text_dataset(
+            dataset_name=str(urls), image_column="images", caption_column="texts", interleaved=True
+        )
+    # A truncated PNG: its document is skipped and counted, or raises with strict.
+    broken = write_shards(tmp_path / "broken", [(["a", None], [None, red]), (["b", None], [None, red[:40]])])
+    loaded = load_image_text_dataset(
+        train_data_files=broken, image_column="images", caption_column="texts", interleaved=True
+    )
+    cache = cache_latents(loaded, identity_half, 32, tmp_path / "cache2", "half")
+    assert (len(cache.dataset), cache.num_skipped) == (1, 1)
+    with pytest.raises(CorruptImageError, match="unreadable image in document 1"):
+        cache_latents(loaded, identity_half, 32, tmp_path / "cache3", "half", strict=True)
+
+
+def run_main(output_dir: Path, *args: str) -> Path:
+    try:
+        return train_transfusion.main([*TINY, *QUICK, "--output_dir", str(output_dir), *args])
+    finally:
+        reset_accelerate()
+
+
+def test_training_on_interleaved_documents_end_to_end(tmp_path):
+    """`--interleaved` on a parquet folder: the log counts the documents; a batch of the run's own parts holds both
+    images of each `[caption, image, instruction, image]` document, each noised with its own t (the paper) or, with
+    `--clean_image_probability 1`, all clean; validation draws from the documents' caption pairs."""
+    folder = write_documents(tmp_path / "docs")
+    out = tmp_path / "run"
+    flags = ["--dataset_name", str(folder), "--interleaved", "--patch_size", "4"]
+    run_main(out, *flags, "--max_train_steps", "2", "--validation_steps", "2")
+    assert (out / "validation" / "step-000002.png").is_file()
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(entry["loss"]) for entry in log if "loss" in entry)
+    for probability, all_clean in (("0", False), ("1", True)):
+        args = training.parse_args([*TINY, *QUICK, *flags, "--clean_image_probability", probability,
+                                    "--output_dir", str(tmp_path / "again")])  # fmt: skip
+        accelerator = training.build_accelerator(args)
+        data = training.prepare_training_data(args, None, accelerator)
+        assert (
+            len(data.examples) == 8
+            and data.head[0]["text"] == load_shapes_edit_documents(num_samples=1, with_captions=True)[0]["texts"][0]
+        )
+        processor = TransfusionProcessor(data.tokenizer, image_size=32, num_image_tokens=64)
+        noiser = training.build_noiser(args, "flow_prediction")
+        collator = training.build_collator(args, processor, noiser, 512, accelerator, patch_size=4)
+        batch = collator([data.examples[index] for index in range(4)])
+        reset_accelerate()
+        assert batch["latents"].shape == (8, 3, 32, 32)  # two images per document, in reading order
+        assert (batch["input_ids"] == processor.image_token_id).sum() == 8 * 64
+        if all_clean:
+            assert all(target is None for target in batch["diffusion_targets"])
+            # A batch with no noised image trains on its text alone.
+            run_main(tmp_path / "clean", *flags, "--clean_image_probability", "1", "--max_train_steps", "1")
+        else:
+            assert batch["diffusion_targets"].shape == (8, 3, 32, 32) and len(set(batch["timesteps"].tolist())) == 8
+
+
+def test_training_on_webdataset_document_shards(tmp_path):
+    documents = load_shapes_edit_documents(num_samples=8, with_captions=True)
+    shards = write_shards(
+        tmp_path / "shards",
+        [(row["texts"], [None if cell is None else cell["bytes"] for cell in row["images"]])
+         for row in documents.cast_column("images", datasets.List(datasets.Image(decode=False)))],
+    )  # fmt: skip
+    out = tmp_path / "run"
+    run_main(out, "--train_data_files", *shards, "--interleaved", "--patch_size", "4", "--max_train_steps", "1")
+    assert (out / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "shapes", "--interleaved"], "--interleaved does not support --dataset_name='shapes'"),
+        (["--dataset_name", "DOCS", "--interleaved", "--streaming"], "--interleaved does not support --streaming"),
+        (["--dataset_name", "DOCS", "--interleaved", "--random_flip"], "--interleaved does not support --random_flip"),
+        (["--dataset", "shapes", "--clean_image_probability", "0.5"], "applies to interleaved documents only"),
+        (["--dataset_name", "DOCS", "--interleaved", "--clean_image_probability", "2"], r"must be in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_interleaved_flags_are_refused_before_loading(tmp_path, flags, message):
+    flags = [str(tmp_path) if flag == "DOCS" else flag for flag in flags]
+    with pytest.raises(ValueError, match=message):
+        training.parse_args([*TINY, *QUICK, *flags, "--output_dir", str(tmp_path / "out")])
