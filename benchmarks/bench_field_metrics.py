@@ -11,8 +11,19 @@ features, scaled to a root mean square of 1 on the training scans); the referenc
 that `examples/evaluate.py --num_samples N` picks (spread evenly), compared with the other held-out scans, scans of
 the training folder, those with pixel noise, blurred, and black images.
 
+`photos`: the same for the photo folder of bench_real_folders.py: the held-out folder is `--num_images` fresh crops
+(its `reference` split, the same number of each class), the extractor the photo judge's features; compared with other
+held-out crops (its `caption` split), crops of the training folder, those with pixel noise, blurred, and black images.
+
+`glyphs`: the built-in glyphs' held-out combinations: the held-out folder is `--num_images` renders of the held-out
+split; the extractor is a judge of the same architecture trained here to read the character from renders of the
+training split (the package's glyph judge reads colour-split maps, which `torch.export` cannot trace); compared with
+other held-out renders, renders of the training split, those with pixel noise, blurred, and black images.
+
     python benchmarks/bench_field_metrics.py --world shapes --num_images 192
     python benchmarks/bench_field_metrics.py --world digits --num_images 200 --work_dir outputs/real_folders
+    python benchmarks/bench_field_metrics.py --world photos --num_images 200 --work_dir outputs/real_folders
+    python benchmarks/bench_field_metrics.py --world glyphs --num_images 200 --work_dir outputs/real_folders
 
 `--validation_cost PIPELINE`: what `--validation_metrics fid,kid,caption,perplexity` adds to the shapes demo's
 training.
@@ -33,6 +44,7 @@ import PIL.Image
 import PIL.ImageFilter
 import torch
 
+from transfusion_hf.data.glyphs import CHARACTERS, render_glyphs
 from transfusion_hf.data.shapes import draw_shape, sample_specs
 from transfusion_hf.evaluation import FieldMetrics, load_shapes_feature_extractor, save_feature_extractor
 from transfusion_hf.evaluation.feature_extractors import ShapesExtractorTrainingConfig
@@ -106,6 +118,75 @@ def prepare_digits(work_dir: Path) -> tuple[Path, Path, list[PIL.Image.Image], l
     return folder, extractor, images[world.num_train :], images[: world.num_train]
 
 
+class GlyphWorld:
+    """The built-in glyphs as a bench_real_folders world: the judge learns the character from renders of the
+    training split and is tested on the held-out split's (unseen character-colour combinations)."""
+
+    name = "glyphs"
+    classes = list(CHARACTERS)
+    seeds = {"folder": 0, "judge": 1234, "judge_test": 1235, "reference": 99, "caption": 100}
+
+    def caption(self, label: int) -> str:
+        return f"the character {self.classes[label]}"
+
+    def sample(self, split: str, num_per_class: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`num_per_class * 10` renders (classes as drawn, about balanced) and their character indices."""
+        data_split = "train" if split in ("folder", "judge") else "held_out"
+        specs, images = render_glyphs(
+            data_split, num_per_class * len(self.classes), self.seeds[split] if seed is None else seed
+        )
+        return images, np.array([self.classes.index(spec.character) for spec in specs])
+
+
+def write_held_out_folder(folder: Path, images: np.ndarray, captions: list[str]) -> Path:
+    """A diffusers image folder (PNG files and `metadata.jsonl`) of held-out images for `examples/evaluate.py`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for index, (image, caption) in enumerate(zip(images, captions)):
+            PIL.Image.fromarray(image).save(folder / f"{index:06d}.png")
+            metadata.write(json.dumps({"file_name": f"{index:06d}.png", "text": caption}) + "\n")
+    return folder
+
+
+def prepare_world(
+    name: str, work_dir: Path, num_images: int
+) -> tuple[Path, Path, list[PIL.Image.Image], dict[str, list[PIL.Image.Image]]]:
+    """`photos` or `glyphs`: the held-out folder, the exported judge features, the reference (the folder's images)
+    and the sets compared with it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_real_folders import PhotoWorld, to_tensor, train_judge
+
+    world = PhotoWorld() if name == "photos" else GlyphWorld()
+    per_class = -(-num_images // len(world.classes))
+    held_out, labels = world.sample("reference", per_class)
+    held_out, labels = held_out[:num_images], labels[:num_images]
+    captions = [world.caption(int(label)) for label in labels]
+    if name == "glyphs":  # the held-out renders keep their data set captions (colours and background)
+        specs, _ = render_glyphs("held_out", per_class * len(world.classes), world.seeds["reference"])
+        captions = [spec.caption for spec in specs[:num_images]]
+    folder = write_held_out_folder(work_dir / f"{name}_held_out", held_out, captions)
+    judge, accuracy = train_judge(world, work_dir / f"{name}_judge.pt")
+    print(f"{name} judge: {accuracy:.3f} of its held-out test images read right")
+    training, _ = world.sample("folder", per_class)
+    with torch.no_grad():
+        scale = float(judge.eval().features(to_tensor(training)).square().mean().rsqrt())
+    extractor = save_feature_extractor(JudgeFeatures(judge.features, scale), work_dir / f"{name}_judge_features.pt2")
+    other, _ = world.sample("caption", per_class)
+    as_images = [PIL.Image.fromarray(array) for array in training[:num_images]]
+    return (
+        folder,
+        extractor,
+        [PIL.Image.fromarray(array) for array in held_out],
+        {
+            "other held-out images": [PIL.Image.fromarray(array) for array in other[:num_images]],
+            "images of the training folder": as_images,
+            "training images + pixel noise sigma 20": noised(as_images, 20),
+            "training images blurred (Gaussian, 1 px)": blurred(as_images),
+            "black images": [PIL.Image.new("RGB", (32, 32))] * num_images,
+        },
+    )
+
+
 def digits_sets(
     held_out: list[PIL.Image.Image], training: list[PIL.Image.Image], num_images: int
 ) -> tuple[list[PIL.Image.Image], dict[str, list[PIL.Image.Image]]]:
@@ -169,9 +250,11 @@ def validation_cost(pipeline_path: str, rounds: int = 3, steps: int = 8) -> list
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world", choices=["shapes", "digits"], default="shapes")
+    parser.add_argument("--world", choices=["shapes", "digits", "photos", "glyphs"], default="shapes")
     parser.add_argument("--num_images", type=int, default=192, help="images of the reference and of each set")
-    parser.add_argument("--work_dir", default="outputs/real_folders", help="digits: where the folder and .pt2 go")
+    parser.add_argument(
+        "--work_dir", default="outputs/real_folders", help="digits, photos, glyphs: where the folder and .pt2 go"
+    )
     parser.add_argument("--output", default=None, help="json (default benchmarks/results/field_metrics_WORLD.json)")
     parser.add_argument("--quick", action="store_true", help="shapes, 16 images, a quickly trained extractor")
     parser.add_argument(
@@ -189,10 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         config = ShapesExtractorTrainingConfig(num_images=480, epochs=1, num_test_images=100) if args.quick else None
         extractor = load_shapes_feature_extractor(config=config, use_cache=not args.quick)
         reference, sets = shapes_sets(args.num_images)
-    else:
+    elif args.world == "digits":
         folder, extractor, held_out, training = prepare_digits(Path(args.work_dir))
         result.update(held_out_folder=str(folder), feature_extractor=str(extractor))
         reference, sets = digits_sets(held_out, training, args.num_images)
+    else:
+        folder, extractor, reference, sets = prepare_world(args.world, Path(args.work_dir), args.num_images)
+        result.update(held_out_folder=str(folder), feature_extractor=str(extractor))
     metrics = FieldMetrics("fid,kid", extractor if isinstance(extractor, torch.nn.Module) else str(extractor))
     result["scores"] = {name: metrics.image_scores(reference, images) for name, images in sets.items()}
     print(f"| compared with the reference ({args.num_images} images) | FID | KID |\n| --- | ---: | ---: |")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import string
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -337,6 +338,28 @@ def test_field_metrics_benchmark_quick(tmp_path):
     scores = result["scores"]
     assert json.loads((tmp_path / "calibration.json").read_text())["num_images"] == 16
     assert scores["black images"]["fid"] > scores["other renders of the held-out captions"]["fid"]
+
+
+def test_field_metrics_benchmark_glyphs_world(tmp_path):
+    """`--world glyphs` writes a held-out folder `examples/evaluate.py` reads (data set captions) and the judge's
+    features as a `.pt2`; the judge is seeded untrained (the bench loads a judge file it finds), so only the plumbing
+    and the ordering of the scale are checked, not the judge's accuracy."""
+    bench = load_script(ROOT / "benchmarks" / "bench_field_metrics.py", "bench_field_metrics_glyphs")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_real_folders import FolderJudge
+
+    torch.manual_seed(0)
+    judge = FolderJudge(len(bench.GlyphWorld.classes))
+    torch.save({"state_dict": judge.state_dict(), "accuracy": 0.0}, tmp_path / "glyphs_judge.pt")
+    result = bench.main(["--world", "glyphs", "--num_images", "20", "--work_dir", str(tmp_path),
+                         "--output", str(tmp_path / "glyphs.json")])  # fmt: skip
+    folder = Path(result["held_out_folder"])
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(line["text"].endswith("background") for line in lines)
+    assert PIL.Image.open(folder / lines[0]["file_name"]).size == (32, 32)
+    assert Path(result["feature_extractor"]).is_file()
+    scores = result["scores"]
+    assert scores["black images"]["fid"] > scores["other held-out images"]["fid"]
 
 
 def test_the_shapes_demo_reports_fid_and_cider_next_to_the_judge(tmp_path, monkeypatch):
