@@ -184,8 +184,8 @@ def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(toke
 
 def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
     """A document image whose `noised` is unset (a cached interleaved document): at probability 0 every one is noised
-    and the batch equals the one with `noised=True` given (nothing more drawn); at 1 every one is clean; at 0.5 some
-    of each, the same on every call for the same batch index."""
+    and the batch equals the one with `noised=True` given (nothing more drawn); at 1 every one is clean but a
+    document's last part; at 0.5 some of each, the same on every call for the same batch index."""
     unset = [
         {"segments": ["a", {"latents": latents(index)}, "b", {"latents": latents(50 + index)}]} for index in range(8)
     ]
@@ -197,7 +197,14 @@ def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
     for key in ("input_ids", "latents", "timesteps", "diffusion_targets"):
         torch.testing.assert_close(paper[key], explicit[key], rtol=0, atol=0, msg=key)
     clean = build_collator(tokenizer, clean_image_probability=1.0)(unset)
+    # Every image clean but the documents' last parts, which would train nothing clean.
+    assert [target is None for target in clean["diffusion_targets"]] == [True, False] * 8
+    trailing_text = [{"segments": [*example["segments"], "end"]} for example in unset]
+    clean = build_collator(tokenizer, clean_image_probability=1.0)(trailing_text)
     assert all(target is None for target in clean["diffusion_targets"]) and (clean["timesteps"] == 0).all()
+    with torch.no_grad():  # no noised image: the batch trains its text alone
+        output = build_model(tokenizer)(**clean)
+    assert torch.isfinite(output.loss) and not output.diffusion_loss
     half = build_collator(tokenizer, clean_image_probability=0.5)
     kept = [target is None for target in half(unset)["diffusion_targets"]]
     assert 0 < sum(kept) < len(kept)

@@ -161,7 +161,8 @@ def run_main(output_dir: Path, *args: str) -> Path:
 def test_training_on_interleaved_documents_end_to_end(tmp_path):
     """`--interleaved` on a parquet folder: the log counts the documents; a batch of the run's own parts holds both
     images of each `[caption, image, instruction, image]` document, each noised with its own t (the paper) or, with
-    `--clean_image_probability 1`, all clean; validation draws from the documents' caption pairs."""
+    `--clean_image_probability 1`, the first clean (the last part of a document is always noised); validation draws
+    from the documents' caption pairs."""
     folder = write_documents(tmp_path / "docs")
     out = tmp_path / "run"
     flags = ["--dataset_name", str(folder), "--interleaved", "--patch_size", "4"]
@@ -186,8 +187,8 @@ def test_training_on_interleaved_documents_end_to_end(tmp_path):
         assert batch["latents"].shape == (8, 3, 32, 32)  # two images per document, in reading order
         assert (batch["input_ids"] == processor.image_token_id).sum() == 8 * 64
         if all_clean:
-            assert all(target is None for target in batch["diffusion_targets"])
-            # A batch with no noised image trains on its text alone.
+            assert [target is None for target in batch["diffusion_targets"]] == [True, False] * 4
+            assert (batch["timesteps"][0::2] == 0).all()
             run_main(tmp_path / "clean", *flags, "--clean_image_probability", "1", "--max_train_steps", "1")
         else:
             assert batch["diffusion_targets"].shape == (8, 3, 32, 32) and len(set(batch["timesteps"].tolist())) == 8

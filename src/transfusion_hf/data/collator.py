@@ -139,8 +139,8 @@ class TransfusionDataCollator:
             without it every image takes the processor's `num_image_tokens`.
         clean_image_probability (`float`): the chance that an image of a document whose `noised` is unset (a cached
             interleaved document, `interleaved.document_example`) is kept clean as context instead of noised; drawn
-            per image, only when above 0. At 0, every image is noised with its own t (the paper's interleaved
-            training).
+            per image, only when above 0, never for the document's last part (a clean image there would train
+            nothing). At 0, every image is noised with its own t (the paper's interleaved training).
 
     Documents (`{"segments": [...]}`) longer than the limit are cut at it, as a language model's text is: an image
     block is never split, so the first image that does not fit whole ends the document; an edit
@@ -308,16 +308,20 @@ class TransfusionDataCollator:
         image whose `noised` is unset noised or kept clean as drawn (`clean_image_probability`, from `generator`)."""
         if example.get("segments") is not None:
             document = []
-            for segment in example["segments"]:
+            segments = example["segments"]
+            for position, segment in enumerate(segments):
                 if isinstance(segment, str):
                     document.append(segment)
                     continue
                 latents = torch.as_tensor(segment["latents"]).float()
                 noised = segment.get("noised")
                 if noised is None:
-                    # Drawn only when asked, so that the paper's setting draws nothing more than before.
-                    clean = self.clean_image_probability > 0 and (
-                        torch.rand((), generator=generator).item() < self.clean_image_probability
+                    # A clean image is context for what follows it: the document's last part stays noised (clean, it
+                    # would train nothing). Drawn only when asked, so the paper's setting draws nothing more.
+                    clean = (
+                        self.clean_image_probability > 0
+                        and position < len(segments) - 1
+                        and torch.rand((), generator=generator).item() < self.clean_image_probability
                     )
                     noised = not clean
                 document.append(ImageSegment(latents, bool(noised)))
