@@ -238,6 +238,14 @@ def decode_image(value) -> PIL.Image.Image:
     raise TypeError(f"unsupported image cell of type {type(value).__name__}")
 
 
+def skip_or_raise(message: str, error: Exception, strict: bool) -> None:
+    """An unreadable image: raise [`CorruptImageError`] with `message` when `strict`, else log that it is skipped (the
+    caller counts it)."""
+    if strict:
+        raise CorruptImageError(message) from error
+    logger.warning("skipping %s", message)
+
+
 def decode_rows(
     cells: list, captions: list, first_row: int = 0, strict: bool = False
 ) -> tuple[list[PIL.Image.Image], list[str], int]:
@@ -258,10 +266,9 @@ def decode_rows(
             images.append(decode_image(cell))
         except Exception as error:  # noqa: BLE001 - any decoder failure means the same: a bad file
             where = cell.get("path") if isinstance(cell, dict) else None
-            message = f"unreadable image at row {first_row + offset} ({where or 'in memory'}): {error}"
-            if strict:
-                raise CorruptImageError(message) from error
-            logger.warning("skipping %s", message)
+            skip_or_raise(
+                f"unreadable image at row {first_row + offset} ({where or 'in memory'}): {error}", error, strict
+            )
             skipped += 1
             continue
         kept_captions.append(caption if isinstance(caption, str) else str(caption))
@@ -575,6 +582,7 @@ __all__ = [
     "load_image_text_dataset",
     "decode_image",
     "decode_rows",
+    "skip_or_raise",
     "encode_images",
     "encode_latents",
     "group_by_bucket",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import math
 from collections.abc import Callable
 
@@ -29,9 +28,7 @@ import PIL.Image
 import torch
 
 from ..processing_transfusion import images_to_pixel_values
-from .image_text import CorruptImageError, decode_image, group_by_bucket, resize_to_pixel_values
-
-logger = logging.getLogger(__name__)
+from .image_text import decode_image, group_by_bucket, resize_to_pixel_values, skip_or_raise
 
 TEXTS_COLUMN = "texts"
 IMAGES_COLUMN = "images"
@@ -150,10 +147,7 @@ def decode_documents(rows: dict, first_row: int, strict: bool) -> tuple[list[lis
         try:
             document = [text if image is None else decode_image(image) for text, image in zip(texts, images)]
         except Exception as error:  # noqa: BLE001 - any decoder failure means the same: a bad file
-            message = f"unreadable image in document {first_row + offset}: {error}"
-            if strict:
-                raise CorruptImageError(message) from error
-            logger.warning("skipping %s", message)
+            skip_or_raise(f"unreadable image in document {first_row + offset}: {error}", error, strict)
             skipped += 1
             continue
         documents.append(document)
