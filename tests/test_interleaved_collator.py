@@ -168,7 +168,7 @@ def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(toke
     processor_ids = build_collator(tokenizer).processor
     first = "a red circle"
     used = 2 + len(processor_ids.encode_text(first)) + 6  # bos, eos, the text, the first image's block
-    collator = build_collator(tokenizer, max_length=used + 3)
+    collator = build_collator(tokenizer, max_length=used + 3, clean_image_probability=0.0)
     document = {"segments": [first, {"latents": latents(0)}, " ".join(CAPTIONS), {"latents": latents(1)}]}
     batch = collator([document])
     assert collator.num_truncated == 1 and batch["input_ids"].shape == (1, used + 3)
@@ -193,7 +193,8 @@ def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
         {"segments": [part if isinstance(part, str) else {**part, "noised": True} for part in example["segments"]]}
         for example in unset
     ]
-    paper, explicit = build_collator(tokenizer)(unset), build_collator(tokenizer)(given)
+    paper = build_collator(tokenizer, clean_image_probability=0.0)(unset)
+    explicit = build_collator(tokenizer)(given)
     for key in ("input_ids", "latents", "timesteps", "diffusion_targets"):
         torch.testing.assert_close(paper[key], explicit[key], rtol=0, atol=0, msg=key)
     clean = build_collator(tokenizer, clean_image_probability=1.0)(unset)

@@ -220,3 +220,12 @@ def test_bad_interleaved_flags_are_refused_before_loading(tmp_path, flags, messa
     flags = [str(tmp_path) if flag == "DOCS" else flag for flag in flags]
     with pytest.raises(ValueError, match=message):
         training.parse_args([*TINY, *QUICK, *flags, "--output_dir", str(tmp_path / "out")])
+
+
+def test_the_clean_image_probability_defaults_to_the_measured_value(tmp_path):
+    from transfusion_hf.data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY
+
+    folder = write_documents(tmp_path / "docs", num=2)
+    args = training.parse_args([*TINY, *QUICK, "--dataset_name", str(folder), "--interleaved",
+                                "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert training.clean_image_probability_from_args(args) == DEFAULT_CLEAN_IMAGE_PROBABILITY == 0.5

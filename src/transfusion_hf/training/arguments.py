@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
+from ..data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY
 from ..data.image_text import (
     EDITING_DATASETS,
     add_data_arguments,
@@ -73,9 +74,10 @@ def add_data_and_text_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--clean_image_probability",
         type=float,
-        default=0.0,
-        help="With --interleaved: the chance each image of a document is kept clean as context (t = 0, no loss) "
-        "instead of noised; default 0, every image noised (the paper).",
+        default=None,
+        help="With --interleaved: the chance each image of a document but its last part is kept clean as context "
+        f"(t = 0, no loss) instead of noised; default {DEFAULT_CLEAN_IMAGE_PROBABILITY} (editing from documents: "
+        "0.70 at 0, the paper's every image noised; 0.85 at 0.5; 0.97 at 1).",
     )
 
     text = parser.add_argument_group("text-only data and packing")
@@ -482,9 +484,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--lr_schedule_clock=time needs --max_train_time_minutes (the budget the schedule follows).")
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
-    if not 0 <= args.clean_image_probability <= 1:
+    if args.clean_image_probability is not None and not 0 <= args.clean_image_probability <= 1:
         raise ValueError(f"--clean_image_probability must be in [0, 1], got {args.clean_image_probability}.")
-    if args.clean_image_probability and not args.interleaved:
+    if args.clean_image_probability is not None and not args.interleaved:
         raise ValueError(
             f"--clean_image_probability={args.clean_image_probability} applies to interleaved documents only: add "
             "--interleaved (an editing data set keeps its sources clean already)."

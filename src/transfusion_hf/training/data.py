@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from transformers import PreTrainedTokenizerBase
 
 from ..data.buckets import BucketBatchSampler
-from ..data.collator import TransfusionDataCollator
+from ..data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY, TransfusionDataCollator
 from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args
 from ..data.interleaved import TEXTS_COLUMN, document_pairs
 from ..data.latent_cache import cache_latents, encoder_fingerprint, unflatten_latents
@@ -193,8 +193,14 @@ def build_collator(
         max_length=context,
         max_sequence_length=args.max_sequence_length,
         patch_size=patch_size,
-        clean_image_probability=getattr(args, "clean_image_probability", 0.0),
+        clean_image_probability=clean_image_probability_from_args(args),
     )
+
+
+def clean_image_probability_from_args(args: argparse.Namespace) -> float:
+    """`--clean_image_probability`, or its default ([`DEFAULT_CLEAN_IMAGE_PROBABILITY`]) when not given."""
+    value = getattr(args, "clean_image_probability", None)
+    return DEFAULT_CLEAN_IMAGE_PROBABILITY if value is None else value
 
 
 def set_loader_epoch(dataloader, epoch: int) -> None:
