@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train a Transfusion model with Accelerate: from scratch or from a pretrained decoder LLM (optionally with LoRA, or
 with image copies of its weights and the text frozen: --modality_experts --freeze_text), on a Hub data set, a local
-image folder, or the built-in captioned shapes, optionally with text-only data mixed in and the sequences packed
-(`--text_dataset_name`, `--max_sequence_length`).
+image folder, webdataset shards or the built-in captioned shapes, or on interleaved documents of several images
+(`--interleaved`), optionally with text-only data mixed in and the sequences packed (`--text_dataset_name`,
+`--max_sequence_length`).
 
     accelerate launch examples/train_transfusion.py --dataset_name shapes --output_dir outputs/shapes
 
