@@ -21,8 +21,8 @@ from .latent_cache import unflatten_latents
 
 DEFAULT_CLEAN_IMAGE_PROBABILITY = 0.5
 """The chance that a document's image (not its last part) is kept clean as context. The paper noises every image
-(0.0); trained on the built-in edits written as documents, editing accuracy rose from 0.70 at 0.0 to 0.85 at 0.5 and
-0.97 at 1.0 (one seed each, docs/research/image_sizes.md), and 0.5 still trains every image half the time."""
+(0.0); trained on the built-in edits written as documents, editing accuracy rose from 0.70 at 0.0 to 0.85 at 0.5 (two
+seeds) and 0.97 at 1.0 (docs/research/image_sizes.md), and 0.5 still trains every image half the time."""
 
 
 def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
