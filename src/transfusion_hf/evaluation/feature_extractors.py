@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data.shapes import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, draw_shape, sample_specs
-from .glyph_judge import _save_atomically, default_cache_dir
+from .glyph_judge import _save_atomically, check_training_settings, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,7 @@ class ShapesExtractorTrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "epochs", "batch_size", "num_test_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        check_training_settings(self)
 
     @property
     def key(self) -> str:

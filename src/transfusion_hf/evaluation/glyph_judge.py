@@ -298,6 +298,20 @@ def glyph_maps(images: np.ndarray, chunk_size: int = 512) -> np.ndarray:
     return np.concatenate(maps)[:, None] if maps else np.zeros((0, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
 
 
+def check_training_settings(config: object) -> None:
+    """Refuse a training config (the glyph judge's, the shapes extractor's) whose `num_images`, `epochs`,
+    `batch_size` or `num_test_images` is below 1, or whose `learning_rate` is not positive.
+
+    Raises:
+        ValueError: naming the field and its value.
+    """
+    for name in ("num_images", "epochs", "batch_size", "num_test_images"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if not config.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}.")
+
+
 @dataclass(frozen=True)
 class JudgeTrainingConfig:
     """How the character classifier is trained (part of the cache key).
@@ -321,11 +335,7 @@ class JudgeTrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "epochs", "batch_size", "num_test_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        check_training_settings(self)
 
     @property
     def key(self) -> str:
