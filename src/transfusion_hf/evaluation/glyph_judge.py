@@ -739,6 +739,7 @@ __all__ = [
     "GlyphJudge",
     "GlyphJudgement",
     "JudgeTrainingConfig",
+    "check_training_settings",
     "classifier_accuracy",
     "default_cache_dir",
     "default_glyph_judge",
