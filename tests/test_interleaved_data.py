@@ -229,3 +229,25 @@ def test_the_clean_image_probability_defaults_to_the_measured_value(tmp_path):
     args = training.parse_args([*TINY, *QUICK, "--dataset_name", str(folder), "--interleaved",
                                 "--output_dir", str(tmp_path / "out")])  # fmt: skip
     assert training.clean_image_probability_from_args(args) == DEFAULT_CLEAN_IMAGE_PROBABILITY == 0.5
+
+
+def test_documents_with_images_of_two_buckets_train(tmp_path):
+    """`--aspect_ratio_buckets` with documents: each image is cached at its own bucket, a batch holds both sizes as a
+    list of latents in reading order, and the model trains on it."""
+    square, tall = png_bytes((255, 0, 0)), png_bytes((0, 0, 255), (32, 48))
+    documents = [(["a red square", None, "a tall blue one", None], [None, square, None, tall])] * 4
+    shards = write_shards(tmp_path / "shards", documents)
+    flags = ["--train_data_files", *shards, "--interleaved", "--patch_size", "4",
+             "--aspect_ratio_buckets", "32x32,48x32", "--clean_image_probability", "0"]  # fmt: skip
+    run_main(tmp_path / "run", *flags, "--max_train_steps", "1")
+    args = training.parse_args([*TINY, *QUICK, *flags, "--output_dir", str(tmp_path / "again")])
+    accelerator = training.build_accelerator(args)
+    data = training.prepare_training_data(args, None, accelerator)
+    processor = TransfusionProcessor(data.tokenizer, image_size=32, num_image_tokens=64)
+    collator = training.build_collator(
+        args, processor, training.build_noiser(args, "flow_prediction"), 512, accelerator, patch_size=4
+    )
+    batch = collator([data.examples[index] for index in range(2)])
+    reset_accelerate()
+    assert [tuple(latents.shape) for latents in batch["latents"]] == [(3, 32, 32), (3, 48, 32)] * 2
+    assert (batch["input_ids"] == processor.image_token_id).sum() == 2 * (64 + 96)
