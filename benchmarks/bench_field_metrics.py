@@ -45,6 +45,7 @@ import PIL.ImageFilter
 import torch
 
 from transfusion_hf.data.glyphs import CHARACTERS, render_glyphs
+from transfusion_hf.data.glyphs import sample_specs as glyph_specs
 from transfusion_hf.data.shapes import draw_shape, sample_specs
 from transfusion_hf.evaluation import FieldMetrics, load_shapes_feature_extractor, save_feature_extractor
 from transfusion_hf.evaluation.feature_extractors import ShapesExtractorTrainingConfig
@@ -162,8 +163,8 @@ def prepare_world(
     held_out, labels = held_out[:num_images], labels[:num_images]
     captions = [world.caption(int(label)) for label in labels]
     if name == "glyphs":  # the held-out renders keep their data set captions (colours and background)
-        specs, _ = render_glyphs("held_out", per_class * len(world.classes), world.seeds["reference"])
-        captions = [spec.caption for spec in specs[:num_images]]
+        specs = glyph_specs("held_out", num_images, world.seeds["reference"])  # the rows just drawn, not redrawn
+        captions = [spec.caption for spec in specs]
     folder = write_held_out_folder(work_dir / f"{name}_held_out", held_out, captions)
     judge, accuracy = train_judge(world, work_dir / f"{name}_judge.pt")
     print(f"{name} judge: {accuracy:.3f} of its held-out test images read right")

@@ -177,18 +177,18 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    # Two training flags read before the training script checks them all (a check may load data): the seed draws the
+    # documents of --task edit_documents, the buckets are the sizes an evaluation scores.
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--seed", type=int, default=0)
+    peek.add_argument("--aspect_ratio_buckets", default=None)
+    peeked = peek.parse_known_args(train_overrides)[0]
     demo_flags = {"edit": EDIT_DEMO_FLAGS, "edit_documents": EDIT_DOCUMENTS_FLAGS}.get(args.task, DEMO_FLAGS)
     if args.task == "edit_documents" and not args.skip_training:
-        seed_parser = argparse.ArgumentParser(add_help=False)
-        seed_parser.add_argument("--seed", type=int, default=0)
-        seed = seed_parser.parse_known_args(train_overrides)[0].seed
-        demo_flags = demo_flags + ["--dataset_name", str(write_edit_documents(output_dir, seed))]
+        demo_flags = demo_flags + ["--dataset_name", str(write_edit_documents(output_dir, peeked.seed))]
     train_argv = demo_flags + ["--output_dir", str(output_dir)] + train_overrides
     if args.skip_training:
-        # Only the buckets matter to an evaluation: read them alone (no training check loads anything).
-        buckets = argparse.ArgumentParser(add_help=False)
-        buckets.add_argument("--aspect_ratio_buckets", default=None)
-        image_sizes = aspect_ratio_buckets_from_args(buckets.parse_known_args(train_overrides)[0])
+        image_sizes = aspect_ratio_buckets_from_args(peeked)
     else:
         # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
         image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))

@@ -17,22 +17,13 @@ import PIL.Image
 import pytest
 import torch
 
-from script_loading import (
-    load_script,
-    one_thread_and_fresh_accelerate,  # noqa: F401 (autouse fixture)
-    reset_accelerate,
-)
+from script_loading import one_thread_and_fresh_accelerate, reset_accelerate  # noqa: F401 (autouse fixture)
+from test_train_editing import QUICK, TINY, run_main
 from transfusion_hf import TransfusionProcessor, training
 from transfusion_hf.data.image_text import CorruptImageError, load_image_text_dataset
 from transfusion_hf.data.interleaved import document_example, document_pairs
 from transfusion_hf.data.latent_cache import cache_latents
 from transfusion_hf.data.shapes_edit import load_shapes_edit_documents
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--recipe", "tiny", "--train_batch_size", "4", "--report_to", "none", "--num_inference_steps", "2"]
-QUICK = ["--validation_steps", "0", "--checkpointing_steps", "0", "--logging_steps", "1"]
-
-train_transfusion = load_script(ROOT / "examples" / "train_transfusion.py")
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
@@ -149,13 +140,6 @@ def test_malformed_documents_and_unreadable_images(tmp_path):
     assert (len(cache.dataset), cache.num_skipped) == (1, 1)
     with pytest.raises(CorruptImageError, match="unreadable image in document 1"):
         cache_latents(loaded, identity_half, 32, tmp_path / "cache3", "half", strict=True)
-
-
-def run_main(output_dir: Path, *args: str) -> Path:
-    try:
-        return train_transfusion.main([*TINY, *QUICK, "--output_dir", str(output_dir), *args])
-    finally:
-        reset_accelerate()
 
 
 def test_training_on_interleaved_documents_end_to_end(tmp_path):

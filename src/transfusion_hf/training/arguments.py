@@ -68,8 +68,8 @@ def add_data_and_text_arguments(parser: argparse.ArgumentParser) -> None:
         help="The rows are interleaved documents (text, image, text, image, ...): aligned lists of texts and images "
         "(--caption_column, default 'texts', and --image_column, default 'images'; OBELICS's layout) in a Hub data "
         "set or a local folder of parquet / json files (--dataset_name), or one .json per sample holding both lists, "
-        "images base64-encoded, in webdataset shards (--train_data_files). Each image is noised with its own t; "
-        "documents over the context are cut there.",
+        "images base64-encoded, in webdataset shards (--train_data_files). Each image is noised with its own t or "
+        "kept clean as context (--clean_image_probability); documents over the context are cut there.",
     )
     data.add_argument(
         "--clean_image_probability",
