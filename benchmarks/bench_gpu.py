@@ -21,6 +21,7 @@ flex attention has no backward, that forward check is all it gets).
     bash benchmarks/run_gpu.sh                                   # on the GPU machine: installs what is missing, runs
     python benchmarks/bench_gpu.py                               # sdpa + flex_attention, bf16, 4096 tokens
     python benchmarks/bench_gpu.py --compile                     # + the torch.compile'd variants
+    python benchmarks/bench_gpu.py --compile flex_attention      # sdpa, flex, compiled flex (issue 30's table)
     python benchmarks/bench_gpu.py --dry_run                     # CPU smoke test (tiny model, float32, 1 step)
 
 Writes ``benchmarks/results/gpu.json`` and prints a markdown table.
@@ -68,7 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attn", nargs="+", choices=["sdpa", "flex_attention"], help="default: both (sdpa only with --dry_run)"
     )
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        choices=["sdpa", "flex_attention"],
+        help="also time the torch.compile'd variants: of every --attn (no value) or of the ones named (e.g. "
+        "`--compile flex_attention`: sdpa, flex and compiled flex, one compilation)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compiles)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
@@ -303,6 +310,17 @@ def table(rows: list[dict]) -> str:
     return common.markdown_table(headers, body)
 
 
+def timed_variants(args: argparse.Namespace, device: torch.device) -> list[tuple[str, bool]]:
+    """(attention, compiled) pairs to time: every `--attn` eager, then the compiled ones `--compile` asks for (all of
+    `--attn` when it names none). Flex attention is left out on CPU, where it has no backward."""
+    compiled_attn = [] if args.compile is None else [attn for attn in args.attn if attn in (args.compile or args.attn)]
+    variants = [(attn, False) for attn in args.attn] + [(attn, True) for attn in compiled_attn]
+    if device.type == "cpu" and "flex_attention" in args.attn:
+        print("flex attention has no backward on CPU: checked in a forward pass only, not timed")
+        variants = [(attn, compiled) for attn, compiled in variants if attn != "flex_attention"]
+    return variants
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     device = torch.device(args.device)
@@ -318,11 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"flex vs sdpa check failed: {type(error).__name__}: {error}", file=sys.stderr)
         flex_difference = repr(error)[:500]
         _free(device)
-    variants = [(attn, compiled) for compiled in ([False, True] if args.compile else [False]) for attn in args.attn]
-    if device.type == "cpu" and "flex_attention" in args.attn:
-        print("flex attention has no backward on CPU: checked in a forward pass only, not timed")
-        variants = [(attn, compiled) for attn, compiled in variants if attn != "flex_attention"]
-    rows = [run_variant(args, attn, compiled, device, peak) for attn, compiled in variants]
+    rows = [run_variant(args, attn, compiled, device, peak) for attn, compiled in timed_variants(args, device)]
     result = {
         "benchmark": "training step tokens/s and MFU, bf16 autocast, paper 0.16B config",
         "device": device_name,

@@ -12,13 +12,17 @@ model evaluations per guidance branch:
   prefills, then 2 batch-1 forwards of the image positions per step (see README_peer.md).
 
 Same width, depth, heads and feed-forward width on both sides (as in ``bench_training.py``'s ``dims`` set-up). Neither
-side decodes latents to pixels. The three candidates are timed in turn, one image each (A B C A B C ..., the order
+side decodes latents to pixels. ``--device cuda --dtype bfloat16`` runs both sides on a GPU under the same bf16
+autocast (timings synchronise the device); ``--preset paper`` is the GPU measurement of issue 30: the paper's 0.16B
+width and depth (768 x 16, 12 heads), a 256x256 image's VAE latent (4 x 32 x 32, 256 patches), 50 steps, guidance. The three candidates are timed in turn, one image each (A B C A B C ..., the order
 flipped every round; ``--images`` images each per round) after one untimed image each. Reported: the median seconds
 per image, and the peer's speed ratio both as a ratio of medians and as the median over neighbouring pairs of peer
 time / our time ("paired"), which holds up when the load of a shared machine drifts.
 
     python benchmarks/bench_sampling.py             # ~1-4 minutes on 2 CPU cores (quiet - busy)
     python benchmarks/bench_sampling.py --quick     # tiny smoke run
+    python benchmarks/bench_sampling.py --preset paper --device cuda --dtype bfloat16 --output \
+        benchmarks/results/sampling_gpu.json        # on a GPU: seconds per 256x256 image at 0.16B
 
 Writes ``benchmarks/results/sampling.json`` and prints a markdown table.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +41,10 @@ import bench_common as common
 DEFAULTS = dict(dim=256, depth=6, heads=8, prompt_length=16, latent_size=16, steps=25, rounds=5, images=1)
 PEER = "peer (sample_many, Euler)"
 QUICK = dict(dim=32, depth=2, heads=4, prompt_length=8, latent_size=4, steps=2, rounds=1, images=1)
+# The paper's 0.16B transformer (recipe `paper_0.16b`: width 768, 16 layers, 12 heads) on a 256x256 image's VAE
+# latent (8x down-sampling: 4 x 32 x 32, patch 2 -> 256 patches), 50 steps: the GPU sampling figure of issue 30.
+PAPER = dict(dim=768, depth=16, heads=12, prompt_length=32, latent_size=32, steps=50, rounds=3, images=1)
+PRESETS = {"default": DEFAULTS, "quick": QUICK, "paper": PAPER}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,10 +68,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_peer", action="store_true", help="only our pipeline (also automatic without the peer)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps, 1 round: a smoke test")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="sizes and steps to start from (default: `default`; `--quick` = `quick`; `paper`: 0.16B, 32x32x4 latents, "
+        "50 steps); any size flag given wins",
+    )
+    parser.add_argument("--device", default="cpu", help="where both sides run (e.g. cuda)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="autocast dtype for both sides (fp32 weights); float32 = no autocast",
+    )
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "sampling.json"))
     args = parser.parse_args(argv)
-    common.fill_defaults(args, QUICK if args.quick else DEFAULTS)
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick and --preset {args.preset} ask for different sizes: give one")
+    common.fill_defaults(args, PRESETS[args.preset or ("quick" if args.quick else "default")])
     return args
+
+
+def timed(function: Callable[[], torch.Tensor], device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """``function`` under the autocast of ``dtype`` (none for float32), waiting for the device before it returns, so
+    that wall-clock time measures the work and not only its launch on a GPU."""
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
 
 
 def build_candidates(args: argparse.Namespace, peer) -> tuple[dict, dict]:
@@ -76,8 +113,9 @@ def build_candidates(args: argparse.Namespace, peer) -> tuple[dict, dict]:
         max_positions=max(512, args.prompt_length + 512),
         prediction_type="flow_prediction",
     )
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = common.build_our_model(config)
-    pipe = common.build_our_pipeline(model, common.build_word_tokenizer(args.text_vocab))
+    pipe = common.build_our_pipeline(model, common.build_word_tokenizer(args.text_vocab)).to(device)
     prompt_ids = torch.randint(0, args.text_vocab, (args.prompt_length,), generator=torch.Generator().manual_seed(0))
     prompt = common.prompt_text(prompt_ids.tolist())
 
@@ -94,15 +132,24 @@ def build_candidates(args: argparse.Namespace, peer) -> tuple[dict, dict]:
 
         return sample
 
-    candidates = {"ours (KV cache)": ours(True), "ours (no cache)": ours(False)}
+    candidates = {
+        "ours (KV cache)": timed(ours(True), device, dtype),
+        "ours (no cache)": timed(ours(False), device, dtype),
+    }
     backbones = {"ours (KV cache)": model.model, "ours (no cache)": model.model}
     parameters = {"ours (KV cache)": common.parameter_count(model), "ours (no cache)": common.parameter_count(model)}
     if peer is not None:
         torch.manual_seed(0)
-        peer_model = peer.build_peer_model(
-            args.dim, args.depth, args.heads, args.dim // args.heads, args.text_vocab, 4, args.latent_size, 2
-        ).eval()
-        candidates[PEER] = lambda: peer.peer_sample_image(peer_model, prompt_ids, args.steps, args.cfg)
+        peer_model = (
+            peer.build_peer_model(
+                args.dim, args.depth, args.heads, args.dim // args.heads, args.text_vocab, 4, args.latent_size, 2
+            )
+            .to(device)
+            .eval()
+        )
+        candidates[PEER] = timed(
+            lambda: peer.peer_sample_image(peer_model, prompt_ids, args.steps, args.cfg), device, dtype
+        )
         backbones[PEER] = peer_model.transformer
         parameters[PEER] = peer.peer_parameter_count(peer_model)
     return candidates, {"backbones": backbones, "parameters": parameters}
@@ -169,13 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "patches": (args.latent_size // 2) ** 2,
         "environment": common.environment(args.threads),
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "total_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
     print(table(rows))
     print(
         f"\n{args.prompt_length}-token prompt, {result['patches']} patches, {args.steps} steps, cfg {args.cfg}; "
-        f"median of {args.rounds} rounds x {args.images} images; {args.threads} threads; {result['total_seconds']} s; "
+        f"median of {args.rounds} rounds x {args.images} images; {args.device} ({args.dtype}); {args.threads} threads; {result['total_seconds']} s; "
         f"load average {result['environment']['load_average_at_end'][0]}"
     )
     print(f"Wrote {common.write_json(result, args.output)}")

@@ -3,13 +3,18 @@
 #   1. the GPU benchmark (benchmarks/bench_gpu.py through run_gpu.sh: sdpa vs flex attention, bf16, MFU);
 #   2. the ablation sweep on the shapes world (benchmarks/ablations.py), many runs side by side on the one GPU;
 #   3. with PRESETS_STEPS set, every CPU-sized preset on the glyphs image folder (benchmarks/bench_presets_draw.py),
-#      one process per preset side by side.
+#      one process per preset side by side;
+#   4. sampling: seconds per 256x256 image at 0.16B (benchmarks/bench_sampling.py --preset paper), ours with and
+#      without the prefix KV cache against the peer (transfusion-pytorch, from the carried wheels), bf16 autocast.
 #
 #   bash benchmarks/run_device_checks.sh            # SWEEP_SECONDS (default 540) caps the sweep's wall time
 #   STAGES=presets PRESETS_STEPS=10000 bash benchmarks/run_device_checks.sh      # only the presets check
 #   STAGES=sweep SWEEP_ROWS=u_narrow SWEEP_STEPS=2500 SWEEP_SEEDS="0 1 2 3" bash benchmarks/run_device_checks.sh
 #                                                   # the demo's recipe over 4 seeds
-# STAGES: which of "bench sweep presets" run (default "sweep bench", and "presets" too when PRESETS_STEPS is set).
+#   STAGES="bench sampling" BENCH_ARGS="--compile flex_attention --steps 10 --warmup 3" BENCH_SECONDS=330 \
+#       bash benchmarks/run_device_checks.sh        # issue 30: sdpa / flex / compiled flex MFU, then GPU sampling
+# STAGES: which of "bench sweep presets sampling" run (default "sweep bench", and "presets" too when PRESETS_STEPS is
+# set).
 #
 # Packages missing there travel as wheels in ./.whl (see benchmarks/README.md) and go to /tmp/site. Results go to
 # $OUT when set (the device runner's folder), else benchmarks/results.
@@ -20,6 +25,7 @@ if [[ -d .whl ]]; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # our package from the working tree, nothing to install
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
@@ -60,4 +66,11 @@ if wants presets; then
     wait
     python3 benchmarks/bench_presets_draw.py --merge "$PRESETS_DIR" --output "$RESULTS/presets_draw.json" \
         --montage "$RESULTS/presets_draw.png"
+fi
+
+if wants sampling; then
+    # SAMPLING_ARGS: more bench_sampling.py flags (e.g. "--no_peer" when the peer's wheels did not travel).
+    timeout "${SAMPLING_SECONDS:-150}" python3 benchmarks/bench_sampling.py --preset paper --device cuda \
+        --dtype bfloat16 --threads 8 --output "$RESULTS/sampling_gpu.json" ${SAMPLING_ARGS:-} 2>&1 \
+        | tee "$RESULTS/sampling_gpu.log"
 fi

@@ -60,6 +60,18 @@ def test_sampling_quick(bench, tmp_path):
     assert output.exists()
 
 
+def test_sampling_bf16_autocast_and_presets(bench, tmp_path):
+    sampling = bench("bench_sampling")
+    # The GPU figure of issue 30: the paper's 0.16B width and depth, a 256x256 image's 32x32 latent, 50 steps.
+    paper = sampling.parse_args(["--preset", "paper", "--device", "cuda", "--dtype", "bfloat16", "--steps", "20"])
+    assert (paper.dim, paper.depth, paper.heads, paper.latent_size, paper.steps) == (768, 16, 12, 32, 20)
+    with pytest.raises(SystemExit):
+        sampling.parse_args(["--quick", "--preset", "paper"])
+    # Both sides under one bf16 autocast: what `--device cuda --dtype bfloat16` runs, on CPU.
+    result = sampling.main(["--quick", "--threads", "1", "--dtype", "bfloat16", "--output", str(tmp_path / "s.json")])
+    assert all(row["s_per_image"] > 0 for row in result["rows"]) and result["device"] == "cpu"
+
+
 def test_kv_cache_table(bench, tmp_path, capsys):
     output = tmp_path / "kv_cache.json"
     bench("bench_kv_cache").main(["--quick", "--threads", "1", "--output", str(output)])
@@ -74,6 +86,24 @@ def test_gpu_dry_run(bench, tmp_path):
     assert row["attention"] == "sdpa" and row["tokens_per_s"] > 0
     assert row["parameters_in_flops"] < row["parameters"]
     assert json.loads(output.read_text())["device"] == "cpu"
+
+
+def test_gpu_compiled_variants(bench):
+    gpu = bench("bench_gpu")
+    cuda, cpu = gpu.torch.device("cuda"), gpu.torch.device("cpu")
+
+    def variants(*argv: str, device=cuda) -> list:
+        return gpu.timed_variants(gpu.parse_args(list(argv)), device)
+
+    assert variants() == [("sdpa", False), ("flex_attention", False)]
+    # Issue 30's table in one compilation: sdpa, flex, compiled flex.
+    assert variants("--compile", "flex_attention") == [
+        ("sdpa", False),
+        ("flex_attention", False),
+        ("flex_attention", True),
+    ]
+    assert variants("--compile")[2:] == [("sdpa", True), ("flex_attention", True)]
+    assert variants("--compile", "--attn", "sdpa", "flex_attention", device=cpu) == [("sdpa", False), ("sdpa", True)]
 
 
 def test_gpu_batch_layout(bench):
