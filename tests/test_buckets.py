@@ -335,8 +335,11 @@ def test_the_flag_defaults_to_the_square_path_and_is_checked_before_loading() ->
         ("--aspect_ratio_buckets", "32x40"): "--aspect_ratio_buckets='32x40': the width 40",
         ("--aspect_ratio_buckets", "32x128"): "above the largest side 64",
         ("--aspect_ratio_buckets", "16x32"): "at least 32 px",  # the shapes keep their pixel sizes
-        ("--aspect_ratio_buckets", "32x48", "--streaming"): "not supported with --streaming",
     }
+    # A stream encodes each image at its bucket too (tests/test_streaming_documents.py).
+    check_dataset_from_args(
+        parse_flags("--dataset", "shapes", "--aspect_ratio_buckets", "32x48", "--streaming"), 16, 64
+    )
     for flags, message in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             check_dataset_from_args(parse_flags("--dataset", "shapes", *flags), bucket_multiple=16, max_bucket_side=64)

@@ -194,7 +194,7 @@ def test_training_on_webdataset_document_shards(tmp_path):
     "flags, message",
     [
         (["--dataset", "shapes", "--interleaved"], "--interleaved does not support --dataset_name='shapes'"),
-        (["--dataset_name", "DOCS", "--interleaved", "--streaming"], "--interleaved does not support --streaming"),
+        (["--train_data_dir", "DOCS", "--interleaved"], "--interleaved does not support --train_data_dir"),
         (["--dataset_name", "DOCS", "--interleaved", "--random_flip"], "--interleaved does not support --random_flip"),
         (["--dataset", "shapes", "--clean_image_probability", "0.5"], "applies to interleaved documents only"),
         (["--dataset_name", "DOCS", "--interleaved", "--clean_image_probability", "2"], r"must be in \[0, 1\], got 2"),

@@ -67,7 +67,7 @@ def load_image_text_dataset(
     `interleaved=True` reads documents of several texts and images instead of pairs (`data.interleaved`): from a
     Hub data set or a local folder of parquet / json files, `image_column` is a list of images and `caption_column`
     the aligned list of texts (OBELICS's layout); from webdataset shards both are keys of each sample's `.json`, the
-    images base64-encoded. Not with the built-in data sets, nor streaming.
+    images base64-encoded. Not with the built-in data sets nor an image folder.
 
     `streaming=True` returns a `datasets.IterableDataset` read on the fly (the built-in data sets are converted with
     `to_iterable_dataset`, one shard per 64 rows so that processes can split them by shard).
@@ -162,22 +162,28 @@ def load_documents(
     streaming: bool,
 ) -> datasets.Dataset:
     """The interleaved branch of [`load_image_text_dataset`] (same arguments): the documents with the columns `texts`
-    and `images` (`data.interleaved.normalize_documents`)."""
+    and `images` (`data.interleaved.normalize_documents`), a `datasets.IterableDataset` with `streaming`."""
     from .interleaved import normalize_documents
 
-    if dataset_name in BUILTIN_DATASETS or train_data_dir is not None or streaming:
+    if dataset_name in BUILTIN_DATASETS or train_data_dir is not None:
         given = f"`dataset_name`={dataset_name!r}" if dataset_name in BUILTIN_DATASETS else None
-        given = given or (f"`train_data_dir`={train_data_dir!r}" if train_data_dir is not None else "streaming")
+        given = given or f"`train_data_dir`={train_data_dir!r}"
         raise ValueError(
             f"Interleaved documents are read from a Hub data set, a local folder of parquet / json files "
-            f"(`dataset_name`) or webdataset shards (`train_data_files`), cached, not {given}."
+            f"(`dataset_name`) or webdataset shards (`train_data_files`), not {given}."
         )
     if train_data_files is not None:
         dataset = datasets.load_dataset(
-            "webdataset", data_files={split: list(train_data_files)}, split=split, cache_dir=cache_dir
+            "webdataset",
+            data_files={split: list(train_data_files)},
+            split=split,
+            cache_dir=cache_dir,
+            streaming=streaming,
         )
         return normalize_documents(dataset, caption_column, image_column, from_webdataset=True)
-    dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    dataset = datasets.load_dataset(
+        dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, streaming=streaming
+    )
     return normalize_documents(dataset, caption_column, image_column)
 
 
@@ -428,7 +434,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         default=None,
         help="Aspect-ratio buckets as HxW (height x width, pixels), e.g. 32x32,32x48,48x32: each image is encoded at "
         "the bucket closest to its aspect ratio (resize + center crop) instead of --resolution square, and each batch "
-        "holds one bucket. Each side a multiple of patch_size x the VAE's downsampling. Built-in shapes are drawn at "
+        "holds one bucket (with --streaming, a batch may mix them). Each side a multiple of patch_size x the VAE's downsampling. Built-in shapes are drawn at "
         "these sizes, split evenly. The buckets share the recipe's steps: three needed about twice as many "
         "(docs/research/image_sizes.md). Default: square --resolution.",
     )
@@ -474,8 +480,8 @@ def check_dataset_from_args(
     """[`check_image_text_source`] with the options of [`add_data_arguments`]: the source and the split
     [`load_dataset_from_args`] will read, checked without loading (every script that takes those flags calls it),
     and `--aspect_ratio_buckets`: each side a positive multiple of `bucket_multiple` (`patch_size *
-    vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, not with `--streaming`, and large
-    enough for the built-in shapes."""
+    vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, and large enough for the built-in
+    shapes."""
     buckets = aspect_ratio_buckets_from_args(args, bucket_multiple, max_bucket_side)
     if getattr(args, "interleaved", False):
         check_interleaved_args(args)
@@ -492,11 +498,6 @@ def check_dataset_from_args(
         if getattr(args, "streaming", False):
             raise ValueError(f"--dataset_name={args.dataset_name} does not support --streaming (it is cached).")
     if buckets is not None:
-        if getattr(args, "streaming", False):
-            raise ValueError(
-                f"{BUCKETS_FLAG}={args.aspect_ratio_buckets!r} is not supported with --streaming: the stream is "
-                "encoded batch by batch at --resolution."
-            )
         if args.dataset_name == "shapes":
             from .shapes import MIN_CANVAS_SIZE
 
@@ -518,12 +519,12 @@ def check_dataset_from_args(
 
 
 def check_interleaved_args(args: argparse.Namespace) -> None:
-    """`--interleaved` reads a Hub data set, a local folder of parquet / json files or webdataset shards, cached:
-    refuse the other sources, `--streaming` and `--random_flip` (a text may name a side, which a mirror falsifies)."""
+    """`--interleaved` reads a Hub data set, a local folder of parquet / json files or webdataset shards (cached, or
+    with `--streaming`): refuse the other sources and `--random_flip` (a text may name a side, which a mirror
+    falsifies)."""
     for flag, given in (
         ("--dataset_name", args.dataset_name in BUILTIN_DATASETS),
         ("--train_data_dir", args.train_data_dir is not None),
-        ("--streaming", getattr(args, "streaming", False)),
         ("--random_flip", getattr(args, "random_flip", False)),
     ):
         if given:
@@ -531,7 +532,7 @@ def check_interleaved_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--interleaved does not support {flag}={value!r}: interleaved documents are read from a Hub data set, "
                 "a local folder of parquet / json files (--dataset_name) or webdataset shards (--train_data_files), "
-                "cached, not mirrored."
+                "not mirrored."
             )
 
 

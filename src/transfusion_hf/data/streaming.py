@@ -1,6 +1,7 @@
-"""Streaming image-caption data: rows read on the fly from a `datasets.IterableDataset` (a Hub stream, an image folder,
-webdataset tar shards), split across processes, shuffled through a buffer, decoded and VAE-encoded batch by batch on
-the accelerator, with a `state_dict` that resumes a killed run exactly where it stopped."""
+"""Streaming image-caption data or interleaved documents: rows read on the fly from a `datasets.IterableDataset` (a Hub
+stream, an image folder, webdataset tar shards, a folder of parquet files), split across processes, shuffled through a
+buffer, decoded and VAE-encoded batch by batch on the accelerator (each image at its aspect-ratio bucket when there are
+buckets), with a `state_dict` that resumes a killed run exactly where it stopped."""
 
 from __future__ import annotations
 
@@ -15,17 +16,29 @@ from accelerate.utils import gather_object, send_to_device
 from datasets.distributed import split_dataset_by_node
 
 from .image_text import decode_rows, encode_images
+from .interleaved import (
+    IMAGES_COLUMN,
+    TEXTS_COLUMN,
+    decode_documents,
+    document_example,
+    document_pairs,
+    encode_documents,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class StreamingLatentBatches:
-    """Collated training batches made on the fly from a stream of undecoded image-caption rows.
+    """Collated training batches made on the fly from a stream of undecoded image-caption rows, or of interleaved
+    documents (`interleaved=True`: rows with `texts` and `images` lists, `data.interleaved`).
 
     Each process reads its own part of the stream (`datasets.distributed.split_dataset_by_node`: whole shards when
     their number divides by the processes, else every `num_processes`-th row), draws rows through a shuffle buffer,
     decodes them (an unreadable image is skipped, counted in `num_skipped`, and replaced by the next row, so batches
-    stay full), encodes a batch at a time with `encode` and collates it. An epoch is one pass over the stream; each
+    stay full; a document with an unreadable image is skipped whole), encodes a batch at a time with `encode` (one call
+    per image size: the square `image_size`, or each aspect-ratio bucket present) and collates it. A batch may hold
+    images of several buckets: the collator passes them as a list, which the model takes in reading order (the cached
+    path instead draws each batch from one bucket). An epoch is one pass over the stream; each
     process counts its own passes (`epoch`), since parts of different lengths end their passes at different steps.
 
     The shuffle buffer is kept here rather than with `IterableDataset.shuffle`: datasets' buffer does not save its
@@ -33,16 +46,20 @@ class StreamingLatentBatches:
     position (datasets' own `state_dict`), the buffered rows (undecoded bytes) and the generator, at every batch.
 
     Args:
-        dataset (`datasets.IterableDataset`): rows with `image` (undecoded) and `text` columns.
-        encode (`Callable`): pixel values `(n, 3, S, S)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`.
-        collate_fn (`Callable`): a list of `{"text", "latents"[, "flipped_latents"]}` examples -> a batch of tensors.
-        image_size (`int`): pixel side given to `encode`.
+        dataset (`datasets.IterableDataset`): rows with `image` (undecoded) and `text` columns, or documents.
+        encode (`Callable`): pixel values `(n, 3, H, W)` in [-1, 1] -> clean scaled latents `(n, C, h, w)`.
+        collate_fn (`Callable`): a list of `{"text", "latents"[, "flipped_latents"]}` examples (documents:
+            `{"segments": [...]}`) -> a batch of tensors.
+        image_size (`int`): pixel side given to `encode` without buckets.
         batch_size (`int`): examples per batch (the last batch of an epoch may be smaller).
         shuffle_buffer_size (`int`): rows in the shuffle buffer; 0 or 1 reads the stream in order.
         seed (`int`): seed of the shuffle (the epoch is mixed in).
         process_index (`int`), num_processes (`int`): this process's part of the stream.
         device (`torch.device`, *optional*): where the batches are sent.
         center_crop (`bool`), random_flip (`bool`), strict (`bool`): as in [`encode_latents`].
+        aspect_ratio_buckets (`list[tuple[int, int]]`, *optional*): `(height, width)` sizes; each image is encoded at
+            the one closest to its aspect ratio.
+        interleaved (`bool`): the rows are documents.
     """
 
     def __init__(
@@ -60,6 +77,8 @@ class StreamingLatentBatches:
         center_crop: bool = True,
         random_flip: bool = False,
         strict: bool = False,
+        aspect_ratio_buckets: list[tuple[int, int]] | None = None,
+        interleaved: bool = False,
     ):
         if batch_size <= 0:
             raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
@@ -71,6 +90,7 @@ class StreamingLatentBatches:
         self.shuffle_buffer_size, self.seed = shuffle_buffer_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self.device, self.center_crop, self.random_flip, self.strict = device, center_crop, random_flip, strict
+        self.aspect_ratio_buckets, self.interleaved = aspect_ratio_buckets, interleaved
         self.epoch = 0
         self.num_skipped = 0
         self.num_rows = 0  # rows drawn this epoch (decoded or skipped)
@@ -102,9 +122,7 @@ class StreamingLatentBatches:
             row = self._draw(rows, buffer, rng)
             if row is not None:
                 self.num_rows += 1
-                images, captions, skipped = decode_rows([row["image"]], [row["text"]], self.num_rows - 1, self.strict)
-                self.num_skipped += skipped
-                examples += [{"image": image, "text": caption} for image, caption in zip(images, captions)]
+                examples += self._decode(row, self.num_rows - 1)
             if examples and (len(examples) == self.batch_size or row is None):
                 # The state right after this batch's rows: a checkpoint taken while the batch trains resumes after it.
                 self._snapshot = {
@@ -142,10 +160,30 @@ class StreamingLatentBatches:
         buffer[index], buffer[-1] = buffer[-1], buffer[index]
         return buffer.pop()
 
-    def _batch(self, examples: list[dict]) -> dict:
-        images = [example["image"] for example in examples]
-        captions = [example["text"] for example in examples]
-        encoded = encode_images(images, captions, self.encode, self.image_size, self.center_crop, self.random_flip)
+    def _decode(self, row: dict, index: int) -> list:
+        """The row decoded (a pair's `{"image", "text"}`, or a document's texts and images in reading order), or
+        nothing when an image is unreadable (counted in `num_skipped`; `strict` raises)."""
+        if self.interleaved:
+            documents, skipped = decode_documents(
+                {TEXTS_COLUMN: [row[TEXTS_COLUMN]], IMAGES_COLUMN: [row[IMAGES_COLUMN]]}, index, self.strict
+            )
+            self.num_skipped += skipped
+            return documents
+        images, captions, skipped = decode_rows([row["image"]], [row["text"]], index, self.strict)
+        self.num_skipped += skipped
+        return [{"image": image, "text": caption} for image, caption in zip(images, captions)]
+
+    def _batch(self, examples: list) -> dict:
+        if self.interleaved:
+            rows = document_rows(examples, self.encode, self.image_size, self.center_crop, self.aspect_ratio_buckets)
+            encoded = [document_example(row) for row in rows]
+        else:
+            images = [example["image"] for example in examples]
+            captions = [example["text"] for example in examples]
+            encoded = encode_images(
+                images, captions, self.encode, self.image_size, self.center_crop, self.random_flip,
+                aspect_ratio_buckets=self.aspect_ratio_buckets,
+            )  # fmt: skip
         batch = self.collate_fn(encoded)
         return send_to_device(batch, self.device) if self.device is not None else batch
 
@@ -168,23 +206,54 @@ class StreamingLatentBatches:
         self._resume = state
 
 
+def document_rows(
+    documents: list[list],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int,
+    center_crop: bool = True,
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
+) -> list[dict]:
+    """Decoded documents encoded into rows as the latent cache stores them (`interleaved.document_features`), so that
+    a streamed document trains exactly as a cached one (`interleaved.document_example` turns a row into the
+    collator's example)."""
+    resize_mode = "crop" if center_crop else "default"
+    columns = encode_documents(documents, encode, image_size, resize_mode, "float32", aspect_ratio_buckets)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def take_examples(
     dataset: datasets.IterableDataset,
     num: int,
     encode: Callable[[torch.Tensor], torch.Tensor],
     image_size: int,
     center_crop: bool = True,
+    aspect_ratio_buckets: list[tuple[int, int]] | None = None,
+    interleaved: bool = False,
 ) -> list[dict]:
-    """The first `num` readable rows of the stream, encoded (validation prompts and reference images)."""
+    """The first `num` readable image-caption pairs of the stream, encoded (validation prompts, reference images and
+    the conditioning gap); of documents, each image with the text before it (`interleaved.document_pairs`)."""
     rows = list(islice(dataset, 4 * num))
+    if interleaved:
+        documents, _ = decode_documents(
+            {TEXTS_COLUMN: [row[TEXTS_COLUMN] for row in rows], IMAGES_COLUMN: [row[IMAGES_COLUMN] for row in rows]},
+            0,
+            strict=False,
+        )
+        encoded = document_rows(documents, encode, image_size, center_crop, aspect_ratio_buckets)
+        return [pair for row in encoded for pair in document_pairs(row)][:num]
     images, captions, _ = decode_rows([row["image"] for row in rows], [row["text"] for row in rows])
-    return encode_images(images[:num], captions[:num], encode, image_size, center_crop)
+    return encode_images(
+        images[:num], captions[:num], encode, image_size, center_crop, aspect_ratio_buckets=aspect_ratio_buckets
+    )
 
 
-def take_captions(dataset: datasets.IterableDataset, num: int) -> Iterator[str]:
-    """The captions of the first `num` rows (to train a tokenizer), without reading the images."""
-    for row in islice(dataset.select_columns(["text"]), num):
-        yield row["text"] if isinstance(row["text"], str) else str(row["text"])
+def take_captions(dataset: datasets.IterableDataset, num: int, interleaved: bool = False) -> Iterator[str]:
+    """The captions of the first `num` rows (to train a tokenizer), without reading the images; of documents, every
+    text of the first `num` documents."""
+    column = TEXTS_COLUMN if interleaved else "text"
+    for row in islice(dataset.select_columns([column]), num):
+        texts = row[column] if interleaved else [row[column]]
+        yield from (text if isinstance(text, str) else str(text) for text in texts if text is not None)
 
 
-__all__ = ["StreamingLatentBatches", "take_captions", "take_examples"]
+__all__ = ["StreamingLatentBatches", "document_rows", "take_captions", "take_examples"]

@@ -148,12 +148,16 @@ def prepare_training_data(
     num_head = max(CONDITIONING_GAP_PAIRS, args.num_validation_captions)
     if args.streaming:
         stream = load_dataset_from_args(args, streaming=True)
-        # Validation prompts and captions use the stream's first rows; the tokenizer learns from its first captions.
-        head = take_examples(stream, num_head, partial(pixels_to_latents, vae), args.resolution, args.center_crop)
+        # Validation prompts and captions use the stream's first rows (of documents: each image with the text before
+        # it); the tokenizer learns from its first captions.
+        head = take_examples(
+            stream, num_head, partial(pixels_to_latents, vae), args.resolution, args.center_crop,
+            aspect_ratio_buckets_from_args(args), args.interleaved,
+        )  # fmt: skip
         if not head:
             raise ValueError("No readable image-caption pair in the first rows of the stream.")
         text_examples, held_out_texts = [], []
-        tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS))
+        tokenizer = build_tokenizer(args, take_captions(stream, STREAMING_TOKENIZER_ROWS, args.interleaved))
         return TrainingData(head, None, stream, text_examples, held_out_texts, tokenizer)
     examples, buckets = prepare_examples(args, vae, args.resolution, accelerator)
     # Validation prompts, captions and the text-conditioning gap use a few training examples, spread evenly over the
@@ -247,6 +251,8 @@ def build_dataloader(
             center_crop=args.center_crop,
             random_flip=args.random_flip,
             strict=args.strict_data,
+            aspect_ratio_buckets=aspect_ratio_buckets_from_args(args),
+            interleaved=args.interleaved,
         )
     examples, text_examples = data.examples, data.text_examples
     dataset = torch.utils.data.ConcatDataset([examples, text_examples]) if text_examples else examples
