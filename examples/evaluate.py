@@ -2,7 +2,8 @@
 """Evaluate a saved TransfusionPipeline like the field: FID and KID of generated vs held-out real images, CLIP score of
 the generated images against their prompts, caption BLEU-1..4 and CIDEr against the references, and the LM's perplexity
 on the held-out captions; on any captioned data set the training script reads (Hub, image folder, webdataset shards,
-the built-in shapes or glyphs).
+the built-in shapes or glyphs; with `--interleaved`, documents of several texts and images, each image captioned by the
+text before it).
 
     python examples/evaluate.py --pretrained_model_name_or_path outputs/shapes --dataset shapes \
         --dataset_split held_out --fid_feature_extractor shapes --metrics fid,kid,caption,perplexity \
@@ -34,6 +35,7 @@ from transfusion_hf.data.image_text import (
     decode_rows,
     load_dataset_from_args,
 )
+from transfusion_hf.data.interleaved import captioned_images
 from transfusion_hf.evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
 from transfusion_hf.evaluation.field_metrics import (
     DEFAULT_CLIP_MODEL,
@@ -56,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path", "--pipeline", required=True, help="A saved TransfusionPipeline."
     )
     add_data_arguments(parser)
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="The data set holds interleaved documents (as the training script's --interleaved reads them): each "
+        "image with the text just before it is a captioned image; images with no text before them are left out.",
+    )
     # The images are made at the pipeline's size; --resolution may only repeat it.
     parser.set_defaults(resolution=None)
     metrics = parser.add_argument_group("metrics")
@@ -130,10 +138,14 @@ def load_real_images(args: argparse.Namespace, image_size: int) -> tuple[list[PI
     dataset = load_dataset_from_args(args)
     if len(dataset) == 0:
         raise ValueError("The data set is empty.")
-    # Evenly spread rows, not the first ones: a folder sorted by class must not give one class.
-    rows = torch.linspace(0, len(dataset) - 1, min(len(dataset), args.num_samples)).round().long().unique().tolist()
-    chosen = dataset.select(rows)
-    images, captions, _ = decode_rows(chosen["image"], chosen["text"], strict=args.strict_data)
+    if args.interleaved:  # documents spread evenly over the data set, each image with the text before it
+        images, captions, skipped = captioned_images(dataset, args.num_samples, args.strict_data)
+        print(f"{len(images)} captioned images from the documents ({skipped} with an unreadable image skipped)")
+    else:
+        # Evenly spread rows, not the first ones: a folder sorted by class must not give one class.
+        rows = torch.linspace(0, len(dataset) - 1, min(len(dataset), args.num_samples)).round().long().unique()
+        chosen = dataset.select(rows.tolist())
+        images, captions, _ = decode_rows(chosen["image"], chosen["text"], strict=args.strict_data)
     if not images:
         raise ValueError("No readable image among the rows evaluated.")
     pixels = images_to_pixel_values(images, image_size, "crop" if args.center_crop else "default")

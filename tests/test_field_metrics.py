@@ -283,9 +283,31 @@ def test_evaluate_script_writes_the_report(tmp_path, extractor_file, tiny_clip):
     assert len((out / "captions.jsonl").read_text().splitlines()) == 6
 
 
+def test_evaluate_script_scores_interleaved_documents(tmp_path, extractor_file):
+    """`--interleaved`: documents spread over the data set, each image captioned by the text before it (the documents
+    are `[caption, source, "instruction: caption", target]`, so 3 documents give 6 captioned images)."""
+    from transfusion_hf.data.shapes_edit import load_shapes_edit_documents
+
+    documents = load_shapes_edit_documents(num_samples=3, with_captions=True)
+    (tmp_path / "docs").mkdir()
+    documents.to_parquet(str(tmp_path / "docs" / "train.parquet"))
+    pipeline_dir = tmp_path / "pipeline"
+    get_pipeline(pixel_space=True).save_pretrained(pipeline_dir)
+    out = tmp_path / "evaluation"
+    report = evaluate_script.main(
+        ["--pretrained_model_name_or_path", str(pipeline_dir), "--dataset_name", str(tmp_path / "docs"),
+         "--interleaved", "--num_samples", "8", "--metrics", "fid,caption", "--fid_feature_extractor",
+         str(extractor_file), "--num_inference_steps", "2", "--max_new_tokens", "4", "--output_dir", str(out)]
+    )  # fmt: skip
+    assert report["num_real_images"] == 6 and np.isfinite(report["fid"])
+    references = [json.loads(line)["reference"] for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert references == [text for texts in documents["texts"] for text in texts if text is not None]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--interleaved"], "--interleaved does not support --dataset_name='shapes'"),
         (["--metrics", "fid,bleu"], "--metrics='bleu'"),
         (["--num_samples", "1"], "--num_samples must be >= 2"),
         (["--dataset_split", "test"], "`dataset_split`='test'"),

@@ -235,21 +235,52 @@ def document_example(row: dict) -> dict:
     return {"segments": segments}
 
 
+def texts_before_images(parts: list) -> list[tuple[str, object]]:
+    """Each image of a document (any part that is not a `str`) with the text just before it (`""` when none)."""
+    pairs, text = [], ""
+    for part in parts:
+        if isinstance(part, str):
+            text = part
+        else:
+            pairs.append((text, part))
+    return pairs
+
+
 def document_pairs(row: dict) -> list[dict]:
     """The (text, image) pairs of a cached document: each image with the text just before it (`""` when none), as
     caption examples `{"text", "latents"}` (validation prompts, captions and the text-conditioning gap)."""
-    pairs, text = [], ""
-    for segment in document_example(row)["segments"]:
-        if isinstance(segment, str):
-            text = segment
-        else:
-            pairs.append({"text": text, "latents": segment["latents"]})
-    return pairs
+    segments = document_example(row)["segments"]
+    return [{"text": text, "latents": segment["latents"]} for text, segment in texts_before_images(segments)]
+
+
+def captioned_images(
+    dataset: datasets.Dataset, num: int, strict: bool = False
+) -> tuple[list[PIL.Image.Image], list[str], int]:
+    """Up to `num` captioned images from documents spread evenly over the data set (a sorted data set must not give
+    one topic): each image with the text just before it, as `examples/evaluate.py` scores them. An image with no
+    text before it is left out (it has no caption); a document with an unreadable image is skipped.
+
+    Args:
+        dataset (`datasets.Dataset`): documents ([`normalize_documents`]).
+        num (`int`): the most pairs returned.
+        strict (`bool`): raise [`CorruptImageError`] on an unreadable image instead of skipping its document.
+
+    Returns:
+        The images, their captions, and the number of documents skipped.
+    """
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), num)).round().astype(int)).tolist()
+    pairs, skipped = [], 0
+    for row in rows:  # one at a time, so that a message names the document's own row
+        documents, bad = decode_documents(dataset[row : row + 1], row, strict)
+        skipped += bad
+        pairs += [(text, image) for document in documents for text, image in texts_before_images(document) if text]
+    return [image for _, image in pairs[:num]], [text for text, _ in pairs[:num]], skipped
 
 
 __all__ = [
     "IMAGES_COLUMN",
     "TEXTS_COLUMN",
+    "captioned_images",
     "check_document",
     "decode_documents",
     "document_example",
@@ -258,4 +289,5 @@ __all__ = [
     "encode_documents",
     "is_interleaved",
     "normalize_documents",
+    "texts_before_images",
 ]
