@@ -182,6 +182,23 @@ def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(toke
     assert "latents" not in batch and short.num_truncated == 2 and batch["input_ids"].shape == (2, 8)
 
 
+def test_a_cut_that_ends_a_document_on_a_drawn_clean_image_noises_it(tokenizer):
+    """At probability 1 the first image is drawn clean (context for what follows); a limit that drops everything
+    after it makes it the last part, which is then noised (clean, it would train nothing). A clean image the example
+    asks for stays clean."""
+    processor = build_collator(tokenizer).processor
+    first = "a red circle"
+    used = 2 + len(processor.encode_text(first)) + 6  # bos, eos, the text, the first image's block
+    unset = {"segments": [first, {"latents": latents(0)}, {"latents": latents(1)}]}
+    whole = build_collator(tokenizer, clean_image_probability=1.0)([unset])
+    assert [target is None for target in whole["diffusion_targets"]] == [True, False]
+    cut = build_collator(tokenizer, max_length=used, clean_image_probability=1.0)([unset])
+    assert cut["diffusion_targets"].shape == (1, 4, 4, 4) and (cut["timesteps"] > 0).all()
+    given = {"segments": [first, {"latents": latents(0), "noised": False}, {"latents": latents(1)}]}
+    kept = build_collator(tokenizer, max_length=used)([given])
+    assert kept["diffusion_targets"] == [None] and (kept["timesteps"] == 0).all()
+
+
 def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
     """A document image whose `noised` is unset (a cached interleaved document): at probability 0 every one is noised
     and the batch equals the one with `noised=True` given (nothing more drawn); at 1 every one is clean but a

@@ -8,6 +8,7 @@ module adds the noising, the caption dropout and the packing, so inference never
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,11 +101,13 @@ class ImageSegment:
         latents (`torch.Tensor` of shape `(C, H, W)`): the clean latents.
         noised (`bool`): noised and trained (a timestep and a target), or clean context (t = 0, no loss).
         capped (`bool`): noised under the noiser's image-first limit (the image of an image-first pair).
+        drawn (`bool`): `noised` was drawn (`clean_image_probability`), not given by the example.
     """
 
     latents: torch.Tensor
     noised: bool
     capped: bool = False
+    drawn: bool = False
 
 
 class TransfusionDataCollator:
@@ -321,7 +324,8 @@ class TransfusionDataCollator:
                     continue
                 latents = torch.as_tensor(segment["latents"]).float()
                 noised = segment.get("noised")
-                if noised is None:
+                drawn = noised is None
+                if drawn:
                     # A clean image is context for what follows it: the document's last part stays noised (clean, it
                     # would train nothing). Drawn only when asked, so the paper's setting draws nothing more.
                     clean = (
@@ -330,7 +334,7 @@ class TransfusionDataCollator:
                         and torch.rand((), generator=generator).item() < self.clean_image_probability
                     )
                     noised = not clean
-                document.append(ImageSegment(latents, bool(noised)))
+                document.append(ImageSegment(latents, bool(noised), drawn=drawn))
             if drop_text and any(isinstance(part, ImageSegment) and part.noised for part in document):
                 document = [part for part in document if not isinstance(part, str)]
             return document
@@ -404,6 +408,10 @@ class TransfusionDataCollator:
                 kept_parts.append(part[:budget])
                 kept.append(segment)
             break
+        if kept and isinstance(kept[-1], ImageSegment) and kept[-1].drawn and not kept[-1].noised:
+            # The cut made a drawn-clean image the document's last part, which would train nothing: noise it, as the
+            # draw would have (the draws stay as they were, so the batch's random stream is unchanged).
+            kept[-1] = dataclasses.replace(kept[-1], noised=True)
         self.num_truncated += 1
         return self.processor.encode_parts(kept_parts, add_bos=True, add_eos=True), kept
 
