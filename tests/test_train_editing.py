@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -134,3 +135,18 @@ def test_shapes_demo_edit_task_evaluates_a_saved_pipeline(tmp_path, base_pipelin
     assert {"edit_accuracy", "edited_attribute_accuracy", "kept_attributes_accuracy"} <= set(metrics)
     assert json.loads((out / "metrics.json").read_text())["edit_accuracy"] == metrics["edit_accuracy"]
     assert (out / "edits.png").is_file()
+
+
+def test_shapes_demo_edit_documents_task_writes_trains_and_scores(tmp_path, monkeypatch):
+    """`--task edit_documents`: the edits written once as a parquet folder of documents, trained with --interleaved
+    in the script's own process, scored as `--task edit` (8 documents and 1 step here instead of 20,000 and 1,700)."""
+    shapes_demo = load_script(ROOT / "examples" / "shapes_demo.py", "shapes_demo_documents")
+    monkeypatch.setattr(shapes_demo, "EDIT_DOCUMENTS_ROWS", 8)
+    out = tmp_path / "demo"
+    metrics = shapes_demo.main(
+        ["--task", "edit_documents", "--output_dir", str(out), "--num_edits", "4", "--eval_inference_steps", "2",
+         "--eval_device", "cpu", *TINY, *QUICK, "--patch_size", "4", "--max_train_steps", "1"]
+    )  # fmt: skip
+    assert len(datasets.load_dataset(str(out / "documents"), split="train")) == 8
+    assert metrics["global_step"] == 1 and "edit_accuracy" in metrics
+    assert (out / "edits.png").is_file() and (out / "transformer" / "config.json").is_file()
