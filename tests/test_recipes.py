@@ -57,6 +57,26 @@ def test_flow_only_timestep_sampling_falls_back_for_epsilon():
     assert recipe.training_defaults("flow_prediction") == recipe.training
 
 
+def test_several_image_sizes_add_half_the_steps_each():
+    """Aspect-ratio buckets share the recipe's steps (measured: 2 sizes 0.85 at 1x, 3 sizes 0.98 at 2x): the training
+    script's default grows with them, a --max_train_steps given wins, and a bad flag still fails on its own check."""
+    from transfusion_hf import training
+
+    recipe = load_recipe("small")
+    assert [recipe.training_defaults(num_image_sizes=k)["max_train_steps"] for k in (1, 2, 3)] == [2000, 3000, 4000]
+    with pytest.raises(ValueError, match="num_image_sizes"):
+        recipe.training_defaults(num_image_sizes=0)
+    base = ["--dataset", "shapes", "--output_dir", "unused"]
+    assert training.parse_args(base).max_train_steps == 2000
+    assert training.parse_args([*base, "--aspect_ratio_buckets", "32x32,32x48"]).max_train_steps == 3000
+    assert training.parse_args([*base, "--aspect_ratio_buckets", "32x32,32x48,48x32"]).max_train_steps == 4000
+    assert (
+        training.parse_args([*base, "--aspect_ratio_buckets", "32x48", "--max_train_steps", "7"]).max_train_steps == 7
+    )
+    with pytest.raises(ValueError, match="--aspect_ratio_buckets='32x30'"):
+        training.parse_args([*base, "--aspect_ratio_buckets", "32x30"])
+
+
 def test_a_retired_name_loads_its_successor(caplog):
     with caplog.at_level("WARNING", logger="transfusion_hf.recipes"):
         recipe = load_recipe("small_unet")

@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig
 
 from ..configuration_transfusion import TransfusionConfig
+from ..data.buckets import BUCKETS_FLAG, parse_aspect_ratio_buckets
 from ..data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY
 from ..data.image_text import (
     EDITING_DATASETS,
@@ -433,6 +434,7 @@ def apply_recipe_defaults(parser: argparse.ArgumentParser, argv: list[str] | Non
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--recipe", "--model_config", dest="recipe", default=DEFAULT_RECIPE)
     pre_parser.add_argument("--prediction_type", default=None)
+    pre_parser.add_argument(BUCKETS_FLAG, default=None)
     known, _ = pre_parser.parse_known_args(argv)
     name, what_changed = resolve_recipe_name(known.recipe)
     if what_changed is not None:
@@ -444,12 +446,29 @@ def apply_recipe_defaults(parser: argparse.ArgumentParser, argv: list[str] | Non
     # A recipe json of the user's that sets no training part (e.g. a bare model preset) trains with the default
     # recipe's hyper-parameters: the ones measured to draw.
     prediction_type = known.prediction_type or recipe.model.get("prediction_type", "epsilon")
-    defaults = load_recipe(DEFAULT_RECIPE).training_defaults(prediction_type)
-    defaults.update(recipe.training_defaults(prediction_type))
+    num_image_sizes = count_image_sizes(known.aspect_ratio_buckets)
+    defaults = load_recipe(DEFAULT_RECIPE).training_defaults(prediction_type, num_image_sizes)
+    defaults.update(recipe.training_defaults(prediction_type, num_image_sizes))
+    if num_image_sizes > 1 and "max_train_steps" in defaults:
+        logger.info(
+            f"{BUCKETS_FLAG}: {num_image_sizes} image sizes share the steps, so the recipe trains "
+            f"{defaults['max_train_steps']} (--max_train_steps sets another number)."
+        )
     if "diffusion_loss_weight" in recipe.model:
         defaults["diffusion_loss_weight"] = recipe.model["diffusion_loss_weight"]
     parser.set_defaults(**defaults)
     return name
+
+
+def count_image_sizes(aspect_ratio_buckets: str | None) -> int:
+    """The number of sizes `--aspect_ratio_buckets` names (1 without it, or when it does not parse: the full check,
+    which names the flag and its value, comes later)."""
+    if aspect_ratio_buckets is None:
+        return 1
+    try:
+        return max(1, len(parse_aspect_ratio_buckets(aspect_ratio_buckets)))
+    except ValueError:
+        return 1
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
