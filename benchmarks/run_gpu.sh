@@ -39,7 +39,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "nvidia-smi not found"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 
+# A CPU dry run logs beside its own json (results/gpu_dry_run.*, git-ignored), not over the GPU run's log.
 LOG=benchmarks/results/gpu.log
+[[ " $* " == *" --dry_run "* ]] && LOG=benchmarks/results/gpu_dry_run.log
 mkdir -p benchmarks/results
 set +e
 "$PYTHON" benchmarks/bench_gpu.py "$@" 2>&1 | tee "$LOG"
