@@ -27,6 +27,8 @@ allocator's slack.
     python benchmarks/bench_training.py                 # both set-ups: ~2 min with --threads 1 on 2 busy cores,
                                                         # ~4 min per set-up with 2 threads there
     python benchmarks/bench_training.py --quick         # tiny smoke run (seconds)
+    python benchmarks/bench_training.py --setups params --threads 1 --compile   # + our step compiled (fullgraph)
+    python benchmarks/bench_training.py --setups params --threads 1 --dtype bfloat16   # both under bf16 autocast
 
 Writes ``benchmarks/results/training.json`` and prints a markdown table.
 """
@@ -47,6 +49,7 @@ import bench_common as common
 
 DEFAULTS = dict(dim=256, depth=6, heads=8, batch_size=8, text_length=16, latent_size=16, rounds=3, steps=5)
 QUICK = dict(dim=32, depth=2, heads=4, batch_size=2, text_length=8, latent_size=4, rounds=2, steps=1)
+COMPILED = "ours (compiled)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory_steps", type=int, default=3)
     parser.add_argument("--no_peer", action="store_true", help="only our model (also automatic without the peer)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="autocast dtype of every side's step (fp32 weights); float32 = no autocast",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time our step under torch.compile(fullgraph=True) (inductor; compiled during the warm-up)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 step x 2 rounds: a smoke test")
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "training.json"))
     parser.add_argument("--_memory_worker", help=argparse.SUPPRESS)
@@ -125,7 +139,21 @@ def build_peer(args: argparse.Namespace, peer):
 
 
 def trainer(side: str, args: argparse.Namespace, dim: int, peer=None):
-    """(model, step function) for one side; the batch and the AdamW optimizer are built here too."""
+    """(model, step function) for one side (`peer`, `ours` or `ours (compiled)`), the step under `--dtype`'s autocast;
+    the batch and the AdamW optimizer are built here too."""
+    model, step = _trainer(side, args, dim, peer)
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.float32:
+        return model, step
+
+    def autocast_step():
+        with torch.autocast("cpu", dtype=dtype):
+            return step()
+
+    return model, autocast_step
+
+
+def _trainer(side: str, args: argparse.Namespace, dim: int, peer=None):
     generator = torch.Generator().manual_seed(0)
     if side == "peer":
         model = build_peer(args, peer)
@@ -139,7 +167,9 @@ def trainer(side: str, args: argparse.Namespace, dim: int, peer=None):
     model = common.build_our_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = common.make_our_batch(config, args.batch_size, args.text_length, generator)
-    return model, lambda: common.our_train_step(model, optimizer, batch)
+    # One graph for the whole forward (tests/test_compile.py keeps it so); the parameters stay the model's.
+    forward = torch.compile(model, fullgraph=True) if side == COMPILED else model
+    return model, lambda: common.our_train_step(forward, optimizer, batch)
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -204,7 +234,10 @@ def run_setup(setup: str, args: argparse.Namespace, argv: list[str], peer) -> li
             our_dim = width_matching(args, common.parameter_count(sides["peer"][0]))
     elif setup == "params":
         return []
-    sides = {"ours": trainer("ours", args, our_dim), **sides}
+    ours = {"ours": trainer("ours", args, our_dim)}
+    if args.compile:
+        ours[COMPILED] = trainer(COMPILED, args, our_dim)
+    sides = {**ours, **sides}
     times = common.alternate({side: step for side, (_, step) in sides.items()}, args.rounds, args.steps, args.warmup)
     patches = (args.latent_size // args.patch_size) ** 2
     tokens = args.batch_size * (args.text_length + patches)
@@ -230,12 +263,12 @@ def run_setup(setup: str, args: argparse.Namespace, argv: list[str], peer) -> li
             "tokens_per_s": tokens / step_time,
             "sequences_per_s": args.batch_size / step_time,
             "round_medians_ms": [value * 1e3 for value in common.round_medians(times[side], args.rounds)],
-            "paired_speedup_vs_peer": common.paired_ratio(times["peer"], times["ours"])
-            if side == "ours" and "peer" in times
+            "paired_speedup_vs_peer": common.paired_ratio(times["peer"], times[side])
+            if side != "peer" and "peer" in times
             else None,
             "step_times_ms": [value * 1e3 for value in times[side]],
         }
-        if args.memory:
+        if args.memory and side != COMPILED:  # a compiled step's memory would count the compiler's too
             row["memory"] = measure_memory(side, args, argv, row["width"])
         rows.append(row)
     del sides
@@ -249,7 +282,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         peer_row = next((other for other in rows if other["setup"] == row["setup"] and other["model"] == "peer"), None)
         ratio = ""
-        if peer_row and row["model"] == "ours":
+        if peer_row and row["model"] != "peer":
             ratio = f"{row['tokens_per_s'] / peer_row['tokens_per_s']:.2f}x ({row['paired_speedup_vs_peer']:.2f}x)"
         memory = row.get("memory")
         memory_cell = f"{memory['peak_rss_mib']:.0f} ({memory['training_growth_mib']:.0f})" if memory else "n/a"
@@ -277,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [row for setup in args.setups for row in run_setup(setup, args, argv, peer)]
     result = {
         "benchmark": "training step: forward (text CE + diffusion MSE), backward, AdamW",
+        "autocast_dtype": args.dtype,
         "tokens_counted": "text + image patches per sequence (specials and the peer's meta tokens not counted)",
         "memory_measured": "peak RSS (VmHWM, reset before the first step) of a fresh subprocess over memory_steps "
         "steps, and its growth over the RSS just before the first step",

@@ -41,6 +41,20 @@ def test_training_quick(bench, tmp_path):
     assert json.loads(output.read_text())["rows"][0]["model"] == "ours"
 
 
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], pytest.param(["--compile"], marks=pytest.mark.slow)])
+def test_training_under_autocast_and_compiled(bench, tmp_path, flags):
+    """`--dtype bfloat16` runs every side under CPU autocast; `--compile` adds our step compiled as one graph (about a
+    minute of compilation on a busy CPU, hence slow)."""
+    argv = ["--quick", "--setups", "dims", "--no-memory", "--threads", "1", "--output", str(tmp_path / "t.json")]
+    result = bench("bench_training").main([*argv, *flags])
+    rows = {row["model"]: row for row in result["rows"]}
+    expected = {"ours"} | ({"ours (compiled)"} if "--compile" in flags else set()) | ({"peer"} if HAS_PEER else set())
+    assert set(rows) == expected and all(row["ms_per_step"] > 0 for row in rows.values())
+    assert result["autocast_dtype"] == ("bfloat16" if "--dtype" in flags else "float32")
+    if HAS_PEER:
+        assert all(rows[name]["paired_speedup_vs_peer"] > 0 for name in expected - {"peer"})
+
+
 def test_training_width_matching(bench):
     training = bench("bench_training")
     args = training.parse_args(["--quick"])
