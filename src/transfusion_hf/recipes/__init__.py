@@ -76,9 +76,8 @@ FLOW_ONLY_TIMESTEP_SAMPLINGS = ("logit_normal",)
 
 # A recipe's `max_train_steps` is for images of one size. Aspect-ratio buckets share those steps, and each size has
 # grid cells (positions) the others never train, so every size beyond the first adds half the steps again. On the
-# built-in shapes (docs/research/image_sizes.md): two sizes drew 0.90 / 0.80 of the prompts right at the square
-# recipe's steps and 0.95 / 0.97 at 1.5x; three sizes 0.84 / 0.74 / 0.75 at 1,700 steps and 1.00 / 0.97 / 0.96 at
-# 3,400 (2x).
+# built-in shapes (docs/research/image_sizes.md): two sizes drew 0.85 and 0.97 of the prompts right (two seeds) at
+# the square recipe's steps and 0.96 and 0.98 at 1.5x; three sizes 0.78 at 1,700 steps and 0.98 at 3,400 (2x).
 EXTRA_STEPS_PER_IMAGE_SIZE = 0.5
 
 # Retired names: the old name loads its successor, with a warning that says what changed.
