@@ -59,7 +59,8 @@ def test_flow_only_timestep_sampling_falls_back_for_epsilon():
 
 def test_several_image_sizes_add_half_the_steps_each():
     """Aspect-ratio buckets share the recipe's steps (measured, two seeds: 2 sizes 0.85 / 0.97 at 1x, 0.96 / 0.98 at
-    1.5x): the training script's default grows with them, a --max_train_steps given wins, and a bad flag still fails on its own check."""
+    1.5x): the training script's default grows with them, a --max_train_steps given wins, and a bad flag still fails
+    on its own check."""
     from transfusion_hf import training
 
     recipe = load_recipe("small")
