@@ -14,8 +14,8 @@ model evaluations per guidance branch:
 Same width, depth, heads and feed-forward width on both sides (as in ``bench_training.py``'s ``dims`` set-up). Neither
 side decodes latents to pixels. ``--device cuda --dtype bfloat16`` runs both sides on a GPU under the same bf16
 autocast (timings synchronise the device); ``--preset paper`` is the GPU measurement of issue 30: the paper's 0.16B
-width and depth (768 x 16, 12 heads), a 256x256 image's VAE latent (4 x 32 x 32, 256 patches), 50 steps, guidance. The three candidates are timed in turn, one image each (A B C A B C ..., the order
-flipped every round; ``--images`` images each per round) after one untimed image each. Reported: the median seconds
+width and depth (768 x 16, 12 heads), a 256x256 image's VAE latent (4 x 32 x 32, 256 patches), 50 steps, guidance.
+The three candidates are timed in turn, one image each (A B C A B C ..., the order flipped every round; ``--images`` images each per round) after one untimed image each. Reported: the median seconds
 per image, and the peer's speed ratio both as a ratio of medians and as the median over neighbouring pairs of peer
 time / our time ("paired"), which holds up when the load of a shared machine drifts.
 
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(rows))
     print(
         f"\n{args.prompt_length}-token prompt, {result['patches']} patches, {args.steps} steps, cfg {args.cfg}; "
-        f"median of {args.rounds} rounds x {args.images} images; {args.device} ({args.dtype}); {args.threads} threads; {result['total_seconds']} s; "
+        f"median of {args.rounds} rounds x {args.images} images; {args.device} ({args.dtype}); {args.threads} threads; "
+        f"{result['total_seconds']} s; "
         f"load average {result['environment']['load_average_at_end'][0]}"
     )
     print(f"Wrote {common.write_json(result, args.output)}")
