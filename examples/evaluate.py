@@ -34,6 +34,7 @@ from transfusion_hf.data.image_text import (
     check_dataset_from_args,
     decode_rows,
     load_dataset_from_args,
+    spread_rows,
 )
 from transfusion_hf.data.interleaved import captioned_images
 from transfusion_hf.evaluation.feature_extractors import STANDARD_FEATURE_EXTRACTOR
@@ -143,8 +144,7 @@ def load_real_images(args: argparse.Namespace, image_size: int) -> tuple[list[PI
         print(f"{len(images)} captioned images from the documents ({skipped} with an unreadable image skipped)")
     else:
         # Evenly spread rows, not the first ones: a folder sorted by class must not give one class.
-        rows = torch.linspace(0, len(dataset) - 1, min(len(dataset), args.num_samples)).round().long().unique()
-        chosen = dataset.select(rows.tolist())
+        chosen = dataset.select(spread_rows(len(dataset), args.num_samples))
         images, captions, _ = decode_rows(chosen["image"], chosen["text"], strict=args.strict_data)
     if not images:
         raise ValueError("No readable image among the rows evaluated.")

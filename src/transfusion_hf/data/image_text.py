@@ -244,6 +244,17 @@ def decode_image(value) -> PIL.Image.Image:
     raise TypeError(f"unsupported image cell of type {type(value).__name__}")
 
 
+def spread_rows(num_rows: int, num: int) -> list[int]:
+    """Up to `num` row indices spread evenly over `num_rows` rows, first and last included: the rows a validation or
+    an evaluation reads, so that a data set sorted by class or topic does not give one class.
+
+    Args:
+        num_rows (`int`): rows in the data set.
+        num (`int`): rows wanted (fewer come back when the data set is smaller).
+    """
+    return torch.linspace(0, num_rows - 1, min(num_rows, num)).round().long().unique().tolist()
+
+
 def skip_or_raise(message: str, error: Exception, strict: bool) -> None:
     """An unreadable image: raise [`CorruptImageError`] with `message` when `strict`, else log that it is skipped (the
     caller counts it)."""
@@ -585,6 +596,7 @@ __all__ = [
     "decode_image",
     "decode_rows",
     "skip_or_raise",
+    "spread_rows",
     "encode_images",
     "encode_latents",
     "group_by_bucket",

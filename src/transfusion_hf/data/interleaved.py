@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 
 from ..processing_transfusion import images_to_pixel_values
-from .image_text import decode_image, group_by_bucket, resize_to_pixel_values, skip_or_raise
+from .image_text import decode_image, group_by_bucket, resize_to_pixel_values, skip_or_raise, spread_rows
 
 TEXTS_COLUMN = "texts"
 IMAGES_COLUMN = "images"
@@ -268,9 +268,8 @@ def captioned_images(
     Returns:
         The images, their captions, and the number of documents skipped.
     """
-    rows = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), num)).round().astype(int)).tolist()
     pairs, skipped = [], 0
-    for row in rows:  # one at a time, so that a message names the document's own row
+    for row in spread_rows(len(dataset), num):  # one at a time, so that a message names the document's own row
         documents, bad = decode_documents(dataset[row : row + 1], row, strict)
         skipped += bad
         pairs += [(text, image) for document in documents for text, image in texts_before_images(document) if text]

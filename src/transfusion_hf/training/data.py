@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.buckets import BucketBatchSampler
 from ..data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY, TransfusionDataCollator
-from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args
+from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args, spread_rows
 from ..data.interleaved import TEXTS_COLUMN, document_pairs
 from ..data.latent_cache import cache_latents, encoder_fingerprint, unflatten_latents
 from ..data.streaming import StreamingLatentBatches, take_captions, take_examples
@@ -162,15 +162,15 @@ def prepare_training_data(
     examples, buckets = prepare_examples(args, vae, args.resolution, accelerator)
     # Validation prompts, captions and the text-conditioning gap use a few training examples, spread evenly over the
     # data set (a folder sorted by class must not give 64 pairs of one caption): keep only those in memory.
-    spread = torch.linspace(0, len(examples) - 1, min(len(examples), num_head)).round().long().unique()
+    spread = spread_rows(len(examples), num_head)
     if TEXTS_COLUMN in examples.column_names:
         # Interleaved documents: each image with the text before it serves as a caption pair.
-        head = [pair for row in examples.select(spread.tolist()) for pair in document_pairs(row)][:num_head]
+        head = [pair for row in examples.select(spread) for pair in document_pairs(row)][:num_head]
         texts = (text for document in examples[TEXTS_COLUMN] for text in document if text)
         if not head:
             raise ValueError(f"None of the {len(spread)} documents spread over the data set holds an image.")
     else:
-        head = [unflatten_latents(row) for row in examples.select(spread.tolist())]
+        head = [unflatten_latents(row) for row in examples.select(spread)]
         texts = iter(examples["text"])
     text_examples, held_out_texts = prepare_text_examples(args, len(examples), accelerator)
     # The captions are a lazy column of the memory-mapped cache; the text-only rows are a small list.
