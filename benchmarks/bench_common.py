@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -264,6 +265,34 @@ def round_medians(values: Sequence[float], rounds: int) -> list[float]:
     """Median of each round's share of ``values`` (they were recorded round by round, equal counts per round)."""
     per_round = len(values) // max(rounds, 1)
     return [statistics.median(values[index * per_round : (index + 1) * per_round]) for index in range(rounds)]
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark of this process to its current RSS (Linux ``clear_refs`` 5), so the peak
+    read later belongs to training, not to the imports; returns the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak then falls back to the whole life of the process (ru_maxrss)
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    """The peak RSS of this process in bytes since the last `reset_peak_rss` (else since it started)."""
+    peak = _status_kib("VmHWM")
+    return (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ---------------------------------------------------------------------------------------------------- output

@@ -10,10 +10,11 @@ Reported per variant (attention implementation x ``torch.compile``): median step
 ``--warmup`` (compilation happens there), tokens/s (all positions), peak allocated memory, and the model FLOPs
 utilisation::
 
-    MFU = (6 * N + 12 * layers * width * seq_len) * tokens/s / peak bf16 dense FLOPS
+    MFU = (6 * N_body + 6 * N_head * f + 12 * layers * width * seq_len) * tokens/s / peak bf16 dense FLOPS
 
-with ``N`` the parameters without the input embedding table (its lookup costs no FLOPs; the untied LM head is
-counted), the attention term as in PaLM (appendix B; the full ``seq_len x seq_len`` score matrix, forward + backward)
+with ``N_body`` the parameters without the input embedding table (its lookup costs no FLOPs) and the LM head,
+``N_head`` the LM head's, counted on the fraction ``f`` of positions that are not image placeholders (the step runs
+it there only: ``skip_logits``, the training default), the attention term as in PaLM (appendix B; the full ``seq_len x seq_len`` score matrix, forward + backward)
 and the peak from the device name (H100 SXM / H200: 989e12; override with ``--peak_tflops``). Before timing, flex
 attention's output is checked against SDPA on the same batch (the Transfusion mask in both kernels; on CPU, where
 flex attention has no backward, that forward check is all it gets).
@@ -152,14 +153,18 @@ def make_batch(config, args: argparse.Namespace, device: torch.device) -> dict[s
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def model_flops_per_token(model, config, seq_len: int) -> tuple[int, float]:
-    """(N, training FLOPs per token): ``6 N`` plus PaLM's attention term ``12 * layers * width * seq_len``."""
-    embedding = model.get_input_embeddings().weight.numel()
-    params = sum(parameter.numel() for parameter in model.parameters()) - embedding
+def model_flops_per_token(model, config, seq_len: int, head_fraction: float = 1.0) -> tuple[int, float]:
+    """(N, training FLOPs per token): ``6 N`` with the LM head counted on ``head_fraction`` of the positions (the
+    training step runs it on the positions that are not image placeholders: ``skip_logits``), plus PaLM's attention
+    term ``12 * layers * width * seq_len``."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = sum(parameter.numel() for parameter in model.parameters()) - embedding.numel()
+    body = params - (0 if head is embedding else head.numel())  # a tied head went out with the embedding table
     text = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     attention = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
-    return params, 6 * params + attention
+    return body + head.numel(), 6 * body + 6 * head.numel() * head_fraction + attention
 
 
 def peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[str, float | None]:
@@ -239,7 +244,8 @@ def time_variant(args: argparse.Namespace, attn: str, compiled: bool, device: to
         synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    params, flops_per_token = model_flops_per_token(model, config, args.seq_len)
+    head_fraction = (batch["input_ids"] != config.image_token_id).float().mean().item()
+    params, flops_per_token = model_flops_per_token(model, config, args.seq_len, head_fraction)
     tokens_per_s = args.batch_size * args.seq_len / seconds
     row = {
         "attention": attn,
@@ -252,6 +258,7 @@ def time_variant(args: argparse.Namespace, attn: str, compiled: bool, device: to
         "warmup_seconds": warmup_seconds,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "parameters_in_flops": params,
+        "lm_head_position_fraction": head_fraction,
         "last_loss": float(loss),
         "step_times_ms": [value * 1e3 for value in times],
     }

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -179,36 +178,10 @@ def memory_worker(spec: str) -> None:
     args = parse_args(options.pop("argv"))
     torch.set_num_threads(args.threads)
     _, step = trainer(options["side"], args, options["dim"], common.peer_module())
-    before = _reset_peak_rss()
+    before = common.resetcommon.peak_rss()
     for _ in range(args.memory_steps):
         step()
-    print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": _peak_rss() / 2**20}))
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's high-water mark of this process to its current RSS (Linux ``clear_refs`` 5), so the peak
-    read later belongs to training, not to the imports; returns the current RSS in bytes."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # the peak then falls back to the whole life of the process (ru_maxrss)
-    rss = _status_kib("VmRSS")
-    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_rss() -> int:
-    peak = _status_kib("VmHWM")
-    return (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": common.peak_rss() / 2**20}))
 
 
 def measure_memory(side: str, args: argparse.Namespace, argv: list[str], dim: int) -> dict | None:

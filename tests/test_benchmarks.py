@@ -62,6 +62,19 @@ def test_training_width_matching(bench):
     assert training.width_matching(args, target) == 48
 
 
+def test_text_logits_quick(bench, tmp_path, capsys):
+    """Both LM head variants timed and measured (peak RSS in fresh processes), on caption-like rows."""
+    output = tmp_path / "text_logits.json"
+    result = bench("bench_text_logits").main(["--quick", "--memory_steps", "1", "--output", str(output)])
+    (row,) = result["rows"]
+    # <s> 8 text <boi> 16 patches <eoi> </s>: the LM head runs on the 12 positions that are not patches.
+    assert (row["vocab_size"], row["positions_per_row"], row["lm_head_positions_per_row"]) == (512, 28, 12)
+    assert row["ms_every_position"] > 0 and row["ms_text_positions"] > 0
+    assert row["growth_mib_every_position"] > 0 and row["growth_mib_text_positions"] > 0
+    assert "| 512 | 12 / 28 |" in capsys.readouterr().out
+    assert json.loads(output.read_text())["rows"][0]["vocab_size"] == 512
+
+
 def test_sampling_quick(bench, tmp_path):
     output = tmp_path / "sampling.json"
     result = bench("bench_sampling").main(["--quick", "--threads", "1", "--output", str(output)])

@@ -670,6 +670,60 @@ def test_lm_loss_ignores_minus_100_labels():
     assert torch.equal(output.loss, output.lm_loss)
 
 
+def loss_and_gradients(model: TransfusionForMixedModal, batch: dict, **kwargs) -> tuple[TransfusionOutput, dict]:
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, **kwargs)
+    output.loss.backward()
+    return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("layout", ["mixed", "text_only", "experts"])
+def test_skip_logits_same_loss_and_gradients_with_the_lm_head_on_text_positions_only(layout):
+    """Training with labels runs the LM head on the positions that are not image placeholders (by default), and the
+    loss and every gradient are those of the logits of every position."""
+    config = tiny_config(modality_experts=layout == "experts")
+    model = make_model(config).train()
+    if layout == "text_only":
+        input_ids, attention_mask = text_batch(seed=14)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    else:
+        batch = mixed_batch(config, [[3, 2, 4], [5], [2, 3]], seed=14)
+    labels = batch["input_ids"].clone()
+    labels[0, :2] = -100
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda _m, inputs, _o: head_rows.append(inputs[0].shape[:-1].numel()))
+    full, full_gradients = loss_and_gradients(model, batch, labels=labels, skip_logits=False)
+    skipped, skipped_gradients = loss_and_gradients(model, batch, labels=labels)
+    hook.remove()
+    assert full.logits.shape[:2] == batch["input_ids"].shape and skipped.logits is None
+    placeholders = int((batch["input_ids"] == config.image_token_id).sum())
+    assert head_rows == [batch["input_ids"].numel(), batch["input_ids"].numel() - placeholders]
+    assert (placeholders > 0) == (layout != "text_only")
+    torch.testing.assert_close(skipped.lm_loss, full.lm_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skipped.loss, full.loss, rtol=1e-6, atol=1e-6)
+    assert skipped_gradients.keys() == full_gradients.keys()
+    for name, gradient in full_gradients.items():
+        torch.testing.assert_close(skipped_gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_skip_logits_default_only_when_training_with_labels():
+    config = tiny_config()
+    model = make_model(config)
+    batch = mixed_batch(config, [[3, 2, 4], [2, 3]], seed=15)
+    with torch.no_grad():
+        evaluated = model(**batch, labels=batch["input_ids"])
+        assert evaluated.logits is not None  # eval mode: every position's logits, as transformers returns them
+        model.train()
+        assert model(**batch).logits is not None  # no labels: the logits are the output
+        trained = model(**batch, labels=batch["input_ids"])
+        assert trained.logits is None
+        torch.testing.assert_close(trained.lm_loss, evaluated.lm_loss, rtol=1e-6, atol=1e-6)
+        # Asked for without labels: no LM head at all (a diffusion-only forward).
+        diffusion_only = model(**batch, skip_logits=True)
+        assert diffusion_only.logits is None and diffusion_only.lm_loss is None
+        torch.testing.assert_close(diffusion_only.loss, 5.0 * evaluated.diffusion_loss)
+
+
 def test_diffusion_loss_is_per_image_mean_then_mean_over_images():
     predictions = torch.zeros(2, 4, 4, 4)
     targets = torch.ones(2, 4, 4, 4)

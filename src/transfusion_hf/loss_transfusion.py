@@ -6,46 +6,67 @@ import torch
 import torch.nn.functional as F
 
 
-def language_modeling_loss(
-    logits: torch.Tensor,
+def next_token_labels(
     labels: torch.LongTensor,
     input_ids: torch.LongTensor,
     no_loss_input_ids: tuple[int, ...],
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy over text positions only.
+) -> torch.LongTensor:
+    """The target of every position: `labels[i + 1]` at position `i`, `-100` where no loss is taken.
 
-    Position `i` predicts `labels[i + 1]`. No loss where the input at `i` is an image placeholder (image positions
-    are trained by diffusion) or `<boi>` (the first patch is not a token; paper footnote), where the input is
-    padding, nor where the label is `-100`. The token before `<boi>` does learn to emit `<boi>`.
+    No loss where the input at `i` is an image placeholder (image positions are trained by diffusion) or `<boi>` (the
+    first patch is not a token; paper footnote), where the input or the next one is padding, where the label is
+    `-100`, and at the last position (nothing follows it). The token before `<boi>` does learn to emit `<boi>`.
 
     Args:
-        logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): usually `input_ids`, `-100` to ignore.
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
         no_loss_input_ids (`tuple[int, ...]`): input ids whose position gets no loss (`<boi>`, `<image>`).
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 0 at padding.
 
     Returns:
-        Scalar mean over the counted positions (0 when there are none, so image-only batches still train).
+        `torch.LongTensor` of shape `(batch_size, sequence_length)`.
     """
-    shift_logits = logits[:, :-1, :]
-    position_inputs = input_ids[:, :-1]
-    ignored = torch.isin(position_inputs, torch.tensor(no_loss_input_ids, device=input_ids.device))
+    ignored = torch.isin(input_ids[:, :-1], torch.tensor(no_loss_input_ids, device=input_ids.device))
     if attention_mask is not None:
         ignored |= attention_mask[:, :-1] == 0
         ignored |= attention_mask[:, 1:] == 0
-    shift_labels = labels[:, 1:].masked_fill(ignored, -100)
+    targets = labels[:, 1:].masked_fill(ignored, -100)
+    return torch.cat([targets, targets.new_full((targets.shape[0], 1), -100)], dim=1)
+
+
+def language_modeling_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    input_ids: torch.LongTensor,
+    no_loss_input_ids: tuple[int, ...],
+    attention_mask: torch.Tensor | None = None,
+    position_index: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy over text positions only (which positions count: [`next_token_labels`]).
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`, or `(num_positions,
+            vocab_size)` with `position_index`): the logits of every position, or of some of them.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): usually `input_ids`, `-100` to ignore.
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+        no_loss_input_ids (`tuple[int, ...]`): input ids whose position gets no loss (`<boi>`, `<image>`).
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 0 at padding.
+        position_index (`torch.LongTensor` of shape `(num_positions,)`, *optional*): the flat positions
+            (`row * sequence_length + column`) that `logits` hold; every position that takes a loss must be among
+            them (the model passes all but the image placeholders, which never do).
+
+    Returns:
+        Scalar mean over the counted positions (0 when there are none, so image-only batches still train).
+    """
+    targets = next_token_labels(labels, input_ids, no_loss_input_ids, attention_mask).reshape(-1)
+    if position_index is not None:
+        targets = targets.index_select(0, position_index)
     # Sum over the counted positions divided by their count (at least 1), rather than a branch on "any counted?":
     # the same mean, an exact 0 (and zero gradients) when nothing counts, and no data-dependent Python branch, so a
     # compiled training step keeps one graph (tests/test_compile.py).
-    summed = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]).float(),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return summed / (shift_labels != -100).sum().clamp(min=1)
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum")
+    return summed / (targets != -100).sum().clamp(min=1)
 
 
 def diffusion_loss(

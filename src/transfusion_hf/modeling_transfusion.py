@@ -67,7 +67,8 @@ class TransfusionOutput(ModelOutput):
         loss (`torch.FloatTensor`, *optional*): `lm_loss + diffusion_loss_weight * diffusion_loss`.
         lm_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy over text positions.
         diffusion_loss (`torch.FloatTensor`, *optional*): per-image MSE averaged over images.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): the next-token logits.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*): the
+            next-token logits; None with `skip_logits` (by default when training with `labels`).
         diffusion_predictions (`torch.FloatTensor` of shape `(num_images, C, H, W)`, *optional*): in the units of
             `config.prediction_type`.
         cache (`Cache`, *optional*): the KV cache, when `use_cache=True`.
@@ -488,6 +489,7 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         pixel_values: torch.Tensor | None = None,
+        skip_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TransfusionOutput:
         r"""
@@ -513,6 +515,12 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             pixel_values (`torch.Tensor` of shape `(num_images, 3, latent_size, latent_size)`, *optional*):
                 Images in [-1, 1] as [`TransfusionProcessor`] returns them, for a pixel-space model (no VAE,
                 `latent_channels=3`): they are its latents. Give `latents` or `pixel_values`, not both.
+            skip_logits (`bool`, *optional*):
+                Return no `logits` and run the LM head only where the text loss needs it: on the positions that are
+                not image placeholders (most of a sequence in text-to-image data), never on all `batch_size x
+                sequence_length` (the fp32 logits are the largest activation of a step with a large vocabulary).
+                The loss is the same. Default (None), as in Liger Kernel and the `Trainer`: on when training with
+                `labels`, off otherwise.
             kwargs (`TransformersKwargs`, *optional*):
                 Passed to the backbone, as in Llama: `output_hidden_states`, `output_attentions` (eager attention),
                 ... `return_dict=False` returns a tuple of the non-None fields of [`TransfusionOutput`].
@@ -533,15 +541,20 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        logits = None if skip_logits else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         predictions = None
         if image_routing is not None:
             image_hidden = hidden_states.flatten(0, 1).index_select(0, image_routing.image_index)
             predictions = self.decode_images(image_hidden, timesteps, image_groups)
 
+        lm_loss = None
+        if labels is not None:
+            lm_loss = self._text_loss(hidden_states, logits, labels, input_ids, attention_mask, image_routing)
         loss, lm_loss, diff_loss = self._compute_losses(
-            logits, labels, input_ids, attention_mask, predictions, diffusion_targets, diffusion_loss_weights
+            hidden_states, lm_loss, predictions, diffusion_targets, diffusion_loss_weights
         )
         return TransfusionOutput(
             loss=loss,
@@ -554,30 +567,47 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _compute_losses(
+    def _text_loss(
         self,
-        logits: torch.Tensor,
-        labels: torch.LongTensor | None,
+        hidden_states: torch.Tensor,
+        logits: torch.Tensor | None,
+        labels: torch.LongTensor,
         input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor | None,
+        image_routing: ModalityRouting | None,
+    ) -> torch.Tensor:
+        """Next-token loss from `logits` of every position, or, when they were skipped (None), from the LM head run on
+        the positions that are not image placeholders (static count: a compiled step keeps one graph)."""
+        if input_ids is None:
+            raise ValueError("`labels` need `input_ids`: they say which positions are text.")
+        no_loss_inputs = (self.config.boi_token_id, self.config.image_token_id)
+        mask_2d = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        if logits is not None:
+            if logits.shape[1] != input_ids.shape[1]:
+                raise ValueError("`labels` need logits for every position (logits_to_keep=0) or skip_logits=True.")
+            return language_modeling_loss(logits, labels, input_ids, no_loss_inputs, mask_2d)
+        text_index = image_routing.text_index if image_routing is not None else None
+        text_hidden = hidden_states if text_index is None else hidden_states.flatten(0, 1).index_select(0, text_index)
+        return language_modeling_loss(
+            self.lm_head(text_hidden), labels, input_ids, no_loss_inputs, mask_2d, position_index=text_index
+        )
+
+    def _compute_losses(
+        self,
+        hidden_states: torch.Tensor,
+        lm_loss: torch.Tensor | None,
         predictions: torch.Tensor | None,
         diffusion_targets: torch.Tensor | None,
         diffusion_loss_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        lm_loss = diff_loss = None
-        if labels is not None:
-            if input_ids is None or logits.shape[1] != input_ids.shape[1]:
-                raise ValueError("`labels` need `input_ids` and logits for every position (logits_to_keep=0).")
-            no_loss_inputs = (self.config.boi_token_id, self.config.image_token_id)
-            mask_2d = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
-            lm_loss = language_modeling_loss(logits, labels, input_ids, no_loss_inputs, mask_2d)
+        diff_loss = None
         if diffusion_targets is not None:
             if predictions is None:
                 raise ValueError("`diffusion_targets` were given but the batch holds no images (`latents`).")
             diff_loss = diffusion_loss(predictions, diffusion_targets, diffusion_loss_weights)
         if lm_loss is None and diff_loss is None:
             return None, None, None
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = hidden_states.new_zeros((), dtype=torch.float32)
         total = (lm_loss if lm_loss is not None else zero) + self.config.diffusion_loss_weight * (
             diff_loss if diff_loss is not None else zero
         )
