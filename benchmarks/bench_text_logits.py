@@ -9,10 +9,10 @@ of a step and its fp32 logits the largest activation. This measures both on the 
 151,936), on caption-like rows ``<s> text <boi> <image>*256 <eoi> </s>`` (4 x 32 x 32 latents, patch 2).
 
 Timing: both variants of one model stepped alternately (forward, backward, AdamW), medians and the paired ratio
-(bench_common.alternate). Memory: a fresh subprocess per variant, the peak resident set over ``--memory_steps``
-steps and its growth over the resident set once the model, optimizer and batch are built (as bench_training.py).
+(bench_common.alternate). Memory: the activations one training forward saves for its backward
+(``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters left out).
 
-    python benchmarks/bench_text_logits.py            # ~5 min, 1 thread
+    python benchmarks/bench_text_logits.py            # ~8 min, 1 thread, ~12 GB of memory
     python benchmarks/bench_text_logits.py --quick    # tiny smoke run (seconds)
 
 Writes ``benchmarks/results/text_logits.json`` and prints a markdown table.
@@ -21,11 +21,8 @@ Writes ``benchmarks/results/text_logits.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -47,12 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="alternation rounds (default 3)")
     parser.add_argument("--steps", type=int, help="timed steps per variant per round (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak RSS subprocesses")
-    parser.add_argument("--memory_steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a 2-layer 64-wide model, one small vocabulary")
     parser.add_argument("--output", default=str(common.RESULTS_DIR / "text_logits.json"))
-    parser.add_argument("--_memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.fill_defaults(args, QUICK if args.quick else DEFAULTS)
     # bench_gpu.load_config's fields: the recipe's body (tiny with --quick), the vocabulary set per run.
@@ -61,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def trainer(args: argparse.Namespace, vocab_size: int, skip_logits: bool):
-    """(config, step function): the model, its AdamW optimizer and one caption-like batch."""
+    """(model, batch, step function): the model, its AdamW optimizer and one caption-like batch."""
     config = bench_gpu.load_config(argparse.Namespace(**{**vars(args), "vocab_size": vocab_size}), "sdpa")
     model = common.build_our_model(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -74,38 +68,35 @@ def trainer(args: argparse.Namespace, vocab_size: int, skip_logits: bool):
         optimizer.step()
         return loss.detach()
 
-    return config, step
+    return model, batch, step
 
 
-def memory_worker(spec: str) -> None:
-    """Subprocess entry: one variant, a few steps, the peak RSS and the RSS before the first step (bytes) as json."""
-    options = json.loads(spec)
-    args = parse_args(options["argv"])
-    torch.set_num_threads(args.threads)
-    _, step = trainer(args, options["vocab_size"], options["skip_logits"])
-    before = common.reset_peak_rss()
-    for _ in range(args.memory_steps):
-        step()
-    print(json.dumps({"rss_before": before, "peak_rss": common.peak_rss()}))
+def saved_activations_mib(model: torch.nn.Module, batch: dict, skip_logits: bool) -> float:
+    """MiB of the tensors one training forward saves for its backward (each storage once, parameters left out):
+    the activation memory, exactly. The peak resident set would also count the gradients and AdamW states (most of
+    it at this size) and the allocator's slack, which drowned the difference in a trial."""
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch, skip_logits=skip_logits).loss
+    del loss
+    return sum(storages.values()) / 2**20
 
 
-def measure_memory(argv: list[str], vocab_size: int, skip_logits: bool) -> float | None:
-    """Peak RSS growth in MiB of one variant in a fresh process (None if it failed)."""
-    spec = json.dumps({"argv": argv, "vocab_size": vocab_size, "skip_logits": skip_logits})
-    command = [sys.executable, str(Path(__file__).resolve()), "--_memory_worker", spec]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        print(f"memory run failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    memory = json.loads(result.stdout.strip().splitlines()[-1])
-    return round((memory["peak_rss"] - memory["rss_before"]) / 2**20, 1)
-
-
-def run_vocabulary(args: argparse.Namespace, argv: list[str], vocab_size: int) -> dict:
-    """Time both variants alternately (same weights: one seed) and measure their memory; one row."""
-    steps, config = {}, None
+def run_vocabulary(args: argparse.Namespace, vocab_size: int) -> dict:
+    """Time both variants alternately (same weights: one seed) and measure their activations; one row."""
+    steps, activations = {}, {}
     for name, skip_logits in VARIANTS.items():
-        config, steps[name] = trainer(args, vocab_size, skip_logits)
+        model, batch, steps[name] = trainer(args, vocab_size, skip_logits)
+        activations[name] = saved_activations_mib(model, batch, skip_logits)
+    config = model.config
     times = common.alternate(steps, args.rounds, args.steps, args.warmup)
     every, text = times["every position"], times["text positions"]
     positions = common.our_sequence_length(args.text_length, config.num_patches)
@@ -120,15 +111,14 @@ def run_vocabulary(args: argparse.Namespace, argv: list[str], vocab_size: int) -
         "speedup_paired": common.paired_ratio(every, text),
         "step_times_ms": {name: [value * 1e3 for value in values] for name, values in times.items()},
     }
-    if args.memory:
-        row["growth_mib_every_position"] = measure_memory(argv, vocab_size, False)
-        row["growth_mib_text_positions"] = measure_memory(argv, vocab_size, True)
+    row["activations_mib_every_position"] = activations["every position"]
+    row["activations_mib_text_positions"] = activations["text positions"]
     return row
 
 
 def table(rows: list[dict]) -> str:
     headers = ["vocabulary", "LM head rows / positions", "ms/step every", "ms/step text", "speed-up (paired)"]
-    headers += ["growth MiB every", "growth MiB text"]
+    headers += ["activations MiB every", "activations MiB text"]
     cells = [
         [
             row["vocab_size"],
@@ -136,8 +126,8 @@ def table(rows: list[dict]) -> str:
             row["ms_every_position"],
             row["ms_text_positions"],
             f"{row['speedup_of_medians']:.2f}x ({row['speedup_paired']:.2f}x)",
-            row.get("growth_mib_every_position", "n/a"),
-            row.get("growth_mib_text_positions", "n/a"),
+            row["activations_mib_every_position"],
+            row["activations_mib_text_positions"],
         ]
         for row in rows
     ]
@@ -147,16 +137,12 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args._memory_worker:
-        memory_worker(args._memory_worker)
-        return {}
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows = [run_vocabulary(args, argv, vocab_size) for vocab_size in args.vocab_sizes]
+    rows = [run_vocabulary(args, vocab_size) for vocab_size in args.vocab_sizes]
     result = {
         "benchmark": "training step with the LM head on text positions only (skip_logits) vs every position",
-        "memory_measured": "peak RSS (VmHWM, reset before the first step) of a fresh subprocess over memory_steps "
-        "steps, minus the RSS just before the first step",
+        "memory_measured": "tensors one training forward saves for backward (unique storages, no parameters)",
         "args": {key: value for key, value in vars(args).items() if not key.startswith("_")},
         "environment": common.environment(args.threads),
         "total_seconds": round(time.perf_counter() - start, 1),
