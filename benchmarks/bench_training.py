@@ -178,7 +178,7 @@ def memory_worker(spec: str) -> None:
     args = parse_args(options.pop("argv"))
     torch.set_num_threads(args.threads)
     _, step = trainer(options["side"], args, options["dim"], common.peer_module())
-    before = common.resetcommon.peak_rss()
+    before = common.reset_peak_rss()
     for _ in range(args.memory_steps):
         step()
     print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": common.peak_rss() / 2**20}))

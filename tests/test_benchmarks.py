@@ -41,6 +41,14 @@ def test_training_quick(bench, tmp_path):
     assert json.loads(output.read_text())["rows"][0]["model"] == "ours"
 
 
+def test_training_memory_in_a_fresh_process(bench, tmp_path):
+    """The peak RSS of a side is measured in a subprocess: it comes back as numbers, not `n/a`."""
+    argv = ["--quick", "--setups", "dims", "--no_peer", "--threads", "1", "--memory_steps", "1"]
+    result = bench("bench_training").main([*argv, "--output", str(tmp_path / "memory.json")])
+    memory = result["rows"][0]["memory"]
+    assert memory["peak_rss_mib"] >= memory["rss_before_mib"] > 0 and memory["training_growth_mib"] >= 0
+
+
 @pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], pytest.param(["--compile"], marks=pytest.mark.slow)])
 def test_training_under_autocast_and_compiled(bench, tmp_path, flags):
     """`--dtype bfloat16` runs every side under CPU autocast; `--compile` adds our step compiled as one graph (about a
