@@ -1,12 +1,13 @@
 """`--streaming` with interleaved documents and with `--aspect_ratio_buckets`: documents read on the fly from a parquet
 folder or webdataset shards collate exactly as the same documents from the latent cache, each image is encoded at its
-bucket, a batch may mix buckets (a list of latents), a resumed stream of documents hands out the same batches, and the
-training script trains from both."""
+bucket (a batch of documents may mix sizes: a list of latents; image-caption pairs batch by bucket), a resumed stream
+hands out the same batches, and the training script trains from both."""
 
 from __future__ import annotations
 
 import io
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -122,19 +123,44 @@ def write_pair_shards(folder: Path, sizes: list[tuple[int, int]]) -> list[str]:
     return [str(path)]
 
 
-def test_streamed_pairs_are_encoded_at_their_buckets(tmp_path):
-    shards = write_pair_shards(tmp_path / "pairs", [(32, 32), (32, 48), (32, 48), (32, 32)])
-    pairs = load_image_text_dataset(train_data_files=shards, image_column="png", caption_column="txt", streaming=True)
-    batches = StreamingLatentBatches(pairs, identity_half, lambda examples: examples, 32, 4, shuffle_buffer_size=0,
-                                     aspect_ratio_buckets=BUCKETS)  # fmt: skip
-    (batch,) = list(batches)
-    assert [tuple(example["latents"].shape) for example in batch] == [
-        (3, 16, 16),
-        (3, 24, 16),
-        (3, 24, 16),
-        (3, 16, 16),
+def test_streamed_pairs_batch_by_bucket_and_resume_exactly(tmp_path):
+    """Each pair is encoded at its bucket and waits for a batch of its bucket; the end of the pass hands out what is
+    left, one batch per bucket; a stream restored mid-pass (with pairs waiting in the other bucket) hands out the rest
+    as an uninterrupted one, shuffle buffer included."""
+    sizes = [(32, 32), (32, 48), (32, 48), (32, 32), (32, 48), (32, 32), (32, 32), (32, 48), (32, 48)]  # (w, h)
+    shards = write_pair_shards(tmp_path / "pairs", sizes)
+
+    def batches(**kwargs):
+        pairs = load_image_text_dataset(train_data_files=shards, image_column="png", caption_column="txt",
+                                        streaming=True)  # fmt: skip
+        summary = lambda examples: [(example["text"], example["bucket"], tuple(example["latents"].shape))  # noqa: E731
+                                    for example in examples]  # fmt: skip
+        return StreamingLatentBatches(pairs, identity_half, summary, 32, 2, aspect_ratio_buckets=BUCKETS, **kwargs)
+
+    in_order = list(batches(shuffle_buffer_size=0))
+    # Buckets (height, width) 32x32 -> latents 16x16, 48x32 -> 24x16; four square images, five tall ones.
+    assert [[text for text, _, _ in batch] for batch in in_order] == [
+        ["image 1", "image 2"],
+        ["image 0", "image 3"],
+        ["image 5", "image 6"],
+        ["image 4", "image 7"],
+        ["image 8"],
     ]
-    assert [example["bucket"] for example in batch] == [0, 1, 1, 0]
+    for batch in in_order:
+        assert len({(bucket, shape) for _, bucket, shape in batch}) == 1
+        assert batch[0][1:] in ((0, (3, 16, 16)), (1, (3, 24, 16)))
+    full = batches(shuffle_buffer_size=4, seed=0)
+    reference = list(full)
+    texts = [text for batch in reference for text, _, _ in batch]
+    assert sorted(texts) == sorted(f"image {index}" for index in range(9)) and texts != sorted(texts)
+    assert all(len({bucket for _, bucket, _ in batch}) == 1 for batch in reference)
+    for stop in (1, 2, 3):
+        first = batches(shuffle_buffer_size=4, seed=0)
+        head = list(islice(first, stop))
+        assert first.state_dict()["states"][0]["pending"], "no pair was waiting in the other bucket"
+        resumed = batches(shuffle_buffer_size=4, seed=0)
+        resumed.load_state_dict(first.state_dict())
+        assert [*head, *resumed] == reference
 
 
 def test_the_script_trains_from_streamed_documents_and_buckets(tmp_path):

@@ -445,7 +445,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         default=None,
         help="Aspect-ratio buckets as HxW (height x width, pixels), e.g. 32x32,32x48,48x32: each image is encoded at "
         "the bucket closest to its aspect ratio (resize + center crop) instead of --resolution square, and each batch "
-        "holds one bucket (with --streaming, a batch may mix them). Each side a multiple of patch_size x the VAE's "
+        "holds one bucket (a batch of --interleaved documents may mix them). Each side a multiple of patch_size x the VAE's "
         "downsampling. Built-in shapes are drawn at these sizes, split evenly. The sizes share the recipe's steps, so "
         "each size beyond the first adds half of them (docs/research/image_sizes.md; --max_train_steps overrides). "
         "Default: square --resolution.",

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import gather_object, send_to_device
 from datasets.distributed import split_dataset_by_node
 
+from .buckets import assign_bucket_index
 from .image_text import decode_rows, encode_images
 from .interleaved import (
     IMAGES_COLUMN,
@@ -35,15 +36,17 @@ class StreamingLatentBatches:
     Each process reads its own part of the stream (`datasets.distributed.split_dataset_by_node`: whole shards when
     their number divides by the processes, else every `num_processes`-th row), draws rows through a shuffle buffer,
     decodes them (an unreadable image is skipped, counted in `num_skipped`, and replaced by the next row, so batches
-    stay full; a document with an unreadable image is skipped whole), encodes a batch at a time with `encode` (one call
-    per image size: the square `image_size`, or each aspect-ratio bucket present) and collates it. A batch may hold
-    images of several buckets: the collator passes them as a list, which the model takes in reading order (the cached
-    path instead draws each batch from one bucket). An epoch is one pass over the stream; each
-    process counts its own passes (`epoch`), since parts of different lengths end their passes at different steps.
+    stay full; a document with an unreadable image is skipped whole), encodes a batch at a time with `encode` and collates
+    it. With aspect-ratio buckets, image-caption pairs wait for a batch in their bucket, so every batch holds one bucket
+    (one encoder call, as the cached path's batches); the end of a pass hands out what is left, one smaller batch per
+    bucket. A document's images are encoded each at its bucket (one call per size present); its batch may mix sizes,
+    which the collator passes as a list in reading order. An epoch is one pass over the stream; each process counts
+    its own passes (`epoch`), since parts of different lengths end their passes at different steps.
 
     The shuffle buffer is kept here rather than with `IterableDataset.shuffle`: datasets' buffer does not save its
     content in `state_dict` (it refills on load), so a resumed run would draw other rows. This one saves the source
-    position (datasets' own `state_dict`), the buffered rows (undecoded bytes) and the generator, at every batch.
+    position (datasets' own `state_dict`), the buffered rows and those waiting in other buckets (undecoded bytes) and
+    the generator, at every batch.
 
     Args:
         dataset (`datasets.IterableDataset`): rows with `image` (undecoded) and `text` columns, or documents.
@@ -102,7 +105,7 @@ class StreamingLatentBatches:
         which differ between processes when their parts differ in length, and restores the count with its state."""
 
     def _fresh_state(self) -> dict:
-        return {"epoch": self.epoch, "source": None, "buffer": [], "rng": None, "num_rows": 0}
+        return {"epoch": self.epoch, "source": None, "buffer": [], "rng": None, "num_rows": 0, "pending": []}
 
     def __iter__(self) -> Iterator[dict]:
         resumed, state = self._resume is not None, self._resume or self._fresh_state()
@@ -116,14 +119,23 @@ class StreamingLatentBatches:
         if state["rng"] is not None:
             rng.bit_generator.state = state["rng"]
         buffer, self.num_rows = list(state["buffer"]), state["num_rows"]
+        # Decoded examples waiting for a batch, by group (`_group`: the bucket of a pair's image, else one group),
+        # with their undecoded rows, which a checkpoint saves (a resumed run decodes them again).
+        groups: dict[int | None, list[tuple[int, dict, object]]] = {}
+        for index, row in state.get("pending", []):
+            self._add(groups, index, row)
         rows = iter(source)
-        examples: list[dict] = []
         while True:
             row = self._draw(rows, buffer, rng)
+            ready = []
             if row is not None:
                 self.num_rows += 1
-                examples += self._decode(row, self.num_rows - 1)
-            if examples and (len(examples) == self.batch_size or row is None):
+                added, group = self._add(groups, self.num_rows - 1, row)
+                if added and len(groups[group]) == self.batch_size:
+                    ready = [groups.pop(group)]
+            else:  # the end of the pass: what is left, one (smaller) batch per group
+                ready, groups = list(groups.values()), {}
+            for members in ready:
                 # The state right after this batch's rows: a checkpoint taken while the batch trains resumes after it.
                 self._snapshot = {
                     "epoch": self.epoch,
@@ -131,9 +143,10 @@ class StreamingLatentBatches:
                     "buffer": list(buffer),
                     "rng": rng.bit_generator.state,
                     "num_rows": self.num_rows,
+                    "pending": [(index, raw) for waiting in groups.values() for index, raw, _ in waiting],
                 }
-                yield self._batch(examples)
-                yielded, examples = True, []
+                yield self._batch([example for _, _, example in members])
+                yielded = True
             if row is None:
                 if not yielded and not resumed:
                     raise ValueError(
@@ -144,6 +157,21 @@ class StreamingLatentBatches:
                 self.epoch += 1
                 self._snapshot = None
                 return
+
+    def _add(self, groups: dict, index: int, row: dict) -> tuple[bool, int | None]:
+        """Decode the row and add it to the group it batches with; returns (whether it was readable, the group)."""
+        decoded = self._decode(row, index)
+        if not decoded:
+            return False, None
+        (example,) = decoded
+        group = None
+        if self.aspect_ratio_buckets is not None and not self.interleaved:
+            # One bucket per batch, as the cached path draws them (`BucketBatchSampler`): one encoder call, no
+            # padding between rows of different lengths. A document holds images of several buckets: never grouped.
+            image = example["image"]
+            group = assign_bucket_index(image.height, image.width, self.aspect_ratio_buckets)
+        groups.setdefault(group, []).append((index, row, example))
+        return True, group
 
     def _draw(self, rows: Iterator[dict], buffer: list[dict], rng: np.random.Generator) -> dict | None:
         """The next row through the buffer (swap a random buffered row for a new one), None at the end."""
