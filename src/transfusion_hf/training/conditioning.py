@@ -137,6 +137,7 @@ def text_conditioning_gap(
                 if isinstance(batch_latents, list)
                 else batch_latents.to(device, model.dtype),
                 timesteps=times[start:stop].to(device),
+                skip_logits=True,  # only the image predictions are read: no LM head
             )
             predictions = output.diffusion_predictions
             if isinstance(predictions, torch.Tensor):  # one size: one reduction for the batch
