@@ -519,8 +519,8 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
                 Return no `logits` and run the LM head only where the text loss needs it: on the positions that are
                 not image placeholders (most of a sequence in text-to-image data), never on all `batch_size x
                 sequence_length` (the fp32 logits are the largest activation of a step with a large vocabulary).
-                The loss is the same. Default (None), as in Liger Kernel and the `Trainer`: on when training with
-                `labels`, off otherwise.
+                The loss is the same. Default (None): on when training with `labels` (Liger Kernel's convention,
+                whose `skip_logits` the `Trainer` also passes), off otherwise.
             kwargs (`TransformersKwargs`, *optional*):
                 Passed to the backbone, as in Llama: `output_hidden_states`, `output_attentions` (eager attention),
                 ... `return_dict=False` returns a tuple of the non-None fields of [`TransfusionOutput`].
