@@ -125,9 +125,10 @@ def write_pair_shards(folder: Path, sizes: list[tuple[int, int]]) -> list[str]:
 
 def test_streamed_pairs_batch_by_bucket_and_resume_exactly(tmp_path):
     """Each pair is encoded at its bucket and waits for a batch of its bucket; the end of the pass hands out what is
-    left, one batch per bucket; a stream restored mid-pass (with pairs waiting in the other bucket) hands out the rest
-    as an uninterrupted one, shuffle buffer included."""
-    sizes = [(32, 32), (32, 48), (32, 48), (32, 32), (32, 48), (32, 32), (32, 32), (32, 48), (32, 48)]  # (w, h)
+    left, one batch per bucket; a stream restored after any batch (pairs waiting in the other bucket, or leftovers of
+    the end of the pass still to come) hands out the rest as an uninterrupted one, in order and shuffled."""
+    square, tall = (32, 32), (32, 48)  # (width, height)
+    sizes = [square, tall, tall, square, tall, square, square, tall, tall, square]
     shards = write_pair_shards(tmp_path / "pairs", sizes)
 
     def batches(**kwargs):
@@ -138,29 +139,32 @@ def test_streamed_pairs_batch_by_bucket_and_resume_exactly(tmp_path):
         return StreamingLatentBatches(pairs, identity_half, summary, 32, 2, aspect_ratio_buckets=BUCKETS, **kwargs)
 
     in_order = list(batches(shuffle_buffer_size=0))
-    # Buckets (height, width) 32x32 -> latents 16x16, 48x32 -> 24x16; four square images, five tall ones.
+    # Buckets (height, width) 32x32 -> latents 16x16, 48x32 -> 24x16; five pairs of each: one left over in each.
     assert [[text for text, _, _ in batch] for batch in in_order] == [
-        ["image 1", "image 2"],
-        ["image 0", "image 3"],
-        ["image 5", "image 6"],
-        ["image 4", "image 7"],
-        ["image 8"],
-    ]
+        ["image 1", "image 2"], ["image 0", "image 3"], ["image 5", "image 6"], ["image 4", "image 7"], ["image 8"],
+        ["image 9"],
+    ]  # fmt: skip
     for batch in in_order:
         assert len({(bucket, shape) for _, bucket, shape in batch}) == 1
         assert batch[0][1:] in ((0, (3, 16, 16)), (1, (3, 24, 16)))
-    full = batches(shuffle_buffer_size=4, seed=0)
-    reference = list(full)
-    texts = [text for batch in reference for text, _, _ in batch]
-    assert sorted(texts) == sorted(f"image {index}" for index in range(9)) and texts != sorted(texts)
-    assert all(len({bucket for _, bucket, _ in batch}) == 1 for batch in reference)
-    for stop in (1, 2, 3):
-        first = batches(shuffle_buffer_size=4, seed=0)
-        head = list(islice(first, stop))
-        assert first.state_dict()["states"][0]["pending"], "no pair was waiting in the other bucket"
-        resumed = batches(shuffle_buffer_size=4, seed=0)
-        resumed.load_state_dict(first.state_dict())
-        assert [*head, *resumed] == reference
+    for kwargs in ({"shuffle_buffer_size": 0}, {"shuffle_buffer_size": 4, "seed": 0}):
+        reference = list(batches(**kwargs))
+        texts = [text for batch in reference for text, _, _ in batch]
+        assert sorted(texts) == sorted(f"image {index}" for index in range(10))
+        assert all(len({bucket for _, bucket, _ in batch}) == 1 for batch in reference)
+        waiting = []
+        for stop in range(1, len(reference)):
+            first = batches(**kwargs)
+            head = list(islice(first, stop))
+            waiting.append(len(first.state_dict()["states"][0]["pending"]))
+            resumed = batches(**kwargs)
+            resumed.load_state_dict(first.state_dict())
+            # Saved again before its first batch (a checkpoint right after resuming), the stream keeps its position.
+            again = batches(**kwargs)
+            again.load_state_dict(resumed.state_dict())
+            assert [*head, *again] == reference, (kwargs, stop)
+        assert max(waiting) > 0 and waiting[-1] == 1  # the last stop: one leftover batch still to come
+    assert texts != sorted(texts)  # the shuffled pass
 
 
 def test_the_script_trains_from_streamed_documents_and_buckets(tmp_path):

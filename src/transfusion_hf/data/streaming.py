@@ -54,7 +54,7 @@ class StreamingLatentBatches:
         collate_fn (`Callable`): a list of `{"text", "latents"[, "flipped_latents"]}` examples (documents:
             `{"segments": [...]}`) -> a batch of tensors.
         image_size (`int`): pixel side given to `encode` without buckets.
-        batch_size (`int`): examples per batch (the last batch of an epoch may be smaller).
+        batch_size (`int`): examples per batch (the last batch of an epoch, one per bucket with buckets, may be smaller).
         shuffle_buffer_size (`int`): rows in the shuffle buffer; 0 or 1 reads the stream in order.
         seed (`int`): seed of the shuffle (the epoch is mixed in).
         process_index (`int`), num_processes (`int`): this process's part of the stream.
@@ -119,7 +119,7 @@ class StreamingLatentBatches:
         if state["rng"] is not None:
             rng.bit_generator.state = state["rng"]
         buffer, self.num_rows = list(state["buffer"]), state["num_rows"]
-        # Decoded examples waiting for a batch, by group (`_group`: the bucket of a pair's image, else one group),
+        # Decoded examples waiting for a batch, by group (`_add`: the bucket of a pair's image, else one group),
         # with their undecoded rows, which a checkpoint saves (a resumed run decodes them again).
         groups: dict[int | None, list[tuple[int, dict, object]]] = {}
         for index, row in state.get("pending", []):
@@ -127,27 +127,17 @@ class StreamingLatentBatches:
         rows = iter(source)
         while True:
             row = self._draw(rows, buffer, rng)
-            ready = []
             if row is not None:
                 self.num_rows += 1
                 added, group = self._add(groups, self.num_rows - 1, row)
-                if added and len(groups[group]) == self.batch_size:
-                    ready = [groups.pop(group)]
-            else:  # the end of the pass: what is left, one (smaller) batch per group
-                ready, groups = list(groups.values()), {}
-            for members in ready:
-                # The state right after this batch's rows: a checkpoint taken while the batch trains resumes after it.
-                self._snapshot = {
-                    "epoch": self.epoch,
-                    "source": source.state_dict(),
-                    "buffer": list(buffer),
-                    "rng": rng.bit_generator.state,
-                    "num_rows": self.num_rows,
-                    "pending": [(index, raw) for waiting in groups.values() for index, raw, _ in waiting],
-                }
-                yield self._batch([example for _, _, example in members])
-                yielded = True
-            if row is None:
+                if not added or len(groups[group]) < self.batch_size:
+                    continue
+                members = groups.pop(group)
+            elif groups:
+                # The end of the pass: what is left, one smaller batch per group, taken out one at a time so that a
+                # checkpoint taken while one trains still holds the others.
+                members = groups.pop(next(iter(groups)))
+            else:
                 if not yielded and not resumed:
                     raise ValueError(
                         f"Process {self.process_index} of {self.num_processes} read no readable image-caption row "
@@ -157,6 +147,17 @@ class StreamingLatentBatches:
                 self.epoch += 1
                 self._snapshot = None
                 return
+            # The state right after this batch's rows: a checkpoint taken while the batch trains resumes after it.
+            self._snapshot = {
+                "epoch": self.epoch,
+                "source": source.state_dict(),
+                "buffer": list(buffer),
+                "rng": rng.bit_generator.state,
+                "num_rows": self.num_rows,
+                "pending": [(index, raw) for waiting in groups.values() for index, raw, _ in waiting],
+            }
+            yield self._batch([example for _, _, example in members])
+            yielded = True
 
     def _add(self, groups: dict, index: int, row: dict) -> tuple[bool, int | None]:
         """Decode the row and add it to the group it batches with; returns (whether it was readable, the group)."""
@@ -218,7 +219,8 @@ class StreamingLatentBatches:
     def state_dict(self) -> dict:
         """Every process's position (gathered: accelerate writes a registered object's state on the main process
         only, so all processes must call this together, as `Accelerator.save_state` does)."""
-        own = {**(self._snapshot or self._fresh_state()), "num_skipped": self.num_skipped}
+        # A loaded state not yet iterated is the position (a checkpoint saved before the first batch keeps it).
+        own = {**(self._resume or self._snapshot or self._fresh_state()), "num_skipped": self.num_skipped}
         states = gather_object([own]) if self.num_processes > 1 else [own]
         return {"num_processes": self.num_processes, "states": states}
 
@@ -231,7 +233,7 @@ class StreamingLatentBatches:
         state = dict(state_dict["states"][self.process_index])
         self.num_skipped = state.pop("num_skipped", 0)
         self.epoch = state["epoch"]
-        self._resume = state
+        self._resume, self._snapshot = state, None
 
 
 def document_rows(
