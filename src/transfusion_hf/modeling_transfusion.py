@@ -511,7 +511,8 @@ class TransfusionForMixedModal(TransfusionPreTrainedModel, GenerationMixin):
             cache (`Cache`, *optional*):
                 KV cache of the prefix; the new positions are `input_ids`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*):
-                Compute logits for the last `logits_to_keep` positions only (0 = all).
+                Compute logits for the last `logits_to_keep` positions only (0 = all). With `labels` it must be 0,
+                unless the logits are skipped (`skip_logits`), which computes the loss's own.
             pixel_values (`torch.Tensor` of shape `(num_images, 3, latent_size, latent_size)`, *optional*):
                 Images in [-1, 1] as [`TransfusionProcessor`] returns them, for a pixel-space model (no VAE,
                 `latent_channels=3`): they are its latents. Give `latents` or `pixel_values`, not both.
