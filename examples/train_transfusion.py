@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> Path:
         argv (`list[str]` or `argparse.Namespace`, *optional*): the command line (default `sys.argv`), or flags
             already parsed.
     """
-    args = parse_args(argv, description=__doc__) if not isinstance(argv, argparse.Namespace) else argv
+    # Before the flags are parsed: parsing logs what the recipe chose (e.g. the steps for several image sizes).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv, description=__doc__) if not isinstance(argv, argparse.Namespace) else argv
     accelerator = setup_accelerator(args)
 
     vae, vae_scale, latent_channels = build_vae(args, accelerator.device)

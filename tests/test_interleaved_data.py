@@ -235,3 +235,37 @@ def test_documents_with_images_of_two_buckets_train(tmp_path):
     reset_accelerate()
     assert [tuple(latents.shape) for latents in batch["latents"]] == [(3, 32, 32), (3, 48, 32)] * 2
     assert (batch["input_ids"] == processor.image_token_id).sum() == 2 * (64 + 96)
+
+
+def test_spread_documents_give_one_image_each_in_turn(tmp_path):
+    """A data set sorted by topic, several captioned images per document: the evaluation's and the training head's
+    pairs come one per document in turn from documents spread over the whole set, not all from the first few."""
+    from transfusion_hf.data.interleaved import captioned_images, head_pairs, one_per_document
+
+    assert one_per_document([[1, 2, 3], [4], [], [5, 6]], 5) == [1, 4, 5, 2, 6]
+    assert one_per_document([[None, 1], [2]], 3) == [None, 2, 1]
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255))
+    documents = [([f"cat {i}.{j}" if k % 2 == 0 else None for j in range(3) for k in range(2)],
+                  [None if k % 2 == 0 else red for _ in range(3) for k in range(2)]) for i in range(10)]  # fmt: skip
+    documents += [([text.replace("cat", "dog") if text else None for text in texts], [blue if image else None
+                   for image in images]) for texts, images in documents]  # fmt: skip
+    dataset = load_image_text_dataset(train_data_files=write_shards(tmp_path / "sorted", documents),
+                                      image_column="images", caption_column="texts", interleaved=True)  # fmt: skip
+    images, captions, skipped = captioned_images(dataset, 6)
+    assert skipped == 0 and len(images) == 6
+    assert [caption.split(".")[0] for caption in captions] == ["cat 0", "cat 4", "cat 8", "dog 1", "dog 5", "dog 9"]
+    assert [image.getpixel((0, 0)) for image in images] == [(255, 0, 0)] * 3 + [(0, 0, 255)] * 3
+    # The training head: an image with text before it comes first, one with none (an empty caption) only after.
+    cache = cache_latents(load_image_text_dataset(
+        train_data_files=write_shards(tmp_path / "first", [([None, "then", None], [red, None, blue])] * 2),
+        image_column="images", caption_column="texts", interleaved=True), identity_half, 32, tmp_path / "cache", "h")  # fmt: skip
+    assert [pair["text"] for pair in head_pairs(list(cache.dataset), 3)] == ["then", "then", ""]
+
+
+def test_spread_rows_stay_in_range_on_large_data_sets():
+    from transfusion_hf.data.image_text import spread_rows
+
+    assert spread_rows(10, 4) == [0, 3, 6, 9] and spread_rows(3, 8) == [0, 1, 2]
+    for num_rows in (2**24 + 4, 50_000_003, 2**28 - 1):  # float32 rounded the last one past the end
+        rows = spread_rows(num_rows, 256)
+        assert rows[0] == 0 and rows[-1] == num_rows - 1 and len(rows) == 256

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +124,20 @@ def test_unknown_names_list_the_recipes():
         load_recipe("huge")
     with pytest.raises(ValueError, match="no such json file"):
         load_recipe("missing.json")
+
+
+def test_the_steps_rule_is_logged_when_the_script_runs(tmp_path):
+    """The training script configures its logging before it parses the flags, so the line saying that several image
+    sizes raised the steps reaches the user (parsing had logged it into the void)."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from script_loading import load_script\n"
+        "script = load_script(Path('examples/train_transfusion.py'))\n"
+        "script.setup_accelerator = lambda args: sys.exit(3)  # stop right after parsing\n"
+        "script.main(['--dataset', 'shapes', '--output_dir', sys.argv[1], '--aspect_ratio_buckets', '32x32,32x48'])\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "2 image sizes share the steps, so the recipe trains 3000" in result.stderr

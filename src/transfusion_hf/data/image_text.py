@@ -252,7 +252,8 @@ def spread_rows(num_rows: int, num: int) -> list[int]:
         num_rows (`int`): rows in the data set.
         num (`int`): rows wanted (fewer come back when the data set is smaller).
     """
-    return torch.linspace(0, num_rows - 1, min(num_rows, num)).round().long().unique().tolist()
+    # float64: float32 rounds `num_rows - 1` above 2**24 rows, sometimes up, past the last row.
+    return torch.linspace(0, num_rows - 1, min(num_rows, num), dtype=torch.float64).round().long().unique().tolist()
 
 
 def skip_or_raise(message: str, error: Exception, strict: bool) -> None:

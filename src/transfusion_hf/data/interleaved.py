@@ -21,6 +21,7 @@ import base64
 import binascii
 import math
 from collections.abc import Callable
+from itertools import zip_longest
 
 import datasets
 import numpy as np
@@ -253,12 +254,42 @@ def document_pairs(row: dict) -> list[dict]:
     return [{"text": text, "latents": segment["latents"]} for text, segment in texts_before_images(segments)]
 
 
+_NOTHING = object()  # a missing item of a shorter document (None could be an item)
+
+
+def one_per_document(per_document: list[list], num: int) -> list:
+    """Up to `num` items taken from the documents in turn (the first item of every document, then the second ones,
+    ...), so that `num` documents spread over a data set give items from as many documents, not all the images of the
+    first few.
+
+    Args:
+        per_document (`list[list]`): each document's items, in its order.
+        num (`int`): the most items returned.
+    """
+    taken = [
+        item for items in zip_longest(*per_document, fillvalue=_NOTHING) for item in items if item is not _NOTHING
+    ]
+    return taken[:num]
+
+
+def head_pairs(rows: list[dict], num: int) -> list[dict]:
+    """The caption examples of cached documents for validation prompts, captions and the text-conditioning gap: up to
+    `num` [`document_pairs`], one per document in turn ([`one_per_document`]), each document's images with text before
+    them first (an image with none has an empty caption: used only when there are not enough others)."""
+    pairs = [document_pairs(row) for row in rows]
+    ordered = [
+        [pair for pair in items if pair["text"]] + [pair for pair in items if not pair["text"]] for items in pairs
+    ]
+    return one_per_document(ordered, num)
+
+
 def captioned_images(
     dataset: datasets.Dataset, num: int, strict: bool = False
 ) -> tuple[list[PIL.Image.Image], list[str], int]:
     """Up to `num` captioned images from documents spread evenly over the data set (a sorted data set must not give
-    one topic): each image with the text just before it, as `examples/evaluate.py` scores them. An image with no
-    text before it is left out (it has no caption); a document with an unreadable image is skipped.
+    one topic), one per document in turn ([`one_per_document`]): each image with the text just before it, as
+    `examples/evaluate.py` scores them. An image with no text before it is left out (it has no caption); a document
+    with an unreadable image is skipped.
 
     Args:
         dataset (`datasets.Dataset`): documents ([`normalize_documents`]).
@@ -268,18 +299,23 @@ def captioned_images(
     Returns:
         The images, their captions, and the number of documents skipped.
     """
-    pairs, skipped = [], 0
+    per_document, skipped = [], 0
     for row in spread_rows(len(dataset), num):  # one at a time, so that a message names the document's own row
         documents, bad = decode_documents(dataset[row : row + 1], row, strict)
         skipped += bad
-        pairs += [(text, image) for document in documents for text, image in texts_before_images(document) if text]
-    return [image for _, image in pairs[:num]], [text for text, _ in pairs[:num]], skipped
+        per_document += [
+            [(text, image) for text, image in texts_before_images(document) if text] for document in documents
+        ]
+    pairs = one_per_document(per_document, num)
+    return [image for _, image in pairs], [text for text, _ in pairs], skipped
 
 
 __all__ = [
     "IMAGES_COLUMN",
     "TEXTS_COLUMN",
     "captioned_images",
+    "head_pairs",
+    "one_per_document",
     "check_document",
     "decode_documents",
     "document_example",

@@ -22,8 +22,8 @@ from .interleaved import (
     TEXTS_COLUMN,
     decode_documents,
     document_example,
-    document_pairs,
     encode_documents,
+    head_pairs,
 )
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,8 @@ def take_examples(
     interleaved: bool = False,
 ) -> list[dict]:
     """The first `num` readable image-caption pairs of the stream, encoded (validation prompts, reference images and
-    the conditioning gap); of documents, each image with the text before it (`interleaved.document_pairs`)."""
+    the conditioning gap); of documents, each image with the text before it, one per document in turn
+    (`interleaved.head_pairs`)."""
     rows = list(islice(dataset, 4 * num))
     if interleaved:
         documents, _ = decode_documents(
@@ -270,7 +271,7 @@ def take_examples(
             strict=False,
         )
         encoded = document_rows(documents, encode, image_size, center_crop, aspect_ratio_buckets)
-        return [pair for row in encoded for pair in document_pairs(row)][:num]
+        return head_pairs(encoded, num)
     images, captions, _ = decode_rows([row["image"] for row in rows], [row["text"] for row in rows])
     return encode_images(
         images[:num], captions[:num], encode, image_size, center_crop, aspect_ratio_buckets=aspect_ratio_buckets

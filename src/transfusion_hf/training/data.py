@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.buckets import BucketBatchSampler
 from ..data.collator import DEFAULT_CLEAN_IMAGE_PROBABILITY, TransfusionDataCollator
 from ..data.image_text import aspect_ratio_buckets_from_args, load_dataset_from_args, spread_rows
-from ..data.interleaved import TEXTS_COLUMN, document_pairs
+from ..data.interleaved import TEXTS_COLUMN, head_pairs
 from ..data.latent_cache import cache_latents, encoder_fingerprint, unflatten_latents
 from ..data.streaming import StreamingLatentBatches, take_captions, take_examples
 from ..data.text import load_text_dataset, text_only_examples
@@ -164,8 +164,8 @@ def prepare_training_data(
     # data set (a folder sorted by class must not give 64 pairs of one caption): keep only those in memory.
     spread = spread_rows(len(examples), num_head)
     if TEXTS_COLUMN in examples.column_names:
-        # Interleaved documents: each image with the text before it serves as a caption pair.
-        head = [pair for row in examples.select(spread) for pair in document_pairs(row)][:num_head]
+        # Interleaved documents: each image with the text before it serves as a caption pair, one per document in turn.
+        head = head_pairs(list(examples.select(spread)), num_head)
         texts = (text for document in examples[TEXTS_COLUMN] for text in document if text)
         if not head:
             raise ValueError(f"None of the {len(spread)} documents spread over the data set holds an image.")
