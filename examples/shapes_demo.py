@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -70,10 +71,15 @@ EDIT_DOCUMENTS_ROWS = 20000
 # fmt: on
 
 
-def write_edit_documents(output_dir: Path, seed: int) -> Path:
+def edit_documents_folder(output_dir: Path, seed: int) -> Path:
+    """Where the training edits of `seed` go as interleaved documents (the training script's --dataset_name): one
+    folder per seed, so a rerun with another --seed in the same --output_dir does not train on the first seed's."""
+    return output_dir / "documents" / f"seed_{seed}"
+
+
+def write_edit_documents(folder: Path, seed: int) -> Path:
     """Write the training edits as interleaved documents (`shapes_edit.load_shapes_edit_documents`) to
-    `output_dir/documents/train.parquet` once; returns the folder (the training script's --dataset_name)."""
-    folder = output_dir / "documents"
+    `folder/train.parquet` once (atomically); returns the folder."""
     if not (folder / "train.parquet").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         documents = load_shapes_edit_documents("train", num_samples=EDIT_DOCUMENTS_ROWS, seed=seed)
@@ -184,14 +190,24 @@ def main(argv: list[str] | None = None) -> dict:
     peek.add_argument("--aspect_ratio_buckets", default=None)
     peeked = peek.parse_known_args(train_overrides)[0]
     demo_flags = {"edit": EDIT_DEMO_FLAGS, "edit_documents": EDIT_DOCUMENTS_FLAGS}.get(args.task, DEMO_FLAGS)
+    documents = edit_documents_folder(output_dir, peeked.seed)
     if args.task == "edit_documents" and not args.skip_training:
-        demo_flags = demo_flags + ["--dataset_name", str(write_edit_documents(output_dir, peeked.seed))]
+        demo_flags = demo_flags + ["--dataset_name", str(documents)]
     train_argv = demo_flags + ["--output_dir", str(output_dir)] + train_overrides
     if args.skip_training:
         image_sizes = aspect_ratio_buckets_from_args(peeked)
     else:
-        # A bad flag fails here, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
-        image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
+        # The documents first (the flags' check loads --dataset_name; ~1 s for 20,000), removed again when a bad flag
+        # fails the check, in a second, with one line naming it; the run's aspect-ratio buckets are evaluated.
+        written = [folder for folder in (output_dir, documents.parent, documents) if not folder.exists()]
+        if args.task == "edit_documents":
+            write_edit_documents(documents, peeked.seed)
+        try:
+            image_sizes = aspect_ratio_buckets_from_args(parse_training_args(train_argv))
+        except (ValueError, SystemExit):
+            for folder in reversed(written):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         # The training script runs as the user would run it (its own process, its own logging).
         result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *train_argv])
         if result.returncode:

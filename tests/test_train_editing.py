@@ -147,6 +147,12 @@ def test_shapes_demo_edit_documents_task_writes_trains_and_scores(tmp_path, monk
         ["--task", "edit_documents", "--output_dir", str(out), "--num_edits", "4", "--eval_inference_steps", "2",
          "--eval_device", "cpu", *TINY, *QUICK, "--patch_size", "4", "--max_train_steps", "1"]
     )  # fmt: skip
-    assert len(datasets.load_dataset(str(out / "documents"), split="train")) == 8
+    assert len(datasets.load_dataset(str(out / "documents" / "seed_0"), split="train")) == 8
     assert metrics["global_step"] == 1 and "edit_accuracy" in metrics
     assert (out / "edits.png").is_file() and (out / "transformer" / "config.json").is_file()
+    # A bad flag fails before any document is written; another seed writes (and trains on) its own documents.
+    with pytest.raises(ValueError, match="--clean_image_probability"):
+        shapes_demo.main(["--task", "edit_documents", "--output_dir", str(tmp_path / "bad"),
+                          "--clean_image_probability", "2"])  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    assert shapes_demo.edit_documents_folder(out, 1) != shapes_demo.edit_documents_folder(out, 0)
