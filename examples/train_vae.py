@@ -159,8 +159,6 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in NON_NEGATIVE_FLAGS:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
-    if args.max_train_samples is not None and args.max_train_samples <= 0:
-        raise ValueError(f"--max_train_samples must be positive, got {args.max_train_samples}.")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}.")
     check_model_args(args)

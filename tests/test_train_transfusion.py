@@ -683,6 +683,7 @@ def test_time_clock_run_ends_its_schedule_with_the_budget(tmp_path):
     [
         (["--lr_schedule_clock", "time"], r"--lr_schedule_clock=time needs --max_train_time_minutes"),
         (["--max_train_time_minutes", "0"], r"--max_train_time_minutes must be positive, got 0.0"),
+        (["--max_train_samples", "-3"], r"--max_train_samples must be positive, got -3"),
     ],
 )
 def test_time_budget_flags_are_checked(flags, message):

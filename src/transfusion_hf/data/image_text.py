@@ -492,9 +492,11 @@ def check_dataset_from_args(
 ) -> None:
     """[`check_image_text_source`] with the options of [`add_data_arguments`]: the source and the split
     [`load_dataset_from_args`] will read, checked without loading (every script that takes those flags calls it),
-    and `--aspect_ratio_buckets`: each side a positive multiple of `bucket_multiple` (`patch_size *
-    vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, and large enough for the built-in
-    shapes."""
+    `--max_train_samples` (positive), and `--aspect_ratio_buckets`: each side a positive multiple of
+    `bucket_multiple` (`patch_size * vae_scale_factor`, when the script knows it) and at most `max_bucket_side`, and
+    large enough for the built-in shapes."""
+    if args.max_train_samples is not None and args.max_train_samples <= 0:
+        raise ValueError(f"--max_train_samples must be positive, got {args.max_train_samples}.")
     buckets = aspect_ratio_buckets_from_args(args, bucket_multiple, max_bucket_side)
     if getattr(args, "interleaved", False):
         check_interleaved_args(args)
