@@ -319,6 +319,17 @@ def test_evaluate_script_refuses_bad_flags_before_loading_anything(flags, messag
         evaluate_script.parse_args(["--pipeline", "does-not-matter", "--dataset", "shapes", *flags])
 
 
+@pytest.mark.parametrize("script", ["evaluate", "train_vae"])
+def test_square_only_scripts_do_not_take_aspect_ratio_buckets(script, capsys):
+    """The evaluation and the VAE work at the square --resolution: they refuse --aspect_ratio_buckets rather than
+    accept and ignore it (its help spoke of the training recipe's steps)."""
+    module = evaluate_script if script == "evaluate" else load_script(ROOT / "examples" / "train_vae.py")
+    required = ["--pipeline", "p"] if script == "evaluate" else []
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args([*required, "--dataset", "shapes", "--aspect_ratio_buckets", "32x32", "--output_dir", "o"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --aspect_ratio_buckets" in capsys.readouterr().err
+
+
 def test_validation_metrics_are_logged_during_training(tmp_path, extractor_file):
     out = tmp_path / "run"
     try:

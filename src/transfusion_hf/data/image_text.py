@@ -413,9 +413,10 @@ def resize_to_pixel_values(
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The data options shared by the training scripts (`train_transfusion.py`, `train_vae.py`); returns the group so a
-    script can add its own."""
+def add_data_arguments(parser: argparse.ArgumentParser, aspect_ratio_buckets: bool = False) -> argparse._ArgumentGroup:
+    """The data options shared by the scripts (`train_transfusion.py`, `train_vae.py`, `evaluate.py`); returns the
+    group so a script can add its own. `aspect_ratio_buckets` adds `--aspect_ratio_buckets` (the training script's:
+    a script that works at the square `--resolution` does not take it, rather than accept and ignore it)."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset_name",
@@ -441,16 +442,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     )
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=32)
-    data.add_argument(
-        BUCKETS_FLAG,
-        default=None,
-        help="Aspect-ratio buckets as HxW (height x width, pixels), e.g. 32x32,32x48,48x32: each image is encoded at "
-        "the bucket closest to its aspect ratio (resize + center crop) instead of --resolution square, and each batch "
-        "holds one bucket (a batch of --interleaved documents may mix them). Each side a multiple of patch_size x the VAE's "
-        "downsampling. Built-in shapes are drawn at these sizes, split evenly. The sizes share the recipe's steps, so "
-        "each size beyond the first adds half of them (docs/research/image_sizes.md; --max_train_steps overrides). "
-        "Default: square --resolution.",
-    )
+    if aspect_ratio_buckets:
+        data.add_argument(
+            BUCKETS_FLAG,
+            default=None,
+            help="Aspect-ratio buckets as HxW (height x width, pixels), e.g. 32x32,32x48,48x32: each image is encoded "
+            "at the bucket closest to its aspect ratio (resize + center crop) instead of --resolution square, and each "
+            "batch holds one bucket (a batch of --interleaved documents may mix them). Each side a multiple of "
+            "patch_size x the VAE's downsampling. Built-in shapes are drawn at these sizes, split evenly. The sizes "
+            "share the recipe's steps, so each size beyond the first adds half of them (docs/research/image_sizes.md; "
+            "--max_train_steps overrides). Default: square --resolution.",
+        )
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--random_flip", action="store_true", help="Also train on the mirrored images.")
     data.add_argument("--max_train_samples", type=int, default=None)

@@ -46,7 +46,7 @@ DEFAULT_TEXT_ONLY_SHARE = 0.5
 
 def add_data_and_text_arguments(parser: argparse.ArgumentParser) -> None:
     """The data source, the latent cache, the text-only data and packing flags."""
-    data = add_data_arguments(parser)
+    data = add_data_arguments(parser, aspect_ratio_buckets=True)
     data.add_argument(
         "--latent_cache_dir",
         default=None,
