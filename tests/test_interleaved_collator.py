@@ -199,6 +199,25 @@ def test_a_cut_that_ends_a_document_on_a_drawn_clean_image_noises_it(tokenizer):
     assert kept["diffusion_targets"] == [None] and (kept["timesteps"] == 0).all()
 
 
+def test_text_dropout_that_ends_a_document_on_a_drawn_clean_image_noises_it(tokenizer):
+    """A document that ends in text: at probability 1 every image but the last part is drawn clean; dropping the texts
+    can make a drawn-clean image the last part, which is then noised (clean, it would train nothing)."""
+    document = {"segments": ["a", {"latents": latents(0)}, "b", {"latents": latents(1)}, "c"]}
+    kept = build_collator(tokenizer, clean_image_probability=1.0)([document])
+    assert kept["diffusion_targets"] == [None, None] and (kept["timesteps"] == 0).all()
+    given = {"segments": ["a", {"latents": latents(0)}, "b", {"latents": latents(1), "noised": True}, "c"]}
+    dropped = build_collator(tokenizer, dropout=1.0, clean_image_probability=1.0)([given])
+    assert [target is None for target in dropped["diffusion_targets"]] == [True, False]  # texts dropped, one noised
+    # No noised image: the texts stay (they are all the document trains). The first image noised and the second
+    # drawn clean: dropping the texts leaves the second last, and it is noised.
+    both = {"segments": ["a", {"latents": latents(0)}, "b", {"latents": latents(1), "noised": False}, "c"]}
+    assert build_collator(tokenizer, dropout=1.0, clean_image_probability=1.0)([both])["diffusion_targets"] == [
+        None, None]  # fmt: skip
+    last_drawn = {"segments": ["a", {"latents": latents(0), "noised": True}, "b", {"latents": latents(1)}, "c"]}
+    batch = build_collator(tokenizer, dropout=1.0, clean_image_probability=1.0)([last_drawn])
+    assert [target is None for target in batch["diffusion_targets"]] == [False, False]
+
+
 def test_unset_images_are_kept_clean_with_the_drawn_probability(tokenizer):
     """A document image whose `noised` is unset (a cached interleaved document): at probability 0 every one is noised
     and the batch equals the one with `noised=True` given (nothing more drawn); at 1 every one is clean but a

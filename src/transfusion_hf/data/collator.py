@@ -110,6 +110,16 @@ class ImageSegment:
     drawn: bool = False
 
 
+def noise_a_clean_end(document: list[str | ImageSegment]) -> list[str | ImageSegment]:
+    """The document with its last part noised if that part is an image drawn clean (`clean_image_probability`): clean,
+    it is context for nothing and would train nothing. The draw never makes the last part clean, but dropping the
+    texts or a cut at the context length can leave such an image last. Noised here rather than drawn again, so the
+    batch's draws stay as they were; an image the example itself asks to keep clean stays clean."""
+    if document and isinstance(document[-1], ImageSegment) and document[-1].drawn and not document[-1].noised:
+        return [*document[:-1], dataclasses.replace(document[-1], noised=True)]
+    return document
+
+
 class TransfusionDataCollator:
     """Collate (caption, clean latents) pairs, and text-only examples, into a training batch for
     [`TransfusionForMixedModal`].
@@ -336,7 +346,7 @@ class TransfusionDataCollator:
                     noised = not clean
                 document.append(ImageSegment(latents, bool(noised), drawn=drawn))
             if drop_text and any(isinstance(part, ImageSegment) and part.noised for part in document):
-                document = [part for part in document if not isinstance(part, str)]
+                document = noise_a_clean_end([part for part in document if not isinstance(part, str)])
             return document
         text = example.get(self.text_column) or ""
         if example.get(self.source_latents_column) is not None:
@@ -408,10 +418,7 @@ class TransfusionDataCollator:
                 kept_parts.append(part[:budget])
                 kept.append(segment)
             break
-        if kept and isinstance(kept[-1], ImageSegment) and kept[-1].drawn and not kept[-1].noised:
-            # The cut made a drawn-clean image the document's last part, which would train nothing: noise it, as the
-            # draw would have (the draws stay as they were, so the batch's random stream is unchanged).
-            kept[-1] = dataclasses.replace(kept[-1], noised=True)
+        kept = noise_a_clean_end(kept)
         self.num_truncated += 1
         return self.processor.encode_parts(kept_parts, add_bos=True, add_eos=True), kept
 
