@@ -80,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     metrics.add_argument(
         "--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP of the CLIP score: a Hub id or a local folder."
     )
-    metrics.add_argument("--num_samples", type=int, default=256, help="Rows evaluated, spread over the split.")
+    metrics.add_argument(
+        "--num_samples",
+        type=int,
+        default=256,
+        help="Rows evaluated, spread over the split (with --interleaved: captioned images, one per document in turn).",
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num_inference_steps", type=int, default=25)
     sampling.add_argument("--guidance_scale", type=float, default=3.0)
@@ -146,6 +151,11 @@ def load_real_images(args: argparse.Namespace, image_size: int) -> tuple[list[PI
         # Evenly spread rows, not the first ones: a folder sorted by class must not give one class.
         chosen = dataset.select(spread_rows(len(dataset), args.num_samples))
         images, captions, _ = decode_rows(chosen["image"], chosen["text"], strict=args.strict_data)
+    if not images and args.interleaved:
+        raise ValueError(
+            f"None of the documents spread over the data set has a readable image with text before it (its caption; "
+            f"{skipped} skipped as unreadable): --interleaved evaluates each image against the text just before it."
+        )
     if not images:
         raise ValueError("No readable image among the rows evaluated.")
     pixels = images_to_pixel_values(images, image_size, "crop" if args.center_crop else "default")
