@@ -284,8 +284,9 @@ def test_evaluate_script_writes_the_report(tmp_path, extractor_file, tiny_clip):
 
 
 def test_evaluate_script_scores_interleaved_documents(tmp_path, extractor_file):
-    """`--interleaved`: documents spread over the data set, each image captioned by the text before it (the documents
-    are `[caption, source, "instruction: caption", target]`, so 3 documents give 6 captioned images)."""
+    """`--interleaved`: documents spread over the data set, each image captioned by the text before it, one per
+    document in turn (the documents are `[caption, source, "instruction: caption", target]`, so 3 documents give 6
+    captioned images)."""
     from transfusion_hf.data.shapes_edit import load_shapes_edit_documents
 
     documents = load_shapes_edit_documents(num_samples=3, with_captions=True)
@@ -301,7 +302,9 @@ def test_evaluate_script_scores_interleaved_documents(tmp_path, extractor_file):
     )  # fmt: skip
     assert report["num_real_images"] == 6 and np.isfinite(report["fid"])
     references = [json.loads(line)["reference"] for line in (out / "captions.jsonl").read_text().splitlines()]
-    assert references == [text for texts in documents["texts"] for text in texts if text is not None]
+    # One image per document in turn: every document's first captioned image, then the second ones.
+    per_document = [[text for text in texts if text is not None] for texts in documents["texts"]]
+    assert references == [text for turn in zip(*per_document) for text in turn]
 
 
 @pytest.mark.parametrize(
