@@ -317,7 +317,7 @@ def test_square_cache_key_is_unchanged_and_buckets_change_it(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------------------------- flags
 def parse_flags(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
+    add_data_arguments(parser, aspect_ratio_buckets=True)  # the training script's data flags
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--streaming", action="store_true")
     return parser.parse_args(list(flags))
