@@ -143,7 +143,7 @@ def training_loop(
                 window_tokens, window_start = 0, time.time()
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 state["last_checkpoint"] = save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, args.max_train_steps
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 if ema is not None:

@@ -383,10 +383,10 @@ def run_until_checkpoint_fails(output_dir: Path, step: int, *args: str) -> None:
 
 
 @pytest.mark.parametrize("resumed_from", [3, 6], ids=["mid_epoch", "epoch_end"])
-def test_resume_after_crash_is_exact(tmp_path, resumed_from):
+def test_resume_after_crash_is_exact(tmp_path, resumed_from, caplog):
     """In-process: a run that dies saving the checkpoint after `resumed_from`, resumed from the latest complete one,
     logs the same losses as an uninterrupted run (mid-epoch and epoch-end checkpoints; sampler, collator counter, LR
-    schedule, RNG)."""
+    schedule, RNG). A resume toward another --max_train_steps than the checkpoint's run says so."""
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run_main(reference, *RESUME_ARGS)
     expected = losses_by_step(reference)
@@ -398,6 +398,11 @@ def test_resume_after_crash_is_exact(tmp_path, resumed_from):
     steps = [record["step"] for record in read_log(crashed)]
     assert steps == list(range(1, 13))  # the resumed run dropped the killed run's records after the checkpoint
     assert losses_by_step(crashed) == expected
+    assert "trained toward --max_train_steps" not in caplog.text
+    if resumed_from == 3:
+        run_main(crashed, *RESUME_ARGS, "--resume_from_checkpoint", "latest", "--max_train_steps", "13")
+        assert "The checkpoint's run trained toward --max_train_steps=12, this one toward 13" in caplog.text
+        assert [record["step"] for record in read_log(crashed)][-1] == 13
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from .components import TrainingComponents
 from .optimization import trainable_parameters
 from .validation import make_pipeline
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -35,12 +38,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None = None
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    total_limit: int | None = None,
+    max_train_steps: int | None = None,
 ) -> Path:
     """Save the accelerator state atomically: write into a temporary folder, then rename it.
 
     A kill during the write leaves only a `.tmp-` folder that resume ignores, so the previous checkpoint stays usable.
-    Older checkpoints beyond `total_limit` are removed after the new one exists.
+    Older checkpoints beyond `total_limit` are removed after the new one exists. `max_train_steps`, the run's step
+    target, is recorded beside the step, so that a resume with another target says so.
 
     Returns:
         The checkpoint folder `output_dir/checkpoint-{step}`.
@@ -63,7 +71,9 @@ def save_checkpoint(
     # (measured with FSDP on CPU: process 1 found no `.tmp-checkpoint-N` folder left to write into).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / "training_state.json").write_text(json.dumps({"global_step": step}))
+        (temporary / "training_state.json").write_text(
+            json.dumps({"global_step": step, "max_train_steps": max_train_steps})
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         if total_limit is not None and total_limit > 0:
@@ -162,6 +172,15 @@ def restore_checkpoint(
             for log_name in ("train_log.jsonl", "validation_log.jsonl"):
                 truncate_log(Path(args.output_dir) / "logs" / log_name, checkpoint_step(checkpoint))
         accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
+        recorded = json.loads((checkpoint / "training_state.json").read_text()).get("max_train_steps")
+        if recorded is not None and recorded != args.max_train_steps:
+            # Not refused: extending a run is legitimate. But a default that changed (e.g. the steps rule for several
+            # image sizes) would otherwise move the learning-rate schedule without a word.
+            logger.warning(
+                f"The checkpoint's run trained toward --max_train_steps={recorded}, this one toward "
+                f"{args.max_train_steps}: the learning-rate schedule follows the new target (pass --max_train_steps "
+                f"{recorded} to continue the run as it was)."
+            )
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from scratch.")
 
