@@ -164,7 +164,8 @@ def test_a_document_longer_than_the_context_is_cut_in_its_text(tokenizer):
 
 def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(tokenizer):
     """`[text, image, text, image]` in 16 tokens: the prefix that fits is kept, the first text cut within it if
-    needed; an image that does not fit whole is dropped with everything after it (no target, no latents)."""
+    needed; an image that does not fit whole is dropped with everything after it (no target, no latents); a cut
+    document gets no `[eos]` (it does not end there)."""
     processor_ids = build_collator(tokenizer).processor
     first = "a red circle"
     used = 2 + len(processor_ids.encode_text(first)) + 6  # bos, eos, the text, the first image's block
@@ -173,8 +174,9 @@ def test_a_document_over_the_limit_is_cut_there_and_keeps_whole_images_only(toke
     batch = collator([document])
     assert collator.num_truncated == 1 and batch["input_ids"].shape == (1, used + 3)
     assert batch["latents"].shape == (1, 4, 4, 4) and batch["diffusion_targets"].shape == (1, 4, 4, 4)
-    second_text = processor_ids.encode_text(" ".join(CAPTIONS))[:3]
-    assert batch["input_ids"][0, used - 1 : used + 2].tolist() == second_text  # cut within, before [eos]
+    second_text = processor_ids.encode_text(" ".join(CAPTIONS))[:4]
+    assert batch["input_ids"][0, used - 1 :].tolist() == second_text  # cut within, up to the limit: no [eos]
+    assert tokenizer.eos_token_id not in batch["input_ids"][0].tolist()
     # Too short for a first image of 4x8 latents (8 patches of 2x2): the text before it alone (cut), no image.
     short = build_collator(tokenizer, max_length=8, patch_size=2)
     big = latents(1, 4, 8)

@@ -398,14 +398,17 @@ class TransfusionDataCollator:
     def cut_document(
         self, document: list[str | ImageSegment], parts: list[list[int] | int | None]
     ) -> tuple[list[int], list[str | ImageSegment]]:
-        """[`encode_document`] with `cut_at_limit`: keep the longest prefix of the document that fits the limit with
-        `[bos]` and `[eos]`, a text cut within, an image kept whole or dropped with all that follows."""
+        """[`encode_document`] with `cut_at_limit`: keep the longest prefix of the document that fits the limit after
+        `[bos]`, a text cut within, an image kept whole or dropped with all that follows. A cut document gets no
+        `[eos]` (it does not end there: the model must not learn to end it), as language-model pre-training leaves
+        its cut chunks; its last token then predicts nothing (padding, or a packed row's next sequence, whose first
+        label is -100)."""
         name = "max_sequence_length" if self.max_sequence_length is not None else "max_length"
         limit = getattr(self, name)
         ids = self.processor.encode_parts(parts, add_bos=True, add_eos=True)
         if limit is None or len(ids) <= limit:
             return ids, document
-        budget = limit - len(self.processor.encode_parts([], add_bos=True, add_eos=True))
+        budget = limit - len(self.processor.encode_parts([], add_bos=True, add_eos=False))
         kept_parts, kept = [], []
         for part, segment in zip(parts, document):
             cost = len(part) if isinstance(part, list) else len(self.processor.image_block(part))
@@ -420,7 +423,7 @@ class TransfusionDataCollator:
             break
         kept = noise_a_clean_end(kept)
         self.num_truncated += 1
-        return self.processor.encode_parts(kept_parts, add_bos=True, add_eos=True), kept
+        return self.processor.encode_parts(kept_parts, add_bos=True, add_eos=False), kept
 
     def document_images(
         self, documents: list[list[str | ImageSegment]], reading_order: list[int], generator: torch.Generator
