@@ -347,6 +347,16 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def report(result: dict, table: str, settings: str, output: str | os.PathLike) -> dict:
+    """Print a benchmark's table and one line of its settings with the run's seconds and load average, then write its
+    json to `output`; returns `result`."""
+    print(table)
+    load = result["environment"]["load_average_at_end"][0]
+    print(f"\n{settings}; {result['total_seconds']} s; load average {load}")
+    print(f"Wrote {write_json(result, output)}")
+    return result
+
+
 def write_json(data: dict, output: str | os.PathLike) -> Path:
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)

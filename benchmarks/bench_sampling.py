@@ -220,15 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    print(table(rows))
-    print(
-        f"\n{args.prompt_length}-token prompt, {result['patches']} patches, {args.steps} steps, cfg {args.cfg}; "
-        f"median of {args.rounds} rounds x {args.images} images; {args.device} ({args.dtype}); {args.threads} threads; "
-        f"{result['total_seconds']} s; "
-        f"load average {result['environment']['load_average_at_end'][0]}"
+    settings = (
+        f"{args.prompt_length}-token prompt, {result['patches']} patches, {args.steps} steps, cfg {args.cfg}; "
+        f"median of {args.rounds} rounds x {args.images} images; {args.device} ({args.dtype}); {args.threads} threads"
     )
-    print(f"Wrote {common.write_json(result, args.output)}")
-    return result
+    return common.report(result, table(rows), settings, args.output)
 
 
 if __name__ == "__main__":

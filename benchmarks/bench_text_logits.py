@@ -148,11 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    print(table(rows))
-    print(f"\n{args.rounds} rounds x {args.steps} timed steps per variant, medians; {args.threads} threads; "
-          f"{result['total_seconds']} s; load average {result['environment']['load_average_at_end'][0]}")  # fmt: skip
-    print(f"Wrote {common.write_json(result, args.output)}")
-    return result
+    settings = f"{args.rounds} rounds x {args.steps} timed steps per variant, medians; {args.threads} threads"
+    return common.report(result, table(rows), settings, args.output)
 
 
 if __name__ == "__main__":
