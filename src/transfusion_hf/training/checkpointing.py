@@ -96,8 +96,14 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: st
     return path
 
 
+def training_state(checkpoint: Path) -> dict:
+    """What `save_checkpoint` records beside the accelerator state: `global_step` and the run's `max_train_steps`
+    (absent from older checkpoints)."""
+    return json.loads((checkpoint / "training_state.json").read_text())
+
+
 def checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "training_state.json").read_text())["global_step"])
+    return int(training_state(checkpoint)["global_step"])
 
 
 class LoopState:
@@ -168,11 +174,12 @@ def restore_checkpoint(
         state["skip_batches"] = 0 if args.streaming else state["batches_in_epoch"]
         collator.num_batches = state["micro_batches"]
         state["last_checkpoint"] = checkpoint
+        saved = training_state(checkpoint)
         if accelerator.is_main_process:
             for log_name in ("train_log.jsonl", "validation_log.jsonl"):
-                truncate_log(Path(args.output_dir) / "logs" / log_name, checkpoint_step(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint} at step {checkpoint_step(checkpoint)}.")
-        recorded = json.loads((checkpoint / "training_state.json").read_text()).get("max_train_steps")
+                truncate_log(Path(args.output_dir) / "logs" / log_name, int(saved["global_step"]))
+        accelerator.print(f"Resumed from {checkpoint} at step {saved['global_step']}.")
+        recorded = saved.get("max_train_steps")
         if recorded is not None and recorded != args.max_train_steps:
             # Not refused: extending a run is legitimate. But a default that changed (e.g. the steps rule for several
             # image sizes) would otherwise move the learning-rate schedule without a word.
